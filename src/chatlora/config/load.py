@@ -1,0 +1,194 @@
+"""Config files, presets and `key=value` overrides → a checked `Config`.
+
+Unknown keys are errors that name the nearest valid key, because a misspelt option that is silently
+ignored (`lerning_rate=1e-3`) costs a whole training run.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chatlora.config.schema import Config
+from chatlora.errors import ConfigError
+
+PRESET_PACKAGE = "chatlora.config.presets"
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in the package."""
+    files = resources.files(PRESET_PACKAGE).iterdir()
+    return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
+
+
+def read_config_file(name_or_path: str) -> tuple[dict[str, Any], str]:
+    """The raw mapping of a preset name or YAML path, and the run's default name.
+
+    Raises ConfigError for a missing file, bad YAML or a top level that is not a mapping.
+    """
+    path = Path(name_or_path)
+    if name_or_path in preset_names():
+        text = resources.files(PRESET_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text("utf-8")
+        source, default_name = f"preset {name_or_path}", name_or_path
+    elif path.is_file():
+        text = path.read_text("utf-8")
+        source, default_name = str(path), path.stem
+    else:
+        near = difflib.get_close_matches(name_or_path, preset_names(), n=1)
+        hint = f" Did you mean the preset {near[0]!r}?" if near else ""
+        raise ConfigError(
+            f"{name_or_path!r} is neither a preset ({', '.join(preset_names())}) nor a YAML file.{hint}"
+        )
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (model:, data:, ...)")
+    raw.setdefault("name", default_name)
+    return raw, source
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted `section.key=value` pairs; values are parsed as YAML (`1e-4`, `true`, `[q_proj,v_proj]`)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. training.learning_rate=1e-4)")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(name_or_path: str = "demo", overrides: list[str] | None = None) -> Config:
+    """Load a preset or YAML file, apply overrides, check every key and value.
+
+    Raises ConfigError naming the bad key (and the nearest valid one) or value.
+    """
+    raw, _ = read_config_file(name_or_path)
+    raw = apply_overrides(raw, list(overrides or []))
+    return build(Config, raw, "")
+
+
+def training_argument_names() -> list[str]:
+    from transformers import TrainingArguments
+
+    return [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+
+
+def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {where}{near[0]!r}?" if near else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key {where}{key!r}{hint}")
+
+
+def build(cls: type, raw: Any, where: str) -> Any:
+    """Turn a mapping into dataclass `cls`, recursing into nested dataclasses and checking types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise _unknown(str(key), names, where)
+        kwargs[key] = _check(hints[key], value, f"{where}{key}")
+    if cls is Config and "training" in kwargs:
+        valid = training_argument_names()
+        for key in kwargs["training"]:
+            if key not in valid:
+                raise _unknown(key, valid, "training.")
+            if key == "output_dir":
+                raise ConfigError("training.output_dir is set by chatlora; use output_dir= (the run folder)")
+    return cls(**kwargs)
+
+
+def _check(hint: Any, value: Any, where: str) -> Any:
+    """Check `value` against a type hint of the schema; returns the value (ints accepted as floats)."""
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value if value is not None else {}, where + ".")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if type(value) in options:  # an exact match first: "all-linear" stays a str, not ["all-linear"]
+            return value
+        for option in options:
+            try:
+                return _check(option, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(hint)}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [_check(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return value
+        if value is None:
+            return {}
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint in (str, bool):
+        if isinstance(value, hint):
+            return value
+    elif hint is Any:
+        return value
+    raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(hint)}")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data (what the run folder's config.yaml holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, docstring) of every field, read from the schema's attribute docstrings."""
+    source = inspect.getsource(cls)
+    tree = ast.parse(source)
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += field_docs(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((f"{prefix}{f.name}", repr(default), docs.get(f.name, "")))
+    return rows

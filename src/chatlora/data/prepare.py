@@ -1,0 +1,172 @@
+"""Data files → checked conversations → tokenized, masked samples, cached by content.
+
+Validation reads every file before any model is loaded, so a bad row costs seconds, not a model load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from chatlora.config.schema import DataConfig
+from chatlora.data.formats import Conversation, detect_format, to_conversations
+from chatlora.data.read import read_rows
+from chatlora.data.render import Renderer, RenderError
+from chatlora.data.truncate import REPLY_TOO_LONG, REPLY_TRUNCATED, fit
+from chatlora.errors import DataError, Problem
+
+# Bump when the rendering or masking logic changes, so old caches are not reused.
+PIPELINE_VERSION = 1
+
+
+@dataclass
+class Split:
+    """One tokenized split and what happened to its rows."""
+
+    name: str
+    dataset: object
+    """datasets.Dataset with input_ids, labels, origin (file:place) and cut (truncated by policy)."""
+    rows: int
+    """Conversations read."""
+    rules: dict[str, int] = field(default_factory=dict)
+    """How many rows each truncation rule touched."""
+    cached: bool = False
+
+
+@dataclass
+class Prepared:
+    train: Split
+    validation: Split | None
+    val_conversations: list[Conversation]
+
+
+def read_conversations(paths: list[str], cfg: DataConfig, formats: dict[str, str]) -> list[Conversation]:
+    """Every row of every file, converted and checked; one DataError lists all bad rows of all files."""
+    out, problems = [], []
+    for path in paths:
+        try:
+            rows = read_rows(path)
+            fmt = cfg.format if cfg.format != "auto" else detect_format(rows, path)
+            formats[path] = fmt
+            out += to_conversations(rows, fmt, cfg.system_prompt)
+        except DataError as e:
+            problems += e.problems
+    if problems:
+        raise DataError(problems, hint="Fix the rows above, or remove them, and run again.")
+    return out
+
+
+def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conversation], dict[str, str]]:
+    """(train, validation, formats). A fractional `validation` is split off the training rows with `seed`."""
+    formats: dict[str, str] = {}
+    train = read_conversations(cfg.train, cfg, formats)
+    val: list[Conversation] = []
+    if isinstance(cfg.validation, str):
+        val = read_conversations([cfg.validation], cfg, formats)
+    elif isinstance(cfg.validation, float):
+        order = list(range(len(train)))
+        random.Random(cfg.seed).shuffle(order)
+        n = max(1, round(len(train) * cfg.validation))
+        held = set(order[:n])
+        val = [c for i, c in enumerate(train) if i in held]
+        train = [c for i, c in enumerate(train) if i not in held]
+    if not train:
+        raise DataError([Problem(", ".join(cfg.train), "", "", "no training rows")])
+    return train, val, formats
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    base = cfg.cache_dir or os.environ.get("CHATLORA_CACHE") or Path.home() / ".cache" / "chatlora"
+    return Path(base) / "tokens"
+
+
+def tokenizer_fingerprint(tokenizer, renderer: Renderer) -> str:
+    """Changes whenever the tokenizer's vocabulary, template or special tokens change."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(tokenizer.chat_template).encode())
+    h.update(json.dumps([tokenizer.pad_token_id, tokenizer.eos_token_id, sorted(renderer.end_ids)]).encode())
+    return h.hexdigest()
+
+
+def cache_key(conversations: list[Conversation], cfg: DataConfig, fingerprint: str) -> str:
+    h = hashlib.sha256()
+    settings = {k: v for k, v in asdict(cfg).items() if k in ("max_length", "overlong", "train_on")}
+    h.update(json.dumps([PIPELINE_VERSION, settings, fingerprint]).encode())
+    for c in conversations:
+        h.update(json.dumps(c.messages, ensure_ascii=False).encode())
+    return h.hexdigest()[:24]
+
+
+def tokenize_split(name: str, conversations: list[Conversation], renderer: Renderer, cfg: DataConfig, cache: Path | None, fingerprint: str) -> Split:
+    """Tokenize one split, or load it from the cache when the same rows, settings and tokenizer were
+    seen before. Raises DataError listing rows the template cannot render or that are too long
+    under overlong='error'."""
+    import datasets
+
+    datasets.disable_progress_bars()  # our own bar says what is happening; theirs would add two more
+    key = cache_key(conversations, cfg, fingerprint)
+    folder = cache / key if cache else None
+    if folder is not None and (folder / "split.json").is_file():
+        meta = json.loads((folder / "split.json").read_text())
+        return Split(name, datasets.load_from_disk(str(folder / "data")), meta["rows"], meta["rules"], cached=True)
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "origin": [], "cut": []}
+    counts: Counter[str] = Counter()
+    problems = []
+    for conv in tqdm(conversations, desc=f"tokenizing {name}", unit="row", leave=False):
+        before = counts[REPLY_TOO_LONG]
+        try:
+            sample = fit(conv.messages, renderer, cfg.max_length, cfg.overlong, counts)
+        except RenderError as e:
+            problems.append(Problem(conv.source, conv.where, "", str(e)))
+            continue
+        if counts[REPLY_TOO_LONG] > before:
+            problems.append(Problem(conv.source, conv.where, "", f"the reply alone is longer than data.max_length={cfg.max_length}"))
+        if sample is None:
+            continue
+        columns["input_ids"].append(sample.input_ids)
+        columns["labels"].append(sample.labels)
+        columns["origin"].append(f"{conv.source}:{conv.where}")
+        columns["cut"].append(counts[REPLY_TRUNCATED] > 0 and len(sample) == cfg.max_length and sample.labels[-1] not in renderer.end_ids)
+    if problems:
+        raise DataError(problems, hint="Raise data.max_length, or set data.overlong=drop or truncate.")
+    dataset = datasets.Dataset.from_dict(columns)
+    split = Split(name, dataset, len(conversations), dict(counts))
+    if folder is not None:
+        _save(folder, dataset, split)
+    return split
+
+
+def _save(folder: Path, dataset, split: Split) -> None:
+    """Write to a temporary folder and rename, so a killed run never leaves a half cache entry."""
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dataset.save_to_disk(str(tmp / "data"))
+    (tmp / "split.json").write_text(json.dumps({"rows": split.rows, "rules": split.rules}))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process wrote the same entry first: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+    # Reload from disk so the split is memory-mapped like a cache hit.
+    import datasets
+
+    split.dataset = datasets.load_from_disk(str(folder / "data"))
+
+
+def prepare(cfg: DataConfig, tokenizer, renderer: Renderer, train: list[Conversation], val: list[Conversation], use_cache: bool = True) -> Prepared:
+    """Tokenize the checked conversations of `load_conversations` (from the cache when it can)."""
+    fingerprint = tokenizer_fingerprint(tokenizer, renderer)
+    cache = cache_root(cfg) if use_cache else None
+    train_split = tokenize_split("train", train, renderer, cfg, cache, fingerprint)
+    val_split = tokenize_split("validation", val, renderer, cfg, cache, fingerprint) if val else None
+    return Prepared(train_split, val_split, val)

@@ -1,0 +1,1 @@
+"""Model sources, tokenizer fixes, LoRA wrapping and generation."""

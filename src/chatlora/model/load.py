@@ -1,0 +1,124 @@
+"""Load the tokenizer, generation config and base model from a resolved `Source`."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from chatlora.config.schema import ModelConfig
+from chatlora.errors import ModelError
+from chatlora.model.source import Source
+
+log = logging.getLogger(__name__)
+
+# Tokens tried, in order, as a pad token when the tokenizer has none or pads with its end-of-turn
+# token (a collator that masks pad ids would then never train the model to stop).
+PAD_CANDIDATES = ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]", "<unk>")
+
+
+def _hub_error(source: Source, what: str, e: Exception) -> ModelError:
+    if source.kind == "hf":
+        return ModelError(
+            f"could not load the {what} of {source.path!r} from the Hugging Face hub ({e.__class__.__name__}: "
+            f"{str(e).splitlines()[0]}). Check the id and your network, or download it and pass the local folder."
+        )
+    return ModelError(f"could not load the {what} from {source.path!r}: {str(e).splitlines()[0]}")
+
+
+def load_tokenizer(source: Source, cfg: ModelConfig):
+    """The tokenizer; raises ModelError when it cannot be found."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code, **source.kwargs())
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, "tokenizer", e) from None
+
+
+def fix_pad_token(tokenizer, end_of_turn: int | None) -> str | None:
+    """Give the tokenizer a pad token that is not its end-of-turn or eos token.
+
+    Returns a note saying what was changed, or None. Padding is masked by attention and labels, so
+    any token the model already has will do; a new token is added only when no candidate exists.
+    """
+    avoid = {end_of_turn, tokenizer.eos_token_id}
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in avoid:
+        return None
+    old = tokenizer.pad_token
+    vocab = tokenizer.get_vocab()
+    for token in PAD_CANDIDATES:
+        if token in vocab and vocab[token] not in avoid:
+            tokenizer.pad_token = token
+            break
+    else:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    why = "had none" if old is None else f"padded with its end-of-turn token {old}"
+    return f"tokenizer {why}; padding with {tokenizer.pad_token} (id {tokenizer.pad_token_id})"
+
+
+def load_generation_config(source: Source, cfg: ModelConfig, tokenizer):
+    """The model's generation config (read without loading weights), plus `cfg.stop_tokens`."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(source.path, **source.kwargs())
+    except OSError:
+        # GGUF files and some folders carry no generation_config.json: derive it as transformers does.
+        try:
+            config = AutoConfig.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code, **source.kwargs())
+        except (OSError, ValueError) as e:
+            raise _hub_error(source, "config", e) from None
+        gen = GenerationConfig.from_model_config(config)
+    return add_stop_tokens(gen, tokenizer, cfg.stop_tokens)
+
+
+def stop_ids(gen) -> list[int]:
+    eos = gen.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def add_stop_tokens(gen, tokenizer, tokens: list[str]):
+    ids = stop_ids(gen)
+    for token in tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id and token != tokenizer.unk_token:
+            raise ModelError(f"model.stop_tokens: {token!r} is not a token of this tokenizer")
+        if token_id not in ids:
+            ids.append(token_id)
+    gen.eos_token_id = ids[0] if len(ids) == 1 else ids
+    return gen
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_model(source: Source, cfg: ModelConfig, tokenizer, generation_config, device: str | None = None):
+    """The base causal LM, in `cfg.dtype`, with the tokenizer's pad token and the checked stop tokens."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code, **source.kwargs())
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if device:
+        kwargs["device_map"] = device
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, "model", e) from None
+    if source.gguf_file:
+        # transformers de-quantizes GGUF weights into plain tensors on load; the GGUF marker it leaves
+        # would make Trainer and peft treat the model as quantized (and refuse to train or merge).
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))  # only when fix_pad_token had to add a token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config = generation_config
+    return model

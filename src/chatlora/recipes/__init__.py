@@ -1,0 +1,1 @@
+"""One module per workflow (train, data check, ...), readable top to bottom."""

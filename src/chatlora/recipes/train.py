@@ -1,0 +1,131 @@
+"""`chatlora train`: data → checked, rendered, masked, cached tokens → LoRA training → a run folder.
+
+Read top to bottom: config → data (checked before any weight loads) → model → LoRA → Trainer → save.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from chatlora.config.load import to_dict
+from chatlora.config.schema import Config
+from chatlora.data.collate import PackCollator, PadCollator
+from chatlora.errors import ConfigError
+from chatlora.model.generate import generate_replies
+from chatlora.model.load import load_model
+from chatlora.model.lora import add_lora, count_parameters
+from chatlora.recipes.data_check import check_data
+from chatlora.run import RunDir, replace_dir
+from chatlora.trainer.callbacks import MetricsLog, Progress
+from chatlora.trainer.loss import packing_is_exact
+from chatlora.trainer.plot import plot_losses
+from chatlora.trainer.trainer import ChatTrainer
+
+# chatlora's defaults for TrainingArguments; anything under `training:` in the config wins.
+TRAINING_DEFAULTS = {
+    "logging_steps": 10,
+    "report_to": "none",
+    "save_strategy": "no",
+    "include_num_input_tokens_seen": "non_padding",  # real tokens/s in the progress bar and metrics
+    "remove_unused_columns": False,
+    "label_names": ["labels"],
+    "prediction_loss_only": True,
+    "dataloader_pin_memory": torch.cuda.is_available(),
+    "seed": 42,
+}
+
+
+def training_arguments(cfg: Config, run: RunDir):
+    from transformers import TrainingArguments
+
+    kwargs = {**TRAINING_DEFAULTS, **cfg.training, "output_dir": str(run.checkpoints)}
+    if not torch.cuda.is_available() and (kwargs.get("bf16") or kwargs.get("fp16")):
+        # The GPU presets ask for bf16 mixed precision; on a CPU it is slow or unsupported.
+        kwargs["bf16"] = kwargs["fp16"] = False
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"training: {e}") from None
+
+
+def train(cfg: Config, echo: Callable[[str], None] = print) -> RunDir:
+    """Train a LoRA adapter as the config says; returns the run folder."""
+    from transformers import PrinterCallback, ProgressCallback, set_seed
+
+    # 1. Data: every row checked and rendered before any weight is loaded.
+    checked = check_data(cfg, echo)
+    tokenizer, data = checked.tokenizer, checked.data
+    run = RunDir.create(cfg)
+    run.write_config(to_dict(cfg))
+    run.write_json(run.data_report, checked.report)
+    tokenizer.save_pretrained(run.tokenizer)
+    echo(f"run folder: {run.path}")
+
+    # 2. Model and adapter.
+    seed = int(cfg.training.get("seed", TRAINING_DEFAULTS["seed"]))
+    set_seed(seed)
+    args = training_arguments(cfg, run)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else None
+    model = load_model(checked.source, cfg.model, tokenizer, checked.generation_config, device)
+    set_seed(seed)  # the adapter's initial weights depend on the seed alone, not on what loading drew
+    model = add_lora(model, cfg.lora, args.gradient_checkpointing)
+    trainable, total = count_parameters(model)
+    echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+    # 3. Train.
+    collator = PadCollator(tokenizer.pad_token_id)
+    if cfg.data.packing:
+        if packing_is_exact(model, "cuda" if device else "cpu"):
+            collator = PackCollator()
+        else:
+            echo("warning: this model lets packed samples attend to each other; padding instead (data.packing=false)")
+    progress = Progress()
+    columns = ["input_ids", "labels"]
+    trainer = ChatTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train.dataset.select_columns(columns),
+        eval_dataset=data.validation.dataset.select_columns(columns) if data.validation else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[progress, MetricsLog(run.metrics, run.plot, progress)],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    before = trainer.evaluate()["eval_loss"] if data.validation else None
+    trainer.train()
+
+    # 4. Save: the adapter goes to a temporary folder first, so a crash never leaves half of one.
+    tmp = run.path / ".adapter.tmp"
+    # save_embedding_layers=False: only LoRA weights are trained, so peft need not look up the base
+    # model's config to guess whether the vocabulary changed.
+    model.save_pretrained(tmp, save_embedding_layers=False)
+    replace_dir(tmp, run.adapter)
+    if data.validation:
+        after = trainer.evaluate()["eval_loss"]
+        plot_losses(run.metrics, run.plot)  # with the final eval point
+        echo(f"held-out loss: {before:.4f} before training -> {after:.4f} after")
+    echo(f"adapter saved: {run.adapter}  (loss plot: {run.plot})")
+    if cfg.report.compare and data.val_conversations:
+        compare(model, checked.renderer, data.val_conversations[: cfg.report.compare], cfg.report.max_new_tokens, echo, run)
+    return run
+
+
+def compare(model, renderer, conversations, max_new_tokens: int, echo: Callable[[str], None], run: RunDir) -> None:
+    """Greedy replies of the base model and the adapter to held-out prompts, one under the other."""
+    prompts = [c.messages[:-1] for c in conversations]
+    tuned = generate_replies(model, renderer, prompts, max_new_tokens)
+    with model.disable_adapter():
+        base = generate_replies(model, renderer, prompts, max_new_tokens)
+    lines = ["", "Held-out prompts, greedy replies (base model vs. trained adapter):"]
+    for prompt, b, t, conv in zip(prompts, base, tuned, conversations):
+        lines += [f"── {prompt[-1]['content']}",
+                  f"   base    : {b.text}" + ("" if b.stopped else " [hit the token limit]"),
+                  f"   adapter : {t.text}" + ("" if t.stopped else " [hit the token limit]"),
+                  f"   expected: {conv.messages[-1]['content']}"]
+    for line in lines:
+        echo(line)
+    (run.path / "compare.txt").write_text("\n".join(lines).strip() + "\n", encoding="utf-8")

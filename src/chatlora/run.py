@@ -1,0 +1,79 @@
+"""The run folder: everything later commands need, found from its path alone.
+
+    config.yaml      the resolved config
+    adapter/         adapter_model.safetensors + adapter_config.json (peft)
+    tokenizer/       tokenizer files with the chat template and the pad token used in training
+    data_report.json what the data pipeline did (rows, truncation rules, lengths)
+    metrics.jsonl    one JSON object per log line (loss, lr, grad norm, tokens/s, eval loss)
+    loss.png         the loss curve
+    checkpoints/     Trainer checkpoints (checkpoint-N)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chatlora.config.load import build
+from chatlora.config.schema import Config
+from chatlora.errors import ChatloraError
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.yaml")
+    adapter = property(lambda self: self.path / "adapter")
+    tokenizer = property(lambda self: self.path / "tokenizer")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    plot = property(lambda self: self.path / "loss.png")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    data_report = property(lambda self: self.path / "data_report.json")
+
+    @classmethod
+    def create(cls, cfg: Config) -> "RunDir":
+        """A new run folder. Refuses an existing non-empty folder, so no earlier run is overwritten."""
+        path = Path(cfg.output_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if path.exists() and any(path.iterdir()):
+            raise ChatloraError(f"the run folder {path} already exists and is not empty; choose another with output_dir=...")
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        run = cls(path)
+        if not run.config.is_file():
+            raise ChatloraError(f"{path} is not a chatlora run folder (no config.yaml)")
+        return run
+
+    def load_config(self) -> Config:
+        return build(Config, yaml.safe_load(self.config.read_text("utf-8")), "")
+
+    def write_config(self, data: dict[str, Any]) -> None:
+        write_atomic(self.config, yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+
+    def write_json(self, path: Path, data: Any) -> None:
+        write_atomic(path, json.dumps(data, ensure_ascii=False, indent=2))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file via a temporary name and rename, so a reader never sees half of it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place (the old one, if any, goes only after)."""
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
