@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from chatlora.config.load import build
+from chatlora.config.load import build, load_yaml
 from chatlora.config.schema import Config
 from chatlora.errors import ChatloraError
 
@@ -54,7 +54,7 @@ class RunDir:
         return run
 
     def load_config(self) -> Config:
-        return build(Config, yaml.safe_load(self.config.read_text("utf-8")), "")
+        return build(Config, load_yaml(self.config.read_text("utf-8")), "")
 
     def write_config(self, data: dict[str, Any]) -> None:
         write_atomic(self.config, yaml.safe_dump(data, allow_unicode=True, sort_keys=False))

@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import re
 import types
 import typing
 from importlib import resources
@@ -22,6 +23,21 @@ from chatlora.config.schema import Config
 from chatlora.errors import ConfigError
 
 PRESET_PACKAGE = "chatlora.config.presets"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads `2e-4` as a string; YAML 1.2, and every user, read it as a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
 
 
 def preset_names() -> list[str]:
@@ -49,7 +65,7 @@ def read_config_file(name_or_path: str) -> tuple[dict[str, Any], str]:
             f"{name_or_path!r} is neither a preset ({', '.join(preset_names())}) nor a YAML file.{hint}"
         )
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -65,7 +81,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. training.learning_rate=1e-4)")
         try:
-            value = yaml.safe_load(text) if text else None
+            value = load_yaml(text) if text else None
         except yaml.YAMLError:
             value = text
         node = raw
@@ -97,8 +113,8 @@ def training_argument_names() -> list[str]:
 
 def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {where}{near[0]!r}?" if near else f"; valid keys: {', '.join(valid)}"
-    return ConfigError(f"unknown config key {where}{key!r}{hint}")
+    hint = f"; did you mean '{where}{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{where}{key}'{hint}")
 
 
 def build(cls: type, raw: Any, where: str) -> Any:

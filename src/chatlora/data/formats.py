@@ -71,7 +71,7 @@ def to_conversations(rows: list[RawRow], fmt: str, system_prompt: str | None = N
 
 def _text(row: dict, key: str, errs: list, field: str | None = None, required: bool = True) -> str | None:
     field = field or key
-    if key not in row:
+    if key not in row or (row[key] is None and not required):  # alpaca dumps often hold "input": null
         if required:
             errs.append((field, "missing"))
         return None

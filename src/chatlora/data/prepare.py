@@ -50,7 +50,7 @@ class Prepared:
 
 def read_conversations(paths: list[str], cfg: DataConfig, formats: dict[str, str]) -> list[Conversation]:
     """Every row of every file, converted and checked; one DataError lists all bad rows of all files."""
-    out, problems = [], []
+    out, problems, hints = [], [], []
     for path in paths:
         try:
             rows = read_rows(path)
@@ -59,8 +59,11 @@ def read_conversations(paths: list[str], cfg: DataConfig, formats: dict[str, str
             out += to_conversations(rows, fmt, cfg.system_prompt)
         except DataError as e:
             problems += e.problems
+            if e.hint and e.hint not in hints:
+                hints.append(e.hint)
     if problems:
-        raise DataError(problems, hint="Fix the rows above, or remove them, and run again.")
+        hints.append("Fix the rows above, or remove them, and run again.")
+        raise DataError(problems, hint="\n".join(hints))
     return out
 
 

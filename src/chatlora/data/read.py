@@ -44,8 +44,10 @@ def read_rows(path: str) -> list[RawRow]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
-        # A .json file that is really JSON Lines (a common mix-up) reads fine as such.
-        if all(_is_json(line) for line in text.splitlines() if line.strip()):
+        # A .json file that is really JSON Lines (a common mix-up) is read as such, so each bad line
+        # is reported with its own number rather than as "extra data" after the first line.
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        if _is_json(first):
             return _read_jsonl(text, path)
         raise DataError([Problem(path, f"line {e.lineno}", "", f"malformed JSON at column {e.colno}: {e.msg}")]) from None
     if not isinstance(doc, list):

@@ -41,7 +41,7 @@ class Progress(TrainerCallback):
         logs = logs or {}
         if "loss" in logs:
             self.loss = logs["loss"]
-        parts = [f"step {state.global_step}/{state.max_steps}"]
+        parts = [f"step {state.global_step}/{state.max_steps}" if state.max_steps else "before training"]
         parts += [f"{short} {logs[k]:.4g}" for k, short in SHOWN.items() if isinstance(logs.get(k), (int, float))]
         if "loss" in logs:
             parts.append(f"tok/s {self.tokens_per_s:,.0f}")

@@ -1,0 +1,100 @@
+"""Shared fixtures: a byte-level ChatML tokenizer and a 2-layer Llama built from a config, saved to a
+folder so tests load them through chatlora's real local-folder code path. No weights downloaded."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
+# The tutorial's data and the real Qwen tokenizer live beside the project, never inside it.
+SHARED_DATA = Path(os.environ.get("CHATLORA_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_byte_tokenizer(pad: str | None = "<|endoftext|>", template: str = CHATML):
+    """Every byte is one token (ids 0-255), then <|im_end|> (eos, 256), <|endoftext|> (pad, 257), <|im_start|> (258)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # sorted: a stable order
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token=pad,
+                                  additional_special_tokens=SPECIALS)
+    tok.chat_template = template
+    return tok
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Tokenized-data cache in a temporary folder, never the user's ~/.cache."""
+    old = os.environ.get("CHATLORA_CACHE")
+    os.environ["CHATLORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub; fail fast instead of retrying
+    yield
+    if old is None:
+        os.environ.pop("CHATLORA_CACHE", None)
+    else:
+        os.environ["CHATLORA_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    return build_byte_tokenizer()
+
+
+def save_tiny_model(folder: Path) -> Path:
+    """A 2-layer Llama (hidden 32) with the byte tokenizer and a generation config that stops on <|im_end|>."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = build_byte_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def tiny_config(model_dir: Path, tmp_path: Path, *overrides: str, data: str | None = None):
+    """A Config for the tiny model on the 10-row fixture, written to tmp_path/run."""
+    from chatlora.config.load import apply_overrides, build
+    from chatlora.config.schema import Config
+
+    raw = {
+        "name": "tiny",
+        "model": {"name": str(model_dir)},
+        "data": {"train": data or str(FIXTURES / "alpaca.json"), "max_length": 128},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "training": {"per_device_train_batch_size": 2, "max_steps": 4, "learning_rate": 1e-2, "logging_steps": 1},
+        "output_dir": str(tmp_path / "run"),
+    }
+    return build(Config, apply_overrides(raw, list(overrides)), "")
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
+    """`python -m chatlora ...` in a subprocess, as a user runs it."""
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "chatlora", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=600)

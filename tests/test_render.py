@@ -1,0 +1,89 @@
+"""Rendering with the tokenizer's template and finding the trained spans by prefixes."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatlora.data.render import IGNORE, Renderer, RenderError
+from conftest import build_byte_tokenizer
+
+EOT = 256  # <|im_end|> in the byte tokenizer
+
+
+def renderer(train_on="all", **kw):
+    return Renderer(build_byte_tokenizer(**kw), {EOT}, train_on)
+
+
+def trained_text(tok, sample) -> list[str]:
+    """The trained spans, decoded, in order."""
+    spans, current = [], []
+    for token, label in zip(sample.input_ids, sample.labels):
+        if label != IGNORE:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(tok.decode(current))
+            current = []
+    if current:
+        spans.append(tok.decode(current))
+    return spans
+
+
+MULTI = [
+    {"role": "system", "content": "Be kind."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "See you."},
+]
+
+
+def test_every_assistant_turn_is_trained_with_its_end_of_turn_token():
+    r = renderer()
+    sample = r.tokenize(MULTI)
+    assert trained_text(r.tokenizer, sample) == ["Hello!<|im_end|>", "See you.<|im_end|>"]
+    # The newline the template writes after the last <|im_end|> is not trained and is dropped.
+    assert sample.input_ids[-1] == EOT and sample.labels[-1] == EOT
+    assert r.tokenizer.decode(sample.input_ids) == r.text(MULTI)[:-1]
+
+
+def test_last_only_trains_the_final_reply():
+    r = renderer("last")
+    assert trained_text(r.tokenizer, r.tokenize(MULTI)) == ["See you.<|im_end|>"]
+
+
+def test_labels_never_come_from_the_pad_id():
+    r = renderer()
+    sample = r.tokenize(MULTI)
+    pad = r.tokenizer.pad_token_id
+    assert pad != EOT
+    assert pad not in sample.input_ids and pad not in sample.labels
+
+
+def test_end_of_turn_is_found_from_the_template():
+    assert renderer().end_of_turn() == EOT
+
+
+def test_prompt_ids_end_with_the_generation_prompt():
+    r = renderer()
+    ids = r.prompt_ids(MULTI[:2])
+    assert r.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_a_template_that_rewrites_history_is_reported():
+    # Drops every earlier assistant reply once another one follows (as some "reasoning" templates do).
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{'<|im_start|>assistant\n<|im_end|>\n'}}"
+        "{% else %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
+    )
+    r = Renderer(build_byte_tokenizer(template=template), {EOT})
+    with pytest.raises(RenderError, match="renders turn 2 differently"):
+        r.tokenize(MULTI)
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused():
+    tok = build_byte_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(RenderError, match="no chat template"):
+        Renderer(tok, {EOT})

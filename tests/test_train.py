@@ -1,0 +1,142 @@
+"""Training on the tiny model: golden losses, the run folder, packing, loss normalisation, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatlora.data.collate import PackCollator, PadCollator
+from chatlora.trainer.loss import packing_is_exact, trained_token_loss
+from chatlora.trainer.plot import read_metrics
+from conftest import FIXTURES, REPO, run_cli, tiny_config
+
+GOLDEN = Path(__file__).parent / "golden" / "tiny_losses.json"
+# LoRA r=4 on every linear layer of the tiny Llama (hidden 32, kv 16, mlp 64), per layer:
+# q 4*(32+32) + k 4*(32+16) + v 4*(32+16) + o 4*(32+32) + gate, up, down 3 * 4*(32+64) = 2048.
+TINY_TRAINABLE = 2 * 2048
+
+
+def train_quietly(cfg):
+    from chatlora.recipes.train import train
+
+    return train(cfg, echo=lambda _line: None)
+
+
+def test_golden_losses(tiny_model_dir, tmp_path):
+    """Regenerate with `python scripts/regen_golden.py` after a deliberate change to the loss or data."""
+    from golden_run import golden_overrides
+
+    run = train_quietly(tiny_config(tiny_model_dir, tmp_path, *golden_overrides()))
+    losses = [row["loss"] for row in read_metrics(run.metrics) if "loss" in row]
+    expected = json.loads(GOLDEN.read_text())["losses"]
+    assert losses == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_run_folder_describes_itself(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    run = train_quietly(tiny_config(tiny_model_dir, tmp_path, "data.validation=0.2"))
+    for name in ("config.yaml", "data_report.json", "metrics.jsonl", "loss.png",
+                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+                 "tokenizer/tokenizer_config.json", "tokenizer/chat_template.jinja"):
+        assert (run.path / name).is_file(), name
+    assert not list(run.path.glob(".*tmp*")), "no temporary files left behind"
+    cfg = run.load_config()
+    assert cfg.lora.r == 4 and cfg.data.validation == 0.2
+    weights = load_file(run.adapter / "adapter_model.safetensors")
+    assert sum(t.numel() for t in weights.values()) == TINY_TRAINABLE
+    assert all("lora_" in k for k in weights)
+    metrics = read_metrics(run.metrics)
+    assert [r["step"] for r in metrics if "loss" in r] == [1, 2, 3, 4]
+    assert sum("eval_loss" in r for r in metrics) == 2  # before and after training
+    assert all(r["tokens_per_s"] > 0 for r in metrics if "loss" in r)
+
+
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    from chatlora.config.schema import LoraSettings
+    from chatlora.model.lora import add_lora
+
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSettings(r=4, dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapter matter
+            torch.nn.init.normal_(p, std=0.1)
+    assert packing_is_exact(model)
+    features = [
+        {"input_ids": [5, 9, 13, 200, 7, 256], "labels": [-100, -100, -100, 200, 7, 256]},
+        {"input_ids": [8, 3, 256], "labels": [-100, 3, 256]},
+        {"input_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9, 256], "labels": [-100] * 6 + [7, 8, 9, 256]},
+    ]
+    results = []
+    for collator in (PadCollator(pad_id=257), PackCollator()):
+        model.zero_grad()
+        total, count = trained_token_loss(model, collator(features))
+        (total / count).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((total.item(), count.item(), grads))
+    (pad_total, pad_count, pad_grads), (pack_total, pack_count, pack_grads) = results
+    assert pad_count == pack_count == 9
+    assert pack_total == pytest.approx(pad_total, rel=1e-5)
+    for a, b in zip(pad_grads, pack_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_is_the_mean_over_the_steps_trained_tokens(tiny_model_dir, tmp_path):
+    """4 samples in one micro-batch and 2 x 2 with accumulation take the same optimizer step."""
+    from safetensors.torch import load_file
+
+    adapters = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        run = train_quietly(tiny_config(tiny_model_dir, tmp_path / f"b{batch}", "training.max_steps=1",
+                                        f"training.per_device_train_batch_size={batch}",
+                                        f"training.gradient_accumulation_steps={accumulation}",
+                                        "training.optim=sgd", "training.max_grad_norm=0"))
+        adapters.append(load_file(run.adapter / "adapter_model.safetensors"))
+    for key in adapters[0]:
+        torch.testing.assert_close(adapters[0][key], adapters[1][key], rtol=1e-4, atol=1e-7)
+
+
+def test_cli_trains_end_to_end(tiny_model_dir, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"name: tiny\nmodel: {{name: {tiny_model_dir}}}\n"
+        f"data: {{train: {FIXTURES / 'alpaca.json'}, validation: 0.2, max_length: 128}}\n"
+        "lora: {r: 4, alpha: 8, dropout: 0.0}\n"
+        "training: {per_device_train_batch_size: 2, max_steps: 4, learning_rate: 1.0e-2, logging_steps: 2}\n"
+    )
+    result = run_cli("train", str(config), f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "data: " in out and "(alpaca)" in out
+    assert "pre-flight: ok" in out
+    assert f"trainable parameters: {TINY_TRAINABLE:,} of " in out
+    assert "step 2/4  loss " in out and "step 4/4  loss " in out and "tok/s" in out
+    assert "held-out loss: " in out and " before training -> " in out
+    assert f"adapter saved: {tmp_path / 'run' / 'adapter'}" in out
+    assert "training:" in result.stderr and "4/4" in result.stderr  # the progress bar
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_bad_data_exits_2_and_writes_nothing(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": 3\n')
+    result = run_cli("train", "demo", f"model.name={tiny_model_dir}", f"data.train={bad}", "data.validation=null",
+                     f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{bad}:line 2: malformed JSON at column 15" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_shipped_example_data_is_valid():
+    from chatlora.config import load_config
+    from chatlora.data.prepare import load_conversations
+
+    train, val, formats = load_conversations(load_config("demo").data)
+    assert len(train) == 180 and len(val) == 24 and set(formats.values()) == {"openai"}
+    assert {c.messages[-2]["content"] for c in val}.isdisjoint({c.messages[-2]["content"] for c in train})
+    assert REPO.joinpath("src/chatlora/examples/pirate/train.jsonl").is_file()
