@@ -316,3 +316,11 @@ def test_cli_missing_config_is_a_clean_error(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "'demo'" in err
     assert "Traceback" not in err
+
+
+def test_yaml_reads_values_as_users_mean_them():
+    """YAML 1.2 rules: `no` stays a string (save_strategy=no), `2e-4` is a number, true/false are bools."""
+    cfg = load_config("demo", ["training.save_strategy=no", "training.learning_rate=2e-4", "data.packing=false"])
+    assert cfg.training["save_strategy"] == "no"
+    assert cfg.training["learning_rate"] == 2e-4
+    assert cfg.data.packing is False

@@ -140,3 +140,63 @@ def test_shipped_example_data_is_valid():
     assert len(train) == 180 and len(val) == 24 and set(formats.values()) == {"openai"}
     assert {c.messages[-2]["content"] for c in val}.isdisjoint({c.messages[-2]["content"] for c in train})
     assert REPO.joinpath("src/chatlora/examples/pirate/train.jsonl").is_file()
+
+
+def test_head_only_on_trained_positions_in_chunks_matches_full_logits(tiny_model_dir, monkeypatch):
+    """The split-off head, in chunks recomputed in backward, gives the full-logits loss and gradients."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from chatlora.config.schema import LoraSettings
+    from chatlora.model.lora import add_lora
+    from chatlora.trainer import loss as loss_module
+
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSettings(r=4, dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    assert loss_module.separable_head(model) is not None
+    batch = PackCollator()([
+        {"input_ids": list(range(3, 40)), "labels": [-100] * 20 + list(range(23, 40))},
+        {"input_ids": list(range(50, 70)), "labels": [-100] * 5 + list(range(55, 70))},
+    ])
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 7 * 259)  # 7 rows a chunk: several chunks
+    total, count = trained_token_loss(model, batch)
+    total.backward()
+    chunked = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    full = F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100, reduction="sum")
+    full.backward()
+    assert count.item() == 17 + 15
+    assert total.item() == pytest.approx(full.item(), rel=1e-5)
+    for a, b in zip(chunked, (p.grad for p in model.parameters() if p.requires_grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_token_budget_splits_a_step_without_changing_it(tiny_model_dir, tmp_path):
+    """The recipe's 2 x 2 samples per step, packed into forward passes of at most 120 tokens
+    (several per step), take the same optimizer step as 4 samples in one pass."""
+    from safetensors.torch import load_file
+
+    common = ["training.max_steps=2", "training.optim=sgd", "training.max_grad_norm=0"]
+    whole = train_quietly(tiny_config(tiny_model_dir, tmp_path / "whole", *common, "training.per_device_train_batch_size=4"))
+    split = train_quietly(tiny_config(tiny_model_dir, tmp_path / "split", *common, "training.per_device_train_batch_size=2",
+                                      "training.gradient_accumulation_steps=2", "data.batch_tokens=120"))
+    a, b = (load_file(r.adapter / "adapter_model.safetensors") for r in (whole, split))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-7)
+    losses = [[r["loss"] for r in read_metrics(run.metrics) if "loss" in r] for run in (whole, split)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_pack_collator_respects_the_token_budget():
+    features = [{"input_ids": list(range(n)), "labels": list(range(n))} for n in (30, 50, 40, 90, 10)]
+    batch = PackCollator(max_tokens=100)(features)
+    sizes = [c["input_ids"].shape[1] for c in batch["chunks"]]
+    assert sizes == [80, 40, 100]  # in order; a chunk closes before it would pass the budget
+    assert batch["input_ids"].shape[1] == 220 and batch["labels"].shape[1] == 220
+    first = batch["chunks"][0]
+    assert first["cu_seq_lens_q"].tolist() == [0, 30, 80] and first["max_length_q"] == 50
+    assert first["position_ids"][0, 30].item() == 0 and first["labels"][0, 30].item() == -100

@@ -33,6 +33,9 @@ class ModelConfig:
     """Run Python code shipped with the model repo. Off unless you trust the repo."""
     attn_implementation: str | None = None
     """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`); None = its default."""
+    random_init: bool = False
+    """Build the architecture from the model folder's config.json with random weights instead of
+    loading weights: for benchmarks and dry runs (speed and memory equal the real model's)."""
     stop_tokens: list[str] = field(default_factory=list)
     """Extra tokens generation stops on, added to the model's generation config (for models whose
     generation config misses the chat template's end-of-turn token)."""
@@ -65,6 +68,11 @@ class DataConfig:
     """Concatenate each micro-batch's samples into one row without padding; attention stays inside
     each sample (checked on the model at start-up; training falls back to padding if it does not).
     False pads every sample to the longest of its micro-batch, as the tutorial does."""
+    batch_tokens: int | None = None
+    """Token budget of one forward pass. When set, each optimizer step takes the recipe's samples
+    (per_device_train_batch_size x gradient_accumulation_steps, kept exactly) and packs them into as
+    few forward passes of at most this many tokens as it takes; the loss stays the mean over the
+    step's trained tokens. Needs packing. None: micro-batches of per_device_train_batch_size samples."""
     seed: int = 42
     """Seed of the validation split."""
     cache_dir: str | None = None
@@ -80,6 +88,8 @@ class DataConfig:
         _choice("data", "train_on", self.train_on, ("all", "last"))
         if self.max_length < 8:
             raise ConfigError(f"data.max_length: {self.max_length} is too small (at least 8 tokens)")
+        if self.batch_tokens is not None and (self.batch_tokens < 16 or not self.packing):
+            raise ConfigError("data.batch_tokens needs data.packing=true and a budget of at least 16 tokens")
         if isinstance(self.validation, float) and not 0 < self.validation < 1:
             raise ConfigError(f"data.validation: fraction {self.validation} must be between 0 and 1")
 

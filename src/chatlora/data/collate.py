@@ -29,20 +29,49 @@ class PadCollator:
 
 
 class PackCollator:
-    """Concatenates a micro-batch's samples into one row with no padding.
+    """Concatenates samples into rows with no padding, each row at most `max_tokens` long.
 
     position_ids restart at 0 for each sample and no attention mask is passed: transformers then
-    keeps attention inside each sample (a block-diagonal causal mask, or varlen kernels), so every
-    sample sees exactly what it would see alone. The first token of each sample is never a target,
-    so no sample learns to predict the start of the next.
+    keeps attention inside each sample (a block-diagonal causal mask under sdpa); the cumulative
+    sample lengths (`cu_seq_lens_*`) let varlen/flash kernels do the same with no mask at all. The
+    first token of each sample is never a target, so no sample learns to predict the next one.
+
+    With `max_tokens`, a batch that does not fit one row comes back as {"chunks": [row, ...]} plus
+    the concatenated input_ids and labels, which Trainer uses to count tokens; ChatTrainer runs one
+    forward and backward pass per chunk within the same optimizer step.
     """
 
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        ids, labels, positions = [], [], []
+    def __init__(self, max_tokens: int | None = None):
+        self.max_tokens = max_tokens
+
+    def __call__(self, features: list[dict]) -> dict:
+        groups: list[list[dict]] = [[]]
+        used = 0
+        for f in features:
+            n = len(f["input_ids"])
+            if self.max_tokens and groups[-1] and used + n > self.max_tokens:
+                groups.append([])
+                used = 0
+            groups[-1].append(f)
+            used += n
+        rows = [self.pack(g) for g in groups]
+        if len(rows) == 1:
+            return rows[0]
+        return {"chunks": rows,
+                "input_ids": torch.cat([r["input_ids"] for r in rows], dim=1),
+                "labels": torch.cat([r["labels"] for r in rows], dim=1)}
+
+    @staticmethod
+    def pack(features: list[dict]) -> dict:
+        ids, labels, positions, bounds = [], [], [], [0]
         for f in features:
             n = len(f["input_ids"])
             ids += f["input_ids"]
             labels += [IGNORE] + list(f["labels"][1:])
             positions += range(n)
+            bounds.append(bounds[-1] + n)
         as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
-        return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions)}
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions),
+                "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from chatlora.config.schema import ModelConfig
+from chatlora.model import attention
 from chatlora.errors import ModelError
 from chatlora.model.source import Source
 
@@ -100,15 +101,22 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def load_model(source: Source, cfg: ModelConfig, tokenizer, generation_config, device: str | None = None):
     """The base causal LM, in `cfg.dtype`, with the tokenizer's pad token and the checked stop tokens."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code, **source.kwargs())
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
-    if device:
-        kwargs["device_map"] = device
+    dtype = resolve_dtype(cfg.dtype)
+    kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    attn = cfg.attn_implementation
+    if attn is None and attention.available() and dtype in (torch.bfloat16, torch.float16):
+        attn = attention.register()  # packed rows at flash speed; padded batches fall back to sdpa
+    if attn:
+        kwargs["attn_implementation"] = attn
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        if cfg.random_init:
+            config = AutoConfig.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code, **source.kwargs())
+            with torch.device(device or "cpu"):
+                model = AutoModelForCausalLM.from_config(config, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs, **source.kwargs(), device_map=device)
     except (OSError, ValueError) as e:
         raise _hub_error(source, "model", e) from None
     if source.gguf_file:

@@ -42,6 +42,11 @@ def training_arguments(cfg: Config, run: RunDir):
     from transformers import TrainingArguments
 
     kwargs = {**TRAINING_DEFAULTS, **cfg.training, "output_dir": str(run.checkpoints)}
+    if cfg.data.batch_tokens:
+        # The whole optimizer step's samples come as one batch; PackCollator splits it into forward
+        # passes by the token budget, so the samples per step stay the recipe's.
+        kwargs["per_device_train_batch_size"] = kwargs.get("per_device_train_batch_size", 8) * kwargs.pop("gradient_accumulation_steps", 1)
+        kwargs["gradient_accumulation_steps"] = 1
     if not torch.cuda.is_available() and (kwargs.get("bf16") or kwargs.get("fp16")):
         # The GPU presets ask for bf16 mixed precision; on a CPU it is slow or unsupported.
         kwargs["bf16"] = kwargs["fp16"] = False
@@ -51,8 +56,9 @@ def training_arguments(cfg: Config, run: RunDir):
         raise ConfigError(f"training: {e}") from None
 
 
-def train(cfg: Config, echo: Callable[[str], None] = print) -> RunDir:
-    """Train a LoRA adapter as the config says; returns the run folder."""
+def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | None = None) -> RunDir:
+    """Train a LoRA adapter as the config says; returns the run folder. `callbacks` are extra
+    transformers TrainerCallbacks (benchmarks use them to time steps)."""
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
     # 1. Data: every row checked and rendered before any weight is loaded.
@@ -78,10 +84,14 @@ def train(cfg: Config, echo: Callable[[str], None] = print) -> RunDir:
     # 3. Train.
     collator = PadCollator(tokenizer.pad_token_id)
     if cfg.data.packing:
-        if packing_is_exact(model, "cuda" if device else "cpu"):
-            collator = PackCollator()
+        if packing_is_exact(model):
+            collator = PackCollator(cfg.data.batch_tokens)
         else:
             echo("warning: this model lets packed samples attend to each other; padding instead (data.packing=false)")
+    echo(f"batches: {args.per_device_train_batch_size * args.gradient_accumulation_steps} samples per optimizer step, "
+         + (f"packed into forward passes of at most {cfg.data.batch_tokens} tokens" if cfg.data.batch_tokens and isinstance(collator, PackCollator)
+            else f"{args.per_device_train_batch_size} per forward pass, " + ("packed" if isinstance(collator, PackCollator) else "padded"))
+         + f"; attention: {model.config._attn_implementation}")
     progress = Progress()
     columns = ["input_ids", "labels"]
     trainer = ChatTrainer(
@@ -91,7 +101,7 @@ def train(cfg: Config, echo: Callable[[str], None] = print) -> RunDir:
         eval_dataset=data.validation.dataset.select_columns(columns) if data.validation else None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[progress, MetricsLog(run.metrics, run.plot, progress)],
+        callbacks=[progress, MetricsLog(run.metrics, run.plot, progress), *(callbacks or [])],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)

@@ -1,7 +1,9 @@
-"""transformers' Trainer with chatlora's loss: the mean over the optimizer step's trained tokens,
-with the output layer run only where a token is trained."""
+"""transformers' Trainer with chatlora's loss: the mean over the optimizer step's trained tokens, with
+the output layer run only where a token is trained, and token-budget chunks within a step."""
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 from transformers import Trainer
 
@@ -16,9 +18,24 @@ class ChatTrainer(Trainer):
         # again; this is the flag it reads for that.
         self.model_accepts_loss_kwargs = True
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        chunks = inputs.get("chunks")
+        if chunks is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # One optimizer step's samples in several forward/backward passes (PackCollator's token
+        # budget). Gradients add up; each chunk's loss is already divided by the step's token count.
+        total = 0.0
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            with nullcontext() if last else self.accelerator.no_sync(model):
+                total = total + super().training_step(model, chunk, num_items_in_batch)
+        return total
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        total, count = trained_token_loss(model, inputs)
-        if num_items_in_batch is None:  # evaluation: the mean over this batch
+        parts = inputs["chunks"] if "chunks" in inputs else [inputs]  # evaluation of a chunked batch
+        sums = [trained_token_loss(model, part) for part in parts]
+        total, count = sum(s for s, _ in sums), sum(c for _, c in sums)
+        if num_items_in_batch is None:
             loss = total / count.clamp_min(1)
         else:
             loss = total / num_items_in_batch
@@ -26,3 +43,4 @@ class ChatTrainer(Trainer):
                 # num_items_in_batch counts every rank's tokens and DDP averages gradients over ranks.
                 loss = loss * self.accelerator.num_processes
         return (loss, {}) if return_outputs else loss  # no logits kept: evaluation is loss-only
+

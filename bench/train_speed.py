@@ -1,0 +1,265 @@
+"""Training speed on one GPU: the tutorial's recipe against chatlora, same card, same data.
+
+    python bench/train_speed.py --tokenizer ../shared/data/qwen-tokenizer --data ../shared/data/huanhuan.json \
+        --out bench/results/train_speed-h100.json
+
+Variants, each in its own process (so peak memory is its own):
+  tutorial        the tutorial as written: process_func, DataCollatorForSeq2Seq, Trainer, its arguments
+  seed-semantics  chatlora with every hyperparameter of the recipe (16 samples per optimizer step,
+                  LoRA dropout 0.1, lr 1e-4), packed into one forward pass per step
+  seed-24gib      seed semantics with gradient checkpointing, for a 24 GB card
+  throughput      chatlora with 128 samples per step in passes of at most 8k tokens, LoRA dropout 0
+  trl             TRL's SFTTrainer: packing (bfd, padding-free), Liger kernels, one 8k-token row per step
+
+All on the Qwen1.5-7B architecture with random bf16 weights (no model hub is reachable; speed and
+memory equal the real model's) and the real Qwen tokenizer and huanhuan.json. Every variant logs its
+loss at every step (logging_steps=1, the only change to the tutorial's arguments besides max_steps).
+The first --warmup steps are not timed. MFU counts 4 x 7.1e9 FLOP per real token (forward and
+input-gradient matmuls of the 7.1 B matmul parameters, no recompute) against 989 TFLOP/s (dense bf16
+of an H100 SXM or H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
+FLOP_PER_TOKEN = 4 * 7.1e9
+PEAK_FLOPS = 989e12
+QWEN15_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                 intermediate_size=11008, vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768,
+                 tie_word_embeddings=False, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645)
+VARIANTS = ("tutorial", "seed-semantics", "seed-24gib", "throughput", "trl")
+# --tiny: the same code on a 2-layer model, to check the script on a CPU before spending GPU time.
+TINY = dict(QWEN15_7B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+class StepMeter(TrainerCallback):
+    """Per-step wall time (after a device sync) and the real/trained tokens of each step, counted on
+    the CPU as batches are collated, so measuring adds no device sync of its own."""
+
+    def __init__(self, per_step_batches: int):
+        self.per_step_batches = per_step_batches
+        self.calls: list[tuple[int, int]] = []
+        self.times: list[float] = []
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        # accelerate's DataLoaderShard delegates iteration to the DataLoader it wraps.
+        loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
+        collate = loader.collate_fn
+
+        def counting(features):
+            real = sum(len(f["input_ids"]) for f in features)
+            if "labels" in features[0]:
+                trained = sum(sum(1 for t in f["labels"] if t != -100) for f in features)
+            else:  # TRL prompt-completion rows carry a completion mask instead of labels
+                trained = sum(sum(f.get("completion_mask", f["input_ids"])) for f in features)
+            self.calls.append((real, trained))
+            return collate(features)
+
+        loader.collate_fn = counting
+        sync()
+        self.times.append(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        sync()
+        self.times.append(time.perf_counter())
+
+    def summary(self, warmup: int) -> dict:
+        steps = len(self.times) - 1
+        per = self.per_step_batches
+        tokens = [tuple(map(sum, zip(*self.calls[i * per : (i + 1) * per]))) for i in range(steps)]
+        seconds = self.times[-1] - self.times[warmup]
+        real = sum(t[0] for t in tokens[warmup:])
+        trained = sum(t[1] for t in tokens[warmup:])
+        return {"steps_timed": steps - warmup, "s_per_step": seconds / (steps - warmup), "real_tok_s": real / seconds,
+                "trained_tok_s": trained / seconds, "mfu": real / seconds * FLOP_PER_TOKEN / PEAK_FLOPS,
+                "real_tokens_per_step": real / (steps - warmup)}
+
+
+def model_folder(tokenizer: Path, out: Path, dims: dict) -> Path:
+    """Config + tokenizer of Qwen1.5-7B-Chat, no weights (chatlora builds them with model.random_init)."""
+    import shutil
+
+    from transformers import GenerationConfig, Qwen2Config
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tokenizer.iterdir():
+        shutil.copy(f, out / f.name)
+    Qwen2Config(**dims).save_pretrained(out)
+    GenerationConfig(eos_token_id=[151645, 151643], pad_token_id=151643, bos_token_id=151643).save_pretrained(out)
+    return out
+
+
+def random_model(folder: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.bfloat16)
+
+
+def run_tutorial(folder: Path, data: Path, steps: int, work: Path, meter_steps: list):
+    """The tutorial's code, verbatim where it can be (random weights instead of from_pretrained)."""
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=False, trust_remote_code=True)
+    ds = Dataset.from_list(json.loads(data.read_text("utf-8")))
+
+    def process_func(example):
+        MAX_LENGTH = 384
+        instruction = tokenizer(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{example['instruction'] + example['input']}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+        response = tokenizer(f"{example['output']}", add_special_tokens=False)
+        input_ids = instruction["input_ids"] + response["input_ids"] + [tokenizer.pad_token_id]
+        attention_mask = instruction["attention_mask"] + response["attention_mask"] + [1]
+        labels = [-100] * len(instruction["input_ids"]) + response["input_ids"] + [tokenizer.pad_token_id]
+        if len(input_ids) > MAX_LENGTH:
+            input_ids, attention_mask, labels = input_ids[:MAX_LENGTH], attention_mask[:MAX_LENGTH], labels[:MAX_LENGTH]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    tokenized_id = ds.map(process_func, remove_columns=ds.column_names)
+    model = random_model(folder)
+    model.enable_input_require_grads()
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                        inference_mode=False, r=8, lora_alpha=32, lora_dropout=0.1)
+    model = get_peft_model(model, config)
+    args = TrainingArguments(output_dir=str(work / "tutorial"), per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                             logging_steps=1, num_train_epochs=3, save_steps=100, learning_rate=1e-4, save_on_each_node=True,
+                             gradient_checkpointing=True, max_steps=steps, report_to="none")
+    meter = StepMeter(per_step_batches=4)
+    trainer = Trainer(model=model, args=args, train_dataset=tokenized_id,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True), callbacks=[meter])
+    trainer.train()
+    return meter, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def run_chatlora(folder: Path, data: Path, steps: int, work: Path, overrides: list[str]):
+    from chatlora.config import load_config
+    from chatlora.recipes.train import train
+    from chatlora.trainer.plot import read_metrics
+
+    cfg = load_config("qwen1.5-7b-chat-huanhuan", [f"model.name={folder}", "model.random_init=true", f"data.train={data}",
+                                                    f"training.max_steps={steps}", "training.logging_steps=1",
+                                                    "training.save_strategy=no", f"output_dir={work / 'run'}", *overrides])
+    per_step = 1 if cfg.data.batch_tokens else cfg.training.get("gradient_accumulation_steps", 1)
+    meter = StepMeter(per_step_batches=per_step)
+    run = train(cfg, echo=print, callbacks=[meter])
+    return meter, [r["loss"] for r in read_metrics(run.metrics) if "loss" in r]
+
+
+def run_trl(folder: Path, data: Path, steps: int, work: Path):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    rows = json.loads(data.read_text("utf-8"))
+    ds = Dataset.from_list([{"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["instruction"] + r["input"]}],
+                             "completion": [{"role": "assistant", "content": r["output"]}]} for r in rows])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = random_model(folder)
+    # One packed row of 8192 tokens per step: about the throughput variant's 128 samples.
+    cuda = DEVICE == "cuda"
+    args = SFTConfig(output_dir=str(work / "trl"), per_device_train_batch_size=1, gradient_accumulation_steps=1,
+                     learning_rate=1e-4, num_train_epochs=3, max_steps=steps, logging_steps=1, save_strategy="no", bf16=cuda,
+                     packing=True, packing_strategy="bfd", max_length=8192, use_liger_kernel=cuda, report_to="none",
+                     gradient_checkpointing=False, use_cpu=not cuda)
+    peft_config = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, task_type="CAUSAL_LM",
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    meter = StepMeter(per_step_batches=1)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer, peft_config=peft_config, callbacks=[meter])
+    trainer.train()
+    return meter, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+CHATLORA_SETTINGS = {
+    # The recipe's 4 x 4 samples in one packed forward pass per step; no recompute.
+    "seed-semantics": ["data.batch_tokens=16384", "training.gradient_checkpointing=false"],
+    "seed-24gib": ["data.batch_tokens=16384", "training.gradient_checkpointing=true"],
+    "throughput": ["training.per_device_train_batch_size=128", "training.gradient_accumulation_steps=1",
+                   "data.batch_tokens=8192", "training.gradient_checkpointing=false", "lora.dropout=0.0"],
+}
+
+
+def worker(a) -> dict:
+    folder = model_folder(Path(a.tokenizer), Path(a.work) / "model", TINY if a.tiny else QWEN15_7B)
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if a.variant == "tutorial":
+        meter, losses = run_tutorial(folder, Path(a.data), a.steps, Path(a.work), [])
+    elif a.variant == "trl":
+        meter, losses = run_trl(folder, Path(a.data), a.steps, Path(a.work))
+    else:
+        meter, losses = run_chatlora(folder, Path(a.data), a.steps, Path(a.work), CHATLORA_SETTINGS[a.variant] + a.extra)
+    cuda = DEVICE == "cuda"
+    return {"variant": a.variant, "gpu": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d"),
+            **meter.summary(a.warmup), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0, "steps": a.steps, "warmup": a.warmup,
+            "extra": a.extra, "losses": losses, "torch": torch.__version__}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/qwen-tokenizer"))
+    p.add_argument("--data", default=str(ROOT.parent / "shared/data/huanhuan.json"))
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per variant (tutorial: a third of it)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # worker mode
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--extra", nargs="*", default=[], help="extra chatlora overrides for the chatlora variants")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model: check the script itself, on a CPU too")
+    a = p.parse_args()
+    if a.variant:
+        print("RESULT " + json.dumps(worker(a)), flush=True)
+        return
+    results = []
+    for variant in a.variants.split(","):
+        steps = max(a.warmup + 5, a.steps // 3) if variant == "tutorial" else a.steps
+        with tempfile.TemporaryDirectory() as work:
+            cmd = [sys.executable, __file__, "--variant", variant, "--work", work, "--tokenizer", a.tokenizer, "--data", a.data,
+                   "--steps", str(steps), "--warmup", str(a.warmup), *(["--tiny"] if a.tiny else []), "--extra", *a.extra]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"{variant}: FAILED (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}", flush=True)
+            continue
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+        r = results[-1]
+        print(f"{variant:15s} {r['s_per_step']:.3f} s/step  {r['real_tok_s']:8,.0f} real tok/s  {r['trained_tok_s']:8,.0f} trained tok/s  "
+              f"MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:.1f} GiB  losses {[round(x, 3) for x in r['losses'][:8]]}", flush=True)
+    base = next((r for r in results if r["variant"] == "tutorial"), None)
+    for r in results:
+        if base:
+            r["speedup_vs_tutorial"] = r["real_tok_s"] / base["real_tok_s"]
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    print("\nvariant          s/step  real tok/s  trained tok/s   MFU  peak GiB  x tutorial")
+    for r in results:
+        print(f"{r['variant']:15s} {r['s_per_step']:7.3f} {r['real_tok_s']:11,.0f} {r['trained_tok_s']:13,.0f} {100 * r['mfu']:5.1f}% "
+              f"{r['peak_gib']:8.1f} {r.get('speedup_vs_tutorial', 0):8.1f}x")
+
+
+if __name__ == "__main__":
+    main()
