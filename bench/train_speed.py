@@ -7,7 +7,7 @@ Variants, each in its own process (so peak memory is its own):
   tutorial        the tutorial as written: process_func, DataCollatorForSeq2Seq, Trainer, its arguments
   seed-semantics  chatlora with every hyperparameter of the recipe (16 samples per optimizer step,
                   LoRA dropout 0.1, lr 1e-4), packed into one forward pass per step
-  seed-24gib      seed semantics with gradient checkpointing, for a 24 GB card
+  seed-24gib      the preset as shipped: seed semantics with gradient checkpointing, for a 24 GB card
   throughput      chatlora with 128 samples per step in passes of at most 8k tokens, LoRA dropout 0
   trl             TRL's SFTTrainer: packing (bfd, padding-free), Liger kernels, one 8k-token row per step
 
@@ -59,6 +59,7 @@ class StepMeter(TrainerCallback):
         self.per_step_batches = per_step_batches
         self.calls: list[tuple[int, int]] = []
         self.times: list[float] = []
+        self.untimed_tail = 0
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         # accelerate's DataLoaderShard delegates iteration to the DataLoader it wraps.
@@ -83,15 +84,41 @@ class StepMeter(TrainerCallback):
         self.times.append(time.perf_counter())
 
     def summary(self, warmup: int) -> dict:
-        steps = len(self.times) - 1
+        steps = len(self.times) - 1 - self.untimed_tail
+        total = self.times[-1] - self.times[0]
         per = self.per_step_batches
         tokens = [tuple(map(sum, zip(*self.calls[i * per : (i + 1) * per]))) for i in range(steps)]
-        seconds = self.times[-1] - self.times[warmup]
+        seconds = self.times[steps] - self.times[warmup]
         real = sum(t[0] for t in tokens[warmup:])
         trained = sum(t[1] for t in tokens[warmup:])
         return {"steps_timed": steps - warmup, "s_per_step": seconds / (steps - warmup), "real_tok_s": real / seconds,
                 "trained_tok_s": trained / seconds, "mfu": real / seconds * FLOP_PER_TOKEN / PEAK_FLOPS,
-                "real_tokens_per_step": real / (steps - warmup)}
+                "real_tokens_per_step": real / (steps - warmup), "train_wall_s": total}
+
+
+class Profile(TrainerCallback):
+    """--profile: torch.profiler over steps [start, start + count), summary printed at the end."""
+
+    def __init__(self, start: int, count: int = 3):
+        self.start, self.count, self.prof = start, count, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.start:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.prof is not None and state.global_step == self.start + self.count:
+            sync()
+            self.prof.__exit__(None, None, None)
+            events = self.prof.key_averages()
+            gpu = sum(e.self_device_time_total for e in events) / 1e3 / self.count
+            print(f"PROFILE per step: GPU kernel time {gpu:.1f} ms, kernels {sum(e.count for e in events if e.self_device_time_total > 0) // self.count}")
+            print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+            print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+            self.prof = None
 
 
 def model_folder(tokenizer: Path, out: Path, dims: dict) -> Path:
@@ -109,9 +136,11 @@ def model_folder(tokenizer: Path, out: Path, dims: dict) -> Path:
 
 
 def random_model(folder: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Random bf16 weights drawn exactly as chatlora's model.random_init draws them (seed 42, then
+    from_config on the device), so the tutorial and chatlora start from the same weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
-    torch.manual_seed(0)
+    set_seed(42)
     with torch.device(DEVICE):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.bfloat16)
 
@@ -120,7 +149,7 @@ def run_tutorial(folder: Path, data: Path, steps: int, work: Path, meter_steps: 
     """The tutorial's code, verbatim where it can be (random weights instead of from_pretrained)."""
     from datasets import Dataset
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=False, trust_remote_code=True)
     ds = Dataset.from_list(json.loads(data.read_text("utf-8")))
@@ -139,6 +168,7 @@ def run_tutorial(folder: Path, data: Path, steps: int, work: Path, meter_steps: 
     tokenized_id = ds.map(process_func, remove_columns=ds.column_names)
     model = random_model(folder)
     model.enable_input_require_grads()
+    set_seed(42)  # as chatlora does before adding LoRA: the same initial adapter, for the loss curves
     config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                         inference_mode=False, r=8, lora_alpha=32, lora_dropout=0.1)
     model = get_peft_model(model, config)
@@ -162,7 +192,10 @@ def run_chatlora(folder: Path, data: Path, steps: int, work: Path, overrides: li
                                                     "training.save_strategy=no", f"output_dir={work / 'run'}", *overrides])
     per_step = 1 if cfg.data.batch_tokens else cfg.training.get("gradient_accumulation_steps", 1)
     meter = StepMeter(per_step_batches=per_step)
-    run = train(cfg, echo=print, callbacks=[meter])
+    # Profiled steps (the last 3) run slower under the profiler: StepMeter leaves them out.
+    profile = [Profile(start=steps - 3)] if os.environ.get("BENCH_PROFILE") else []
+    meter.untimed_tail = 3 if profile else 0
+    run = train(cfg, echo=print, callbacks=[meter] + profile)
     return meter, [r["loss"] for r in read_metrics(run.metrics) if "loss" in r]
 
 
@@ -194,7 +227,12 @@ def run_trl(folder: Path, data: Path, steps: int, work: Path):
 CHATLORA_SETTINGS = {
     # The recipe's 4 x 4 samples in one packed forward pass per step; no recompute.
     "seed-semantics": ["data.batch_tokens=16384", "training.gradient_checkpointing=false"],
-    "seed-24gib": ["data.batch_tokens=16384", "training.gradient_checkpointing=true"],
+    # The preset exactly as shipped (gradient checkpointing on, as in the tutorial).
+    "seed-24gib": [],
+    "seed-compile": ["data.batch_tokens=16384", "training.gradient_checkpointing=false", "training.torch_compile=true"],
+    "throughput-compile": ["training.per_device_train_batch_size=128", "training.gradient_accumulation_steps=1",
+                           "data.batch_tokens=8192", "training.gradient_checkpointing=false", "lora.dropout=0.0",
+                           "training.torch_compile=true"],
     "throughput": ["training.per_device_train_batch_size=128", "training.gradient_accumulation_steps=1",
                    "data.batch_tokens=8192", "training.gradient_checkpointing=false", "lora.dropout=0.0"],
 }
@@ -229,17 +267,25 @@ def main() -> None:
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--extra", nargs="*", default=[], help="extra chatlora overrides for the chatlora variants")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model: check the script itself, on a CPU too")
+    p.add_argument("--same-steps", action="store_true", help="the tutorial runs --steps too (to compare loss curves)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of 3 steps (chatlora variants)")
     a = p.parse_args()
     if a.variant:
         print("RESULT " + json.dumps(worker(a)), flush=True)
         return
     results = []
     for variant in a.variants.split(","):
-        steps = max(a.warmup + 5, a.steps // 3) if variant == "tutorial" else a.steps
+        # The tutorial's steps are slow: a third as many, unless the loss curves are to be compared
+        # (the learning-rate schedule depends on max_steps, so curves need equal step counts).
+        steps = max(a.warmup + 5, a.steps // 3) if variant == "tutorial" and not a.same_steps else a.steps
         with tempfile.TemporaryDirectory() as work:
             cmd = [sys.executable, __file__, "--variant", variant, "--work", work, "--tokenizer", a.tokenizer, "--data", a.data,
                    "--steps", str(steps), "--warmup", str(a.warmup), *(["--tiny"] if a.tiny else []), "--extra", *a.extra]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"BENCH_PROFILE": "1"} if a.profile else {})}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if a.profile and "PROFILE" in proc.stdout:
+            tail = proc.stdout[proc.stdout.index("PROFILE"):]
+            print("\n".join(line for line in tail.splitlines() if not line.startswith(("RESULT ", "training:"))), flush=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(f"{variant}: FAILED (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}", flush=True)
@@ -247,7 +293,7 @@ def main() -> None:
         results.append(json.loads(lines[-1][len("RESULT "):]))
         r = results[-1]
         print(f"{variant:15s} {r['s_per_step']:.3f} s/step  {r['real_tok_s']:8,.0f} real tok/s  {r['trained_tok_s']:8,.0f} trained tok/s  "
-              f"MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:.1f} GiB  losses {[round(x, 3) for x in r['losses'][:8]]}", flush=True)
+              f"MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:.1f} GiB  wall {r['train_wall_s']:.0f} s  losses {[round(x, 3) for x in r['losses'][:8]]}", flush=True)
     base = next((r for r in results if r["variant"] == "tutorial"), None)
     for r in results:
         if base:
