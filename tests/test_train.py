@@ -200,3 +200,22 @@ def test_pack_collator_respects_the_token_budget():
     first = batch["chunks"][0]
     assert first["cu_seq_lens_q"].tolist() == [0, 30, 80] and first["max_length_q"] == 50
     assert first["position_ids"][0, 30].item() == 0 and first["labels"][0, 30].item() == -100
+
+
+def test_a_model_whose_attention_crosses_samples_is_not_packed(tiny_model_dir):
+    """An attention that ignores the packing (plain causal over the whole row) must be caught at
+    start-up, so training pads instead of letting samples see each other."""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    def leaky(module, q, k, v, mask, dropout=0.0, scaling=None, **kwargs):
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling).transpose(1, 2), None
+
+    AttentionInterface.register("leaky_test", leaky)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("leaky_test", lambda *a, **kw: None)
+    leaky_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="leaky_test")
+    assert not packing_is_exact(leaky_model)
+    assert packing_is_exact(AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa"))
+    assert packing_is_exact(AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager"))
