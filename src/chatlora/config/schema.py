@@ -112,6 +112,28 @@ class ReportConfig:
 
 
 @dataclass
+class EvalConfig:
+    steps: int | None = None
+    """Every this many optimizer steps, greedy replies to `prompts` held-out prompts are generated and
+    logged (console and metrics.jsonl) with their stop rate (share that ended on the end-of-turn
+    token within `max_new_tokens`), mean length, repetition and ROUGE-L against the reference. None:
+    whenever the held-out loss is computed (before and after training, and every training.eval_steps
+    with training.eval_strategy=steps). 0: never. Needs data.validation."""
+    prompts: int = 4
+    """How many held-out prompts (the first of the validation data) are answered each time."""
+    max_new_tokens: int = 64
+    """Token limit of those replies; a reply that reaches it counts as not stopped."""
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 0:
+            raise ConfigError(f"eval.steps: {self.steps} must be 0 (never), a positive number of steps, or null")
+        if self.prompts < 0:
+            raise ConfigError(f"eval.prompts: {self.prompts} must be 0 or more")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"eval.max_new_tokens: {self.max_new_tokens} must be at least 1")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model and how to load it."""
@@ -124,6 +146,10 @@ class Config:
     `output_dir` is set by chatlora to the run folder's `checkpoints/`."""
     report: ReportConfig = field(default_factory=ReportConfig)
     """What is printed after training."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Replies generated on held-out prompts during training, to see the model learn to answer and stop.
+    The held-out loss itself follows training.eval_strategy / eval_steps; training.load_best_model_at_end
+    keeps the checkpoint with the lowest held-out loss as the run's adapter."""
     output_dir: str | None = None
     """The run folder. Default: runs/<config name>-<date>-<time>. An existing, non-empty folder is refused."""
     name: str = "run"
