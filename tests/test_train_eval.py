@@ -35,8 +35,13 @@ def test_replies_on_held_out_prompts_every_n_steps(tiny_model_dir, tmp_path, cap
 
 
 def test_replies_follow_the_eval_loss_by_default(tiny_model_dir, tmp_path):
+    lines: list[str] = []
     run = train(tiny_config(tiny_model_dir, tmp_path, "data.validation=0.3", "training.max_steps=4",
-                            "training.eval_strategy=steps", "training.eval_steps=2", "eval.max_new_tokens=4"))
+                            "training.eval_strategy=steps", "training.eval_steps=2", "eval.max_new_tokens=4"), lines)
+    before = "\n".join(lines[: next(i for i, line in enumerate(lines) if line.startswith("held-out loss:"))])
+    # Before training it is the base model: a note, not the alarm.
+    assert "before training  held-out replies: stop rate 0% (0/3)" in before
+    assert "(the base model: no reply ended on <|im_end|> within 4 tokens)" in before and "WARNING" not in before
     metrics = read_metrics(run.metrics)
     # Before training, at steps 2 and 4 (the evaluation after training has the same weights as step 4).
     assert [r["step"] for r in metrics if "eval_loss" in r] == [0, 2, 4, 4]

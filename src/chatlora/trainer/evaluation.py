@@ -74,8 +74,8 @@ class GenerationMonitor(TrainerCallback):
     """Greedy replies to a few held-out prompts during training, logged through Trainer (so they reach
     metrics.jsonl, TensorBoard and the console) with stop rate, mean length, repetition and ROUGE-L.
 
-    A stop rate of zero is called out loudly: a chat model that no longer ends its turn is broken in a
-    way the loss curve does not show.
+    A stop rate of zero once training has begun is called out loudly: a chat model that no longer ends
+    its turn is broken in a way the loss curve does not show.
     """
 
     def __init__(self, renderer: Renderer, conversations: list[Conversation], settings: EvalConfig, write: Callable[[str], None]):
@@ -122,7 +122,10 @@ class GenerationMonitor(TrainerCallback):
             for p, r in zip(self.prompts, replies):
                 text = r.text if len(r.text) <= 100 else r.text[:97] + "..."
                 self.write(f"    {p[-1]['content'][:40]!r} -> {text!r}" + ("" if r.stopped else " [no stop]"))
-            if stats.stop_rate == 0:
+            if stats.stop_rate == 0 and state.global_step == 0:
+                # The base model, not yet trained: many chat models run long; only a note.
+                self.write(f"    (the base model: no reply ended on {self.eot} within {limit} tokens)")
+            elif stats.stop_rate == 0:
                 fell = f" (it was {self.best_stop_rate:.0%} earlier)" if self.best_stop_rate > 0 else ""
                 for line in (
                     f"!!! WARNING: stop rate 0%{fell}: none of the {stats.count} held-out replies ended on {self.eot} within {limit} tokens.",
