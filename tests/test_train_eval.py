@@ -118,4 +118,11 @@ def test_settings_that_cannot_work_are_refused_before_training(tiny_model_dir, t
     with pytest.raises(ConfigError) as e:
         train(tiny_config(tiny_model_dir, tmp_path, *overrides))
     assert message in str(e.value)
-    assert not (tmp_path / "run" / "adapter").exists()
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_them_with_exit_2(tiny_model_dir, tmp_path, capsys):
+    from chatlora.cli import main
+
+    assert main(["config", "show", "demo", "training.load_best_model_at_end=true", "training.eval_strategy=no"]) == 2
+    assert "training.load_best_model_at_end needs the held-out loss" in capsys.readouterr().err

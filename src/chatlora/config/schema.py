@@ -154,3 +154,32 @@ class Config:
     """The run folder. Default: runs/<config name>-<date>-<time>. An existing, non-empty folder is refused."""
     name: str = "run"
     """A short name for the run (presets set their own)."""
+
+    def __post_init__(self) -> None:
+        _check_evaluation(self)
+
+
+def _check_evaluation(cfg: Config) -> None:
+    """Held-out evaluation settings that Trainer would reject mid-run, or silently ignore, refused
+    when the config is loaded, before any run folder exists."""
+    import importlib.util
+
+    training = cfg.training
+    strategy = str(training.get("eval_strategy") or "no")
+    if strategy != "no" and cfg.data.validation is None:
+        raise ConfigError(f"training.eval_strategy={strategy} needs held-out data: "
+                          "set data.validation to a file or a fraction (e.g. data.validation=0.1)")
+    if training.get("load_best_model_at_end"):
+        if strategy == "no":
+            raise ConfigError("training.load_best_model_at_end needs the held-out loss during training: "
+                              "set training.eval_strategy=steps and training.eval_steps=N (and data.validation)")
+        metric = training.get("metric_for_best_model") or "loss"
+        if metric not in ("loss", "eval_loss"):
+            raise ConfigError(f"training.metric_for_best_model: {metric!r} is not computed by chatlora's evaluation; "
+                              "use loss (the held-out loss)")
+    if cfg.eval.steps and cfg.data.validation is None:
+        raise ConfigError("eval.steps needs held-out prompts: set data.validation to a file or a fraction")
+    report_to = training.get("report_to")
+    wanted = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if "tensorboard" in wanted and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise ConfigError("training.report_to=tensorboard needs the tensorboard package: pip install 'chatlora[tensorboard]'")

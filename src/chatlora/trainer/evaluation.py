@@ -1,9 +1,8 @@
-"""Evaluation during training: held-out loss settings that work together, replies generated on
-held-out prompts every N steps (stop rate, length, repetition), and TensorBoard in the run folder."""
+"""Evaluation during training: best-checkpoint settings, replies generated on held-out prompts every
+N steps (stop rate, length, repetition), and TensorBoard in the run folder."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -14,49 +13,24 @@ from transformers import TrainerCallback
 from chatlora.config.schema import Config, EvalConfig
 from chatlora.data.formats import Conversation
 from chatlora.data.render import Renderer
-from chatlora.errors import ConfigError
 from chatlora.evaluate.metrics import reply_stats
 from chatlora.model.generate import generate_replies
 
-BEST_METRICS = ("loss", "eval_loss")
-
-
-def _strategy(value: Any) -> str:
-    return str(getattr(value, "value", value) or "no")
-
 
 def evaluation_arguments(cfg: Config, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """TrainingArguments kwargs with held-out evaluation settings checked and completed.
+    """TrainingArguments kwargs with the best-checkpoint settings completed (the config checked the
+    combinations when it was loaded: config.schema._check_evaluation).
 
     `load_best_model_at_end` alone is enough: checkpoints are then saved only when the held-out loss
     improves (`save_strategy=best`) and only the best is kept (`save_total_limit=1`), unless the
-    config says otherwise. Raises ConfigError for settings Trainer would reject mid-run, or silently
-    ignore, with the fix.
+    config says otherwise.
     """
     out = dict(kwargs)
-    user = cfg.training
-    evaluating = _strategy(out.get("eval_strategy")) != "no"
-    if evaluating and cfg.data.validation is None:
-        raise ConfigError(f"training.eval_strategy={_strategy(out['eval_strategy'])} needs held-out data: "
-                          "set data.validation to a file or a fraction (e.g. data.validation=0.1)")
     if out.get("load_best_model_at_end"):
-        if not evaluating:
-            raise ConfigError("training.load_best_model_at_end needs the held-out loss during training: "
-                              "set training.eval_strategy=steps and training.eval_steps=N (and data.validation)")
-        metric = out.get("metric_for_best_model") or "loss"
-        if metric not in BEST_METRICS:
-            raise ConfigError(f"training.metric_for_best_model: {metric!r} is not computed by chatlora's evaluation; "
-                              f"use one of {', '.join(BEST_METRICS)}")
-        if "save_strategy" not in user:
+        if "save_strategy" not in cfg.training:
             out["save_strategy"] = "best"
-        if "save_total_limit" not in user:
+        if "save_total_limit" not in cfg.training:
             out["save_total_limit"] = 1
-    report_to = out.get("report_to")
-    wanted = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    if "tensorboard" in wanted and importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-        raise ConfigError("training.report_to=tensorboard needs the tensorboard package: pip install 'chatlora[tensorboard]'")
-    if cfg.eval.steps and cfg.data.validation is None:
-        raise ConfigError("eval.steps needs held-out prompts: set data.validation to a file or a fraction")
     return out
 
 
