@@ -100,6 +100,22 @@ def test_session_streams_each_reply_in_pieces(tiny_run):
     assert len(stats) == 1 and "hit the 16-token limit" in stats[0]
 
 
+def test_interrupted_reply_is_left_out_of_the_history(tiny_run):
+    loaded = load_run(tiny_run, device="cpu")
+    session = ChatSession(loaded, Sampling(max_new_tokens=16, temperature=0), None, compare=True)
+    session.ask("first", lambda _s: None)
+    seen: list[str] = []
+
+    def write(piece: str) -> None:  # Ctrl-C arrives while the adapter's reply is being written
+        seen.append(piece)
+        if "adapter> " in seen and len(seen) > seen.index("adapter> ") + 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        session.ask("second", write)
+    assert [len(session.history[side]) for side in ("base", "adapter")] == [2, 2]
+
+
 def test_merged_chat_model_answers_as_the_adapter_does(tiny_run):
     """The in-memory merge changes the speed, not the replies."""
     merged = load_for_chat(str(tiny_run), device="cpu")

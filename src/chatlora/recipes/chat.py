@@ -118,12 +118,14 @@ class ChatSession:
                     raise
             write("\n")
             reply = replies[side] = stream.reply
-            self.history[side] += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
             if stats is not None:
                 seconds = time.perf_counter() - started
                 limit = "" if reply.stopped else f", hit the {self.sampling.max_new_tokens}-token limit"
                 stats(f"[{len(reply.ids)} tokens, {seconds:.1f} s, {len(reply.ids) / max(seconds, 1e-9):.1f} tok/s, "
                       f"context {stream.prompt_tokens + reply.tokens} tokens{limit}]")
+        # Only once every side has answered, so an interrupted turn is in no side's history.
+        for side, reply in replies.items():
+            self.history[side] += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
         return replies
 
 
