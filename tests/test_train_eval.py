@@ -126,3 +126,12 @@ def test_cli_refuses_them_with_exit_2(tiny_model_dir, tmp_path, capsys):
 
     assert main(["config", "show", "demo", "training.load_best_model_at_end=true", "training.eval_strategy=no"]) == 2
     assert "training.load_best_model_at_end needs the held-out loss" in capsys.readouterr().err
+
+
+def test_no_is_a_string_as_in_yaml_1_2():
+    """`eval_strategy=no` must reach TrainingArguments as "no", not YAML 1.1's False."""
+    from chatlora.config.load import load_config
+
+    cfg = load_config("demo", ["training.eval_strategy=no", "training.save_strategy=no", "training.bf16=false"])
+    assert cfg.training["eval_strategy"] == "no" and cfg.training["save_strategy"] == "no"
+    assert cfg.training["bf16"] is False
