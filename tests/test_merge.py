@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -25,6 +26,9 @@ def test_merged_model_equals_the_adapter(tiny_run, tmp_path):
                  "chatlora_merge.json"):
         assert (out / name).is_file(), name
     assert not list(tmp_path.glob(".merged*")), "no temporary folder left"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask, "the umask's permissions, not 0600"
     assert GenerationConfig.from_pretrained(out).eos_token_id in (256, [256])  # <|im_end|>
 
     # An independent check: a fresh load of the merged folder vs base + adapter on a new input.
