@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 import unicodedata
@@ -135,7 +136,8 @@ def interactive(session: ChatSession, name: str, merged: bool, out: TextIO = sys
         import readline  # noqa: F401  (line editing and ↑ history for input())
 
     write = lambda s: (out.write(s), out.flush())  # noqa: E731  (flush: each piece shows as it comes)
-    dim = (lambda s: write(f"\033[2m{s}\033[0m\n")) if out.isatty() else (lambda s: write(s + "\n"))
+    color = out.isatty() and os.environ.get("TERM") != "dumb" and "NO_COLOR" not in os.environ
+    dim = (lambda s: write(f"\033[2m{s}\033[0m\n")) if color else (lambda s: write(s + "\n"))
     how = "adapter merged into the base weights" if merged else "adapter switchable, base model answers first"
     write(f"chatting with {name} ({how})\n")
     write(f"system prompt: {session.system_prompt or '(none: the chat template default)'}\n")
