@@ -14,7 +14,7 @@ import torch
 
 from chatlora.config.schema import Config, ModelConfig
 from chatlora.data.render import Renderer
-from chatlora.errors import ChatloraError
+from chatlora.errors import ChatloraError, ModelError
 from chatlora.model.load import (add_stop_tokens, fix_pad_token, load_generation_config, load_model, load_tokenizer,
                                  stop_ids)
 from chatlora.model.source import resolve
@@ -100,14 +100,19 @@ def load_adapter_dir(path: str | Path, base: str | None = None, device: str | No
     if not name:
         raise ChatloraError(f"{folder}/adapter_config.json names no base model; give it with --model")
     model_cfg = ModelConfig(name=name)
-    source = resolve(model_cfg)
-    if (folder / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+    try:
+        source = resolve(model_cfg)
+        if (folder / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    else:
-        tokenizer = load_tokenizer(source, model_cfg)
-    generation_config = load_generation_config(source, model_cfg, tokenizer)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        else:
+            tokenizer = load_tokenizer(source, model_cfg)
+        generation_config = load_generation_config(source, model_cfg, tokenizer)
+    except ModelError as e:
+        if base:
+            raise
+        raise ModelError(f"{e}\n(the base model named in {folder}/adapter_config.json; give the right one with --model)") from None
     renderer = Renderer(tokenizer, set(stop_ids(generation_config)))
     end_of_turn = renderer.end_of_turn()
     if end_of_turn is not None and end_of_turn not in stop_ids(generation_config):
