@@ -200,3 +200,13 @@ def test_bad_input_exits_2(tiny_run, tmp_path, capsys, args, message):
     assert main(["chat", *[a.format(tmp=tmp_path, run=tiny_run) for a in args]]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [["chat", "RUN", "--batch-size", "0"], ["eval", "RUN", "--max-new-tokens", "-3"],
+                                  ["merge", "RUN", "OUT", "--min-top1", "1.5"], ["eval", "RUN", "--limit", "x"]])
+def test_bad_numbers_are_usage_errors(args, capsys):
+    from chatlora.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and "error: argument" in capsys.readouterr().err

@@ -34,6 +34,27 @@ exit codes: 0 ok, 2 bad input (run folder, data, flags; nothing is written), 130
 """
 
 
+def _positive(text: str) -> int:
+    """argparse type: an int of at least 1 (argparse then reports a bad value with exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1")
+    return value
+
+
 def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="run folder (or adapter folder)")
     p.add_argument("--model", metavar="BASE", help="load the base model from here instead (a local copy, a .gguf file, a hub id)")
@@ -58,10 +79,10 @@ examples:
     p.add_argument("--prompt", help="answer this one prompt and exit")
     p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line, or JSONL rows with \"prompt\" or \"messages\"; replies are written as JSONL")
     p.add_argument("--output", metavar="FILE", help="with --prompts-file: write the JSONL here (default: stdout)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together with --prompts-file (default 8)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="prompts generated together with --prompts-file (default 8)")
     p.add_argument("--system", metavar="TEXT", help="system prompt (default: the one the run was trained with; 'none' for none)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
+    g.add_argument("--max-new-tokens", type=_positive, default=512, help="longest reply in tokens (default 512)")
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9; 1 = off)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0 = off)")
@@ -83,9 +104,9 @@ examples:
 """)
     _target_args(p)
     p.add_argument("--data", metavar="FILE", help="held-out data (any training format; default: the run's validation split)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="token limit of each reply (default 128)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N conversations")
-    p.add_argument("--batch-size", type=int, default=8, help="conversations per forward pass (default 8)")
+    p.add_argument("--max-new-tokens", type=_positive, default=128, help="token limit of each reply (default 128)")
+    p.add_argument("--limit", type=_positive, help="evaluate only the first N conversations")
+    p.add_argument("--batch-size", type=_positive, default=8, help="conversations per forward pass (default 8)")
     p.add_argument("--out", metavar="DIR", help="where the report goes (default: RUN/eval/)")
 
 
@@ -110,9 +131,9 @@ examples:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the saved weights (default: the dtype the base model loads in)")
     p.add_argument("--data", metavar="FILE", help="conversations for the parity check (default: the run's held-out data)")
-    p.add_argument("--prompts", type=int, default=8, help="conversations in the parity check (default 8)")
+    p.add_argument("--prompts", type=_positive, default=8, help="conversations in the parity check (default 8)")
     p.add_argument("--max-diff", type=float, help="largest |logit difference| allowed (default by dtype, see below)")
-    p.add_argument("--min-top1", type=float, help="least top-1 agreement allowed, 0-1 (default by dtype)")
+    p.add_argument("--min-top1", type=_fraction, help="least top-1 agreement allowed, 0-1 (default by dtype)")
 
 
 def parser() -> argparse.ArgumentParser:
