@@ -46,7 +46,7 @@ def training_arguments(cfg: Config, run: RunDir):
     if not torch.cuda.is_available() and (kwargs.get("bf16") or kwargs.get("fp16")):
         # The GPU presets ask for bf16 mixed precision; on a CPU it is slow or unsupported.
         kwargs["bf16"] = kwargs["fp16"] = False
-    kwargs = evaluation_arguments(cfg, kwargs)  # held-out loss, best checkpoint and TensorBoard settings checked
+    kwargs = evaluation_arguments(cfg, kwargs)  # best-checkpoint saving completed (save_strategy=best, keep 1)
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError) as e:
