@@ -98,3 +98,13 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "chatlora", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    """A run folder trained for a few steps on the tiny model, with a held-out split: what chat, eval
+    and merge take. Session-scoped and read-only: tests that change it work on a copy."""
+    from chatlora.recipes.train import train
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    return train(tiny_config(tiny_model_dir, tmp, "data.validation=0.3", "training.max_steps=6"), echo=lambda _line: None).path

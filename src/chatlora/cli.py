@@ -26,6 +26,116 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.num_train_epochs=1")
 
 
+USE_EPILOG = """\
+RUN is a run folder written by `chatlora train` (or its adapter/ folder, or any peft adapter folder
+with --model naming its base model).
+
+exit codes: 0 ok, 2 bad input (run folder, data, flags; nothing is written), 130 interrupted.
+"""
+
+
+def _positive(text: str) -> int:
+    """argparse type: an int of at least 1 (argparse then reports a bad value with exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1")
+    return value
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="run folder (or adapter folder)")
+    p.add_argument("--model", metavar="BASE", help="load the base model from here instead (a local copy, a .gguf file, a hub id)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+
+
+def _chat_parser(sub, fmt) -> None:
+    p = sub.add_parser(
+        "chat", formatter_class=fmt, help="talk to the adapter: terminal chat, one prompt, or a file of prompts",
+        description="Chat with a trained adapter in the terminal: replies stream as they are written, the\n"
+                    "conversation is remembered, and /reset, /system, /history, /help, /quit work inside.\n"
+                    "--prompt answers one prompt; --prompts-file answers a file of them as JSONL.\n"
+                    "--base shows the base model's reply next to the adapter's.",
+        epilog=USE_EPILOG + """
+examples:
+  chatlora chat runs/demo-20261127-101500
+  chatlora chat runs/demo-20261127-101500 --prompt "Who are you?" --temperature 0
+  chatlora chat runs/demo-20261127-101500 --base --prompts-file questions.txt --output replies.jsonl
+""")
+    _target_args(p)
+    p.add_argument("--base", action="store_true", help="answer with the base model too, side by side (the adapter is then not merged)")
+    p.add_argument("--prompt", help="answer this one prompt and exit")
+    p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line, or JSONL rows with \"prompt\" or \"messages\"; replies are written as JSONL")
+    p.add_argument("--output", metavar="FILE", help="with --prompts-file: write the JSONL here (default: stdout)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="prompts generated together with --prompts-file (default 8)")
+    p.add_argument("--system", metavar="TEXT", help="system prompt (default: the one the run was trained with; 'none' for none)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=_positive, default=512, help="longest reply in tokens (default 512)")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9; 1 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeating tokens (default 1.0 = off)")
+    g.add_argument("--seed", type=int, help="make sampled replies repeatable")
+
+
+def _eval_parser(sub, fmt) -> None:
+    p = sub.add_parser(
+        "eval", formatter_class=fmt, help="held-out loss and greedy replies: base model vs. adapter",
+        description="Judge an adapter on held-out data, next to its base model: loss and perplexity on the\n"
+                    "trained tokens, then greedy replies with their stop rate (ended on the end-of-turn token\n"
+                    "before the limit), mean length, repetition (repeated token 4-grams) and character-level\n"
+                    "ROUGE-L against the reference reply. Writes RUN/eval/NAME.json and NAME.md.",
+        epilog=USE_EPILOG + """
+examples:
+  chatlora eval runs/demo-20261127-101500
+  chatlora eval runs/demo-20261127-101500 --data more_held_out.jsonl --max-new-tokens 256
+""")
+    _target_args(p)
+    p.add_argument("--data", metavar="FILE", help="held-out data (any training format; default: the run's validation split)")
+    p.add_argument("--max-new-tokens", type=_positive, default=128, help="token limit of each reply (default 128)")
+    p.add_argument("--limit", type=_positive, help="evaluate only the first N conversations")
+    p.add_argument("--batch-size", type=_positive, default=8, help="conversations per forward pass (default 8)")
+    p.add_argument("--out", metavar="DIR", help="where the report goes (default: RUN/eval/)")
+
+
+def _merge_parser(sub, fmt) -> None:
+    p = sub.add_parser(
+        "merge", formatter_class=fmt, help="a standalone merged model, checked against base + adapter",
+        description="Merge the adapter into the base weights and save a standalone model to OUT: safetensors,\n"
+                    "the tokenizer with its chat template, and a generation config that stops on the\n"
+                    "end-of-turn token. The saved model is reloaded and its logits compared with base +\n"
+                    "adapter on held-out conversations; outside the tolerance nothing is written.\n"
+                    "An adapter with NaN or inf weights is refused.",
+        epilog=USE_EPILOG + """
+tolerance (max |logit difference|, min top-1 agreement) by saved dtype:
+  float32 1e-2, 99%;  float16 0.5, 95%;  bfloat16 1.0, 95%
+
+examples:
+  chatlora merge runs/demo-20261127-101500 merged/pirate-135m
+  chatlora merge runs/qwen-huanhuan merged/huanhuan --dtype bfloat16
+""")
+    _target_args(p)
+    p.add_argument("out", metavar="OUT", help="output folder (must not exist, or be empty)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights (default: the dtype the base model loads in)")
+    p.add_argument("--data", metavar="FILE", help="conversations for the parity check (default: the run's held-out data)")
+    p.add_argument("--prompts", type=_positive, default=8, help="conversations in the parity check (default 8)")
+    p.add_argument("--max-diff", type=float, help="largest |logit difference| allowed (default by dtype, see below)")
+    p.add_argument("--min-top1", type=_fraction, help="least top-1 agreement allowed, 0-1 (default by dtype)")
+
+
 def parser() -> argparse.ArgumentParser:
     from chatlora.config.load import preset_names
 
@@ -49,6 +159,10 @@ def parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--samples", type=int, default=3, help="rendered samples to show (default 3)")
 
+    _chat_parser(sub, fmt)
+    _eval_parser(sub, fmt)
+    _merge_parser(sub, fmt)
+
     cfg = sub.add_parser("config", help="show presets, a resolved config, or every config key")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND", required=True)
     cfg_sub.add_parser("presets", help="list the shipped presets")
@@ -67,9 +181,33 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+def use(args: argparse.Namespace) -> int:
+    """The commands that take a trained run: chat, eval, merge."""
+    _quiet_libraries()
+    if args.command == "chat":
+        from chatlora.recipes.chat import Sampling, chat
+
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed)
+        chat(args.run, model=args.model, base=args.base, prompt=args.prompt, prompts_file=args.prompts_file,
+             output=args.output, system=args.system, sampling=sampling, batch_size=args.batch_size, device=args.device)
+    elif args.command == "eval":
+        from chatlora.recipes.eval import evaluate
+
+        evaluate(args.run, args.data, model=args.model, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                 batch_size=args.batch_size, out=args.out, device=args.device)
+    else:
+        from chatlora.recipes.merge import merge
+
+        merge(args.run, args.out, model=args.model, dtype=args.dtype, data=args.data, prompts=args.prompts,
+              max_diff=args.max_diff, min_top1=args.min_top1, device=args.device)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from chatlora.config.load import field_docs, load_config, preset_names, to_dict
 
+    if args.command in ("chat", "eval", "merge"):
+        return use(args)
     if args.command == "config":
         if args.config_command == "presets":
             print("\n".join(preset_names()))

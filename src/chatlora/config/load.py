@@ -26,15 +26,18 @@ PRESET_PACKAGE = "chatlora.config.presets"
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML as users mean it (YAML 1.2): PyYAML's YAML 1.1 reads `2e-4` as a string and `no`/`on` as
-    booleans, so `training.save_strategy=no` would arrive as False."""
+    """YAML 1.1 (PyYAML) reads `2e-4` as a string and `no` as False; YAML 1.2, and every user, read
+    them as a number and a string (`training.eval_strategy=no` must reach TrainingArguments as "no")."""
 
 
+# Booleans as YAML 1.2 has them: true and false only, not yes/no/on/off.
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)[eE][-+]?\d+$"),

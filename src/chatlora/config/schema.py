@@ -122,6 +122,28 @@ class ReportConfig:
 
 
 @dataclass
+class EvalConfig:
+    steps: int | None = None
+    """Every this many optimizer steps, greedy replies to `prompts` held-out prompts are generated and
+    logged (console and metrics.jsonl) with their stop rate (share that ended on the end-of-turn
+    token within `max_new_tokens`), mean length, repetition and ROUGE-L against the reference. None:
+    whenever the held-out loss is computed (before and after training, and every training.eval_steps
+    with training.eval_strategy=steps). 0: never. Needs data.validation."""
+    prompts: int = 4
+    """How many held-out prompts (the first of the validation data) are answered each time."""
+    max_new_tokens: int = 64
+    """Token limit of those replies; a reply that reaches it counts as not stopped."""
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 0:
+            raise ConfigError(f"eval.steps: {self.steps} must be 0 (never), a positive number of steps, or null")
+        if self.prompts < 0:
+            raise ConfigError(f"eval.prompts: {self.prompts} must be 0 or more")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"eval.max_new_tokens: {self.max_new_tokens} must be at least 1")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model and how to load it."""
@@ -134,7 +156,40 @@ class Config:
     `output_dir` is set by chatlora to the run folder's `checkpoints/`."""
     report: ReportConfig = field(default_factory=ReportConfig)
     """What is printed after training."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Replies generated on held-out prompts during training, to see the model learn to answer and stop.
+    The held-out loss itself follows training.eval_strategy / eval_steps; training.load_best_model_at_end
+    keeps the checkpoint with the lowest held-out loss as the run's adapter."""
     output_dir: str | None = None
     """The run folder. Default: runs/<config name>-<date>-<time>. An existing, non-empty folder is refused."""
     name: str = "run"
     """A short name for the run (presets set their own)."""
+
+    def __post_init__(self) -> None:
+        _check_evaluation(self)
+
+
+def _check_evaluation(cfg: Config) -> None:
+    """Held-out evaluation settings that Trainer would reject mid-run, or silently ignore, refused
+    when the config is loaded, before any run folder exists."""
+    import importlib.util
+
+    training = cfg.training
+    strategy = str(training.get("eval_strategy") or "no")
+    if strategy != "no" and cfg.data.validation is None:
+        raise ConfigError(f"training.eval_strategy={strategy} needs held-out data: "
+                          "set data.validation to a file or a fraction (e.g. data.validation=0.1)")
+    if training.get("load_best_model_at_end"):
+        if strategy == "no":
+            raise ConfigError("training.load_best_model_at_end needs the held-out loss during training: "
+                              "set training.eval_strategy=steps and training.eval_steps=N (and data.validation)")
+        metric = training.get("metric_for_best_model") or "loss"
+        if metric not in ("loss", "eval_loss"):
+            raise ConfigError(f"training.metric_for_best_model: {metric!r} is not computed by chatlora's evaluation; "
+                              "use loss (the held-out loss)")
+    if cfg.eval.steps and cfg.data.validation is None:
+        raise ConfigError("eval.steps needs held-out prompts: set data.validation to a file or a fraction")
+    report_to = training.get("report_to")
+    wanted = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if "tensorboard" in wanted and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise ConfigError("training.report_to=tensorboard needs the tensorboard package: pip install 'chatlora[tensorboard]'")

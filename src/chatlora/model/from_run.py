@@ -5,15 +5,18 @@ Every command after `train` (chat, eval, merge, serve, web) starts here, from th
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from chatlora.config.schema import Config
+from chatlora.config.schema import Config, ModelConfig
 from chatlora.data.render import Renderer
-from chatlora.errors import ChatloraError
-from chatlora.model.load import load_generation_config, load_model, stop_ids
+from chatlora.errors import ChatloraError, ModelError
+from chatlora.model.load import (add_stop_tokens, fix_pad_token, load_generation_config, load_model, load_tokenizer,
+                                 stop_ids)
 from chatlora.model.source import resolve
 from chatlora.run import RunDir
 
@@ -24,7 +27,8 @@ class Loaded:
     """The base model with the adapter(s) attached (a peft model), or the bare base model."""
     tokenizer: object
     renderer: Renderer
-    config: Config
+    config: Config | None
+    """The run's config; None for an adapter folder that is not inside a run folder."""
     run: RunDir | None
     adapters: list[str]
     """Adapter names loaded into the peft model (the first is active)."""
@@ -33,23 +37,32 @@ class Loaded:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def system_prompt(self) -> str | None:
+        """The system prompt the run was trained with (None: the chat template's default)."""
+        return self.config.data.system_prompt if self.config else None
+
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_run(path: str | Path, device: str | None = None, with_adapter: bool = True, extra_runs: list[str | Path] = ()) -> Loaded:
+def load_run(path: str | Path, device: str | None = None, with_adapter: bool = True, extra_runs: list[str | Path] = (),
+             base: str | None = None) -> Loaded:
     """Load a run's base model (and adapter), ready for generation in eval mode.
 
     `extra_runs` are further run folders trained on the same base model: their adapters are added to
-    the same peft model under their folder names. Raises ChatloraError for a path that is not a run
-    folder, a run with no adapter yet, or extra runs on another base model.
+    the same peft model under their folder names. `base` loads the base model from another place
+    than the run's config says (a local copy of a hub model, say). Raises ChatloraError for a path
+    that is not a run folder, a run with no adapter yet, or extra runs on another base model.
     """
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     run = RunDir.open(path)
     cfg = run.load_config()
+    if base:
+        cfg.model = dataclasses.replace(cfg.model, name=base, source="auto", gguf_file=None)
     if with_adapter and not (run.adapter / "adapter_model.safetensors").is_file():
         raise ChatloraError(f"{run.path} has no trained adapter yet (adapter/adapter_model.safetensors); did training finish?")
     source = resolve(cfg.model)
@@ -71,3 +84,62 @@ def load_run(path: str | Path, device: str | None = None, with_adapter: bool = T
     model.eval()
     renderer = Renderer(tokenizer, set(stop_ids(model.generation_config)), cfg.data.train_on)
     return Loaded(model, tokenizer, renderer, cfg, run, names)
+
+
+def load_adapter_dir(path: str | Path, base: str | None = None, device: str | None = None) -> Loaded:
+    """Load a peft adapter folder that is not a chatlora run: its base model is `base`, or the one its
+    adapter_config.json names; its tokenizer the folder's own when it has one, else the base model's.
+
+    Raises ChatloraError when no base model is known, ModelError when it cannot be loaded.
+    """
+    from peft import PeftModel
+
+    folder = Path(path)
+    adapter_config = json.loads((folder / "adapter_config.json").read_text("utf-8"))
+    name = base or adapter_config.get("base_model_name_or_path")
+    if not name:
+        raise ChatloraError(f"{folder}/adapter_config.json names no base model; give it with --model")
+    model_cfg = ModelConfig(name=name)
+    try:
+        source = resolve(model_cfg)
+        if (folder / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        else:
+            tokenizer = load_tokenizer(source, model_cfg)
+        generation_config = load_generation_config(source, model_cfg, tokenizer)
+    except ModelError as e:
+        if base:
+            raise
+        raise ModelError(f"{e}\n(the base model named in {folder}/adapter_config.json; give the right one with --model)") from None
+    renderer = Renderer(tokenizer, set(stop_ids(generation_config)))
+    end_of_turn = renderer.end_of_turn()
+    if end_of_turn is not None and end_of_turn not in stop_ids(generation_config):
+        # A base model whose generation config misses the template's end-of-turn token would talk on
+        # past the reply; chatlora's own runs check this before training.
+        add_stop_tokens(generation_config, tokenizer, [tokenizer.convert_ids_to_tokens(end_of_turn)])
+    fix_pad_token(tokenizer, end_of_turn)
+    model = load_model(source, model_cfg, tokenizer, generation_config, device or default_device())
+    model = PeftModel.from_pretrained(model, folder, adapter_name=folder.name)
+    model.eval()
+    renderer = Renderer(tokenizer, set(stop_ids(model.generation_config)))
+    return Loaded(model, tokenizer, renderer, None, None, [folder.name])
+
+
+def load_target(path: str | Path, base: str | None = None, device: str | None = None) -> Loaded:
+    """What every command after train takes: a run folder, the adapter/ folder inside one, or any
+    peft adapter folder (with `base` or the base model its adapter_config.json names).
+
+    Raises ChatloraError for a path that is none of these.
+    """
+    folder = Path(path)
+    if (folder / "config.yaml").is_file():
+        return load_run(folder, device, base=base)
+    if (folder / "adapter_config.json").is_file():
+        if (folder.parent / "config.yaml").is_file():
+            return load_run(folder.parent, device, base=base)
+        return load_adapter_dir(folder, base, device)
+    if not folder.exists():
+        raise ChatloraError(f"{folder}: no such run folder")
+    raise ChatloraError(f"{folder} is neither a chatlora run folder (config.yaml) nor a peft adapter folder (adapter_config.json)")

@@ -20,6 +20,7 @@ from chatlora.model.lora import add_lora, count_parameters
 from chatlora.recipes.data_check import check_data
 from chatlora.run import RunDir, replace_dir
 from chatlora.trainer.callbacks import MetricsLog, Progress
+from chatlora.trainer.evaluation import GenerationMonitor, evaluation_arguments, log_tensorboard_to
 from chatlora.trainer.loss import packing_is_exact
 from chatlora.trainer.plot import plot_losses
 from chatlora.trainer.trainer import ChatTrainer
@@ -50,6 +51,7 @@ def training_arguments(cfg: Config, run: RunDir):
     if not torch.cuda.is_available() and (kwargs.get("bf16") or kwargs.get("fp16")):
         # The GPU presets ask for bf16 mixed precision; on a CPU it is slow or unsupported.
         kwargs["bf16"] = kwargs["fp16"] = False
+    kwargs = evaluation_arguments(cfg, kwargs)  # best-checkpoint saving completed (save_strategy=best, keep 1)
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError) as e:
@@ -93,6 +95,8 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
             else f"{args.per_device_train_batch_size} per forward pass, " + ("packed" if isinstance(collator, PackCollator) else "padded"))
          + f"; attention: {model.config._attn_implementation}")
     progress = Progress()
+    write = lambda line: progress.bar.write(line) if progress.bar is not None else echo(line)  # noqa: E731
+    monitor = GenerationMonitor.build(cfg, checked.renderer, data.val_conversations, write)
     columns = ["input_ids", "labels"]
     trainer = ChatTrainer(
         model=model,
@@ -101,12 +105,18 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
         eval_dataset=data.validation.dataset.select_columns(columns) if data.validation else None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[progress, MetricsLog(run.metrics, run.plot, progress), *(callbacks or [])],
+        callbacks=[progress, MetricsLog(run.metrics, run.plot, progress), *([monitor] if monitor else []), *(callbacks or [])],
     )
+    if monitor:
+        monitor.trainer = trainer
+    log_tensorboard_to(trainer, run.path / "tensorboard")
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     before = trainer.evaluate()["eval_loss"] if data.validation else None
     trainer.train()
+    if args.load_best_model_at_end and trainer.state.best_model_checkpoint:
+        echo(f"best checkpoint: {trainer.state.best_model_checkpoint} (eval_loss {trainer.state.best_metric:.4f}), "
+             "kept as the run's adapter")
 
     # 4. Save: the adapter goes to a temporary folder first, so a crash never leaves half of one.
     tmp = run.path / ".adapter.tmp"

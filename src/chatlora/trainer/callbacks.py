@@ -64,7 +64,8 @@ class MetricsLog(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.time(), 3)}
-        row.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
+        # Lists too: the replies generated on held-out prompts (trainer.evaluation.GenerationMonitor).
+        row.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str, list))})
         if "loss" in logs:
             row["tokens_per_s"] = round(self.progress.tokens_per_s, 1)
             row["tokens_seen"] = state.num_input_tokens_seen

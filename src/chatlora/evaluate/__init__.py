@@ -1,0 +1,1 @@
+"""Measures of generated replies and held-out loss."""

@@ -1,0 +1,178 @@
+"""`chatlora eval`: is the adapter any good? Base model and adapter side by side on held-out data.
+
+Read top to bottom: held-out conversations (checked before any weight loads) → model → loss and
+perplexity on the trained tokens → greedy replies with stop rate, length, repetition and ROUGE-L
+against the reference reply → a JSON report and a Markdown summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from chatlora.config.schema import Config, DataConfig
+from chatlora.data.collate import PadCollator
+from chatlora.data.formats import Conversation
+from chatlora.data.prepare import load_conversations, read_conversations
+from chatlora.data.render import Renderer
+from chatlora.data.truncate import fit
+from chatlora.errors import ChatloraError
+from chatlora.evaluate.metrics import ReplyStats, reply_stats
+from chatlora.model.from_run import Loaded, load_target
+from chatlora.model.generate import Reply, generate_replies
+from chatlora.run import RunDir, write_atomic
+from chatlora.trainer.loss import trained_token_loss
+
+SIDES = ("base", "adapter")
+
+
+def target_config(target: str | Path) -> Config | None:
+    """The run config of a run folder (or of the run an adapter/ folder is in); None for a bare adapter."""
+    folder = Path(target)
+    for candidate in (folder, folder.parent):
+        if (candidate / "config.yaml").is_file():
+            return RunDir.open(candidate).load_config()
+    return None
+
+
+def held_out(target: str | Path, data: str | None) -> tuple[list[Conversation], str]:
+    """The conversations to evaluate on and a name for them: `data`, else the run's validation split.
+
+    Raises DataError for bad rows (every one listed), ChatloraError when there is nothing to evaluate on.
+    """
+    cfg = target_config(target)
+    if data:
+        data_cfg = cfg.data if cfg else DataConfig(train=[data])
+        return read_conversations([data], data_cfg, {}), Path(data).stem
+    if cfg is None:
+        raise ChatloraError(f"{target} is not inside a run folder, so it has no validation data; give one with --data FILE")
+    if cfg.data.validation is None:
+        raise ChatloraError(f"{target} was trained without held-out data (data.validation); give some with --data FILE")
+    return load_conversations(cfg.data)[1], "validation"
+
+
+@torch.no_grad()
+def held_out_loss(model, renderer: Renderer, conversations: list[Conversation], max_length: int, batch_size: int = 8,
+                  progress=None) -> tuple[float, int]:
+    """(mean cross-entropy per trained token, trained tokens) over the conversations, masked and
+    truncated exactly as in training."""
+    samples = [s for s in (fit(c.messages, renderer, max_length, "drop", Counter()) for c in conversations) if s is not None]
+    collate = PadCollator(renderer.tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        inputs = collate([{"input_ids": s.input_ids, "labels": s.labels} for s in batch])
+        loss, n = trained_token_loss(model, {k: v.to(device) for k, v in inputs.items()})
+        total, count = total + float(loss), count + int(n)
+        if progress is not None:
+            progress.update(len(batch))
+    return (total / count if count else math.nan), count
+
+
+def side_by_side(loaded: Loaded, conversations: list[Conversation], max_new_tokens: int, max_length: int,
+                 batch_size: int = 8) -> tuple[dict[str, dict], dict[str, list[Reply]]]:
+    """Loss, perplexity and reply statistics of the base model and the adapter, and their replies."""
+    from tqdm.auto import tqdm
+
+    prompts = [c.messages[:-1] for c in conversations]
+    references = [c.messages[-1]["content"] for c in conversations]
+    results: dict[str, dict] = {}
+    replies: dict[str, list[Reply]] = {}
+    for side in SIDES:
+        # The base model is the same peft model with its adapter switched off: no second copy in memory.
+        with loaded.model.disable_adapter() if side == "base" else contextlib.nullcontext():
+            with tqdm(total=len(conversations), desc=f"held-out loss ({side})", unit="row", leave=False) as bar:
+                loss, tokens = held_out_loss(loaded.model, loaded.renderer, conversations, max_length, batch_size, bar)
+            with tqdm(total=len(prompts), desc=f"greedy replies ({side})", unit="prompt", leave=False) as bar:
+                replies[side] = generate_replies(loaded.model, loaded.renderer, prompts, max_new_tokens, batch_size, progress=bar)
+        got = replies[side]
+        stats: ReplyStats = reply_stats([r.ids for r in got], [r.stopped for r in got], [r.text for r in got], references)
+        results[side] = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "trained_tokens": tokens,
+                         **asdict(stats)}
+    return results, replies
+
+
+ROWS = [  # (key, label, format, better)
+    ("loss", "held-out loss", "{:.4f}", "lower"),
+    ("perplexity", "perplexity", "{:.2f}", "lower"),
+    ("rouge_l", "ROUGE-L (chars) vs reference", "{:.3f}", "higher"),
+    ("stop_rate", "stop rate", "{:.0%}", "higher"),
+    ("mean_tokens", "mean reply length (tokens)", "{:.1f}", ""),
+    ("repetition", "repetition (seq-rep-4)", "{:.3f}", "lower"),
+]
+
+
+def summary_table(results: dict[str, dict]) -> list[str]:
+    lines = ["| metric | base | adapter |", "| --- | ---: | ---: |"]
+    for key, label, fmt, better in ROWS:
+        note = f" ({better} is better)" if better else ""
+        lines.append(f"| {label}{note} | {fmt.format(results['base'][key])} | {fmt.format(results['adapter'][key])} |")
+    return lines
+
+
+def markdown(report: dict, examples: int = 3) -> str:
+    """A short human summary of the report."""
+    lines = [f"# chatlora eval: {report['target']}", "",
+             f"{report['rows']} held-out conversations from {report['data']}; greedy replies, at most "
+             f"{report['max_new_tokens']} new tokens.", ""]
+    lines += summary_table(report["results"]) + [""]
+    for row in report["replies"][:examples]:
+        lines += [f"**{row['prompt']}**", "", f"- base: {row['base']['text']}" + ("" if row["base"]["stopped"] else " *[hit the token limit]*"),
+                  f"- adapter: {row['adapter']['text']}" + ("" if row["adapter"]["stopped"] else " *[hit the token limit]*"),
+                  f"- reference: {row['reference']}", ""]
+    return "\n".join(lines)
+
+
+def evaluate(target: str, data: str | None = None, *, model: str | None = None, max_new_tokens: int = 128,
+             limit: int | None = None, batch_size: int = 8, out: str | None = None, device: str | None = None,
+             echo: Callable[[str], None] = print) -> dict:
+    """`chatlora eval`: compare the base model and the adapter on held-out data; returns the report,
+    also written as `<out>/<data name>.json` and `.md` (out defaults to `<run>/eval/`).
+
+    Raises DataError (bad rows, before any model loads) or ChatloraError (nothing to evaluate on).
+    """
+    conversations, name = held_out(target, data)
+    conversations = [c for c in conversations if c.messages[-1]["role"] == "assistant"]
+    if limit:
+        conversations = conversations[:limit]
+    if not conversations:
+        raise ChatloraError(f"no held-out conversation ends with an assistant reply to compare against ({name})")
+    echo(f"evaluating on {len(conversations)} held-out conversations ({data or 'the run validation data'})")
+    loaded = load_target(target, model, device)
+    max_length = loaded.config.data.max_length if loaded.config else 2048
+    results, replies = side_by_side(loaded, conversations, max_new_tokens, max_length, batch_size)
+    report = {
+        "target": str(target), "data": data or "validation (from the run config)", "rows": len(conversations),
+        "max_new_tokens": max_new_tokens, "results": results,
+        "replies": [{"prompt": c.messages[-2]["content"], "reference": c.messages[-1]["content"],
+                     **{side: {"text": replies[side][i].text, "stopped": replies[side][i].stopped,
+                               "tokens": len(replies[side][i].ids)} for side in SIDES}}
+                    for i, c in enumerate(conversations)],
+    }
+    folder = Path(out) if out else (loaded.run.path if loaded.run else Path(target)) / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / f"{name}.json", _json(report))
+    write_atomic(folder / f"{name}.md", markdown(report))
+    for line in summary_table(results):
+        echo(line)
+    for side in SIDES:
+        if results[side]["stop_rate"] == 0:
+            echo(f"warning: no {side} reply ended on the end-of-turn token within {max_new_tokens} tokens")
+    echo(f"report: {folder / (name + '.json')}  summary: {folder / (name + '.md')}")
+    return report
+
+
+def _json(data) -> str:
+    import json
+
+    # NaN/inf are not JSON; a report must load in any JSON reader.
+    clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+    walk = lambda x: {k: walk(v) for k, v in x.items()} if isinstance(x, dict) else [walk(v) for v in x] if isinstance(x, list) else clean(x)  # noqa: E731
+    return json.dumps(walk(data), ensure_ascii=False, indent=2)
