@@ -219,3 +219,11 @@ def test_a_model_whose_attention_crosses_samples_is_not_packed(tiny_model_dir):
     assert not packing_is_exact(leaky_model)
     assert packing_is_exact(AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa"))
     assert packing_is_exact(AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager"))
+
+
+def test_bad_training_argument_leaves_no_run_folder(tiny_model_dir, tmp_path):
+    result = run_cli("train", "demo", f"model.name={tiny_model_dir}", f"data.train={FIXTURES / 'alpaca.json'}",
+                     "data.validation=null", "training.lr_scheduler_type=bogus", f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "training:" in result.stderr and "bogus" in result.stderr
+    assert not (tmp_path / "run").exists()

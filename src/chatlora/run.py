@@ -38,13 +38,16 @@ class RunDir:
     data_report = property(lambda self: self.path / "data_report.json")
 
     @classmethod
-    def create(cls, cfg: Config) -> "RunDir":
-        """A new run folder. Refuses an existing non-empty folder, so no earlier run is overwritten."""
-        path = Path(cfg.output_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if path.exists() and any(path.iterdir()):
-            raise ChatloraError(f"the run folder {path} already exists and is not empty; choose another with output_dir=...")
-        path.mkdir(parents=True, exist_ok=True)
-        return cls(path)
+    def for_config(cls, cfg: Config) -> "RunDir":
+        """Where a config's run goes (nothing is created yet)."""
+        return cls(cfg.output_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def create(self) -> "RunDir":
+        """Make the folder. Refuses an existing non-empty one, so no earlier run is overwritten."""
+        if self.path.exists() and any(self.path.iterdir()):
+            raise ChatloraError(f"the run folder {self.path} already exists and is not empty; choose another with output_dir=...")
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDir":

@@ -66,7 +66,9 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
     # 1. Data: every row checked and rendered before any weight is loaded.
     checked = check_data(cfg, echo)
     tokenizer, data = checked.tokenizer, checked.data
-    run = RunDir.create(cfg)
+    run = RunDir.for_config(cfg)
+    args = training_arguments(cfg, run)  # checked before the run folder exists: a bad value leaves nothing
+    run.create()
     run.write_config(to_dict(cfg))
     run.write_json(run.data_report, checked.report)
     tokenizer.save_pretrained(run.tokenizer)
@@ -75,7 +77,6 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
     # 2. Model and adapter.
     seed = int(cfg.training.get("seed", TRAINING_DEFAULTS["seed"]))
     set_seed(seed)
-    args = training_arguments(cfg, run)
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else None
     model = load_model(checked.source, cfg.model, tokenizer, checked.generation_config, device)
     set_seed(seed)  # the adapter's initial weights depend on the seed alone, not on what loading drew
