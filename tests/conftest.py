@@ -98,3 +98,17 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "chatlora", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def served_runs(tiny_model_dir, tmp_path_factory) -> list[Path]:
+    """Two runs of the tiny model, "alice" and "bob" (2 training steps each), for serve and web tests."""
+    from chatlora.recipes.train import train
+
+    root = tmp_path_factory.mktemp("served")
+    runs = []
+    for name, lr in (("alice", "1e-2"), ("bob", "5e-2")):
+        cfg = tiny_config(tiny_model_dir, root, "training.max_steps=2", f"training.learning_rate={lr}",
+                          f"output_dir={root / name}")
+        runs.append(train(cfg, echo=lambda _line: None).path)
+    return runs
