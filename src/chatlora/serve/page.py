@@ -6,6 +6,7 @@ the engine here, so the model is loaded once (before the page opens) and shared 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,17 +24,28 @@ def current_engine() -> Engine:
     return _engine
 
 
-def reply_text(engine: Engine, model: str, messages: list[dict], params: SamplingParams) -> Iterator[str]:
-    """The reply's text pieces as generated, for st.write_stream. Leaving early (the user stops the
-    page or starts another message) cancels the generation."""
-    try:
-        for event in engine.stream(model, messages, params):
-            if event.error:
-                yield f"\n\n*[{event.error}]*"
-            elif event.text:
-                yield event.text
-    except RequestError as e:  # raised by the first step: an unknown model, a prompt too long
-        yield f"*{e}*"
+class Reply:
+    """The reply's text pieces as generated, for st.write_stream; afterwards `note` says how it ended.
+    Leaving early (the user stops the page or sends another message) cancels the generation."""
+
+    def __init__(self, engine: Engine, model: str, messages: list[dict], params: SamplingParams):
+        self.engine, self.model, self.messages, self.params = engine, model, messages, params
+        self.note = ""
+
+    def __iter__(self) -> Iterator[str]:
+        started = time.perf_counter()
+        try:
+            for event in self.engine.stream(self.model, self.messages, self.params):
+                if event.error:
+                    yield f"\n\n*[{event.error}]*"
+                elif event.text:
+                    yield event.text
+                if event.done and event.usage:
+                    ending = {"length": ", stopped at the token limit", "error": ", failed"}.get(event.finish_reason, "")
+                    self.note = f"{event.usage.completion_tokens} tokens in {time.perf_counter() - started:.1f} s{ending}"
+        except RequestError as e:  # raised by the first step: an unknown model, a prompt too long
+            yield f"*{e}*"
+            self.note = "refused"
 
 
 def launch(engine: Engine, host: str, port: int, echo: Callable[[str], None] = print) -> None:

@@ -3,7 +3,7 @@ lives in st.session_state. Start it with `chatlora web RUN`."""
 
 import streamlit as st
 
-from chatlora.serve.page import current_engine, reply_text
+from chatlora.serve.page import Reply, current_engine
 from chatlora.serve.params import SamplingParams
 
 engine = current_engine()
@@ -25,13 +25,18 @@ st.caption(f"Chatting with **{model}**")
 for message in st.session_state.messages:
     with st.chat_message(message["role"]):
         st.markdown(message["content"])
+        if message.get("note"):
+            st.caption(message["note"])
 
 if prompt := st.chat_input("Your message"):
     st.session_state.messages.append({"role": "user", "content": prompt})
     with st.chat_message("user"):
         st.markdown(prompt)
-    conversation = ([{"role": "system", "content": system}] if system.strip() else []) + st.session_state.messages
+    history = [{"role": m["role"], "content": m["content"]} for m in st.session_state.messages]
+    conversation = ([{"role": "system", "content": system}] if system.strip() else []) + history
     params = SamplingParams(max_tokens=int(max_tokens), temperature=float(temperature))
+    reply = Reply(engine, model, conversation, params)
     with st.chat_message("assistant"):
-        reply = st.write_stream(reply_text(engine, model, conversation, params))
-    st.session_state.messages.append({"role": "assistant", "content": reply})
+        text = st.write_stream(reply)
+        st.caption(reply.note)
+    st.session_state.messages.append({"role": "assistant", "content": text, "note": reply.note})
