@@ -3,6 +3,7 @@ alone (greedy and seeded sampling), stop strings, cancel, limits. No HTTP here: 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -44,20 +45,27 @@ def concurrently(engine: Engine, jobs: list[tuple[str, list[dict], SamplingParam
     return results
 
 
-@pytest.mark.parametrize("model", ["alice", "base"])
-def test_greedy_reply_equals_transformers_generate(engine, model):
+@pytest.fixture(scope="module")
+def reference(served_runs):
+    """The same runs loaded again for transformers' generate: the engine's model belongs to its thread
+    (it switches adapters there), so nothing else may use it."""
+    from chatlora.model.from_run import load_run
+
+    return load_run(served_runs[0], "cpu", extra_runs=served_runs[1:]).model
+
+
+@pytest.mark.parametrize("model", ["alice", "bob", "base"])
+def test_greedy_reply_equals_transformers_generate(engine, reference, model):
     """Our token loop (left padding, position ids, KV cache) gives generate's tokens, one by one."""
-    peft_model = engine.model
-    model = engine.base_name if model == "base" else model
+    base = model == "base"
+    model = engine.base_name if base else model
     for i in range(3):
         prompt = engine.prompt(conversation(i))
         ids = torch.tensor([prompt])
-        if model == engine.base_name:
-            with peft_model.disable_adapter():
-                out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
-        else:
-            peft_model.set_adapter(model)
-            out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+        if not base:
+            reference.set_adapter(model)
+        with reference.disable_adapter() if base else contextlib.nullcontext():
+            out = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
         expected = out[0, len(prompt):].tolist()
         text, last, tokens = engine.complete(model, conversation(i), GREEDY)
         assert tokens == expected[: len(tokens)] and len(tokens) == len(expected)
@@ -139,3 +147,15 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings(byte_tokeniz
     plain = TextStream(byte_tokenizer)
     out = "".join(plain.push(t) for t in byte_tokenizer("EN", add_special_tokens=False)["input_ids"]) + plain.finish()
     assert out == "EN"
+
+
+def test_closing_the_engine_ends_running_and_new_requests(served_runs):
+    engine = Engine.from_runs(served_runs[:1], "cpu")
+    events = engine.stream(engine.base_name, conversation(0), SamplingParams(max_tokens=900, temperature=0, ignore_eos=True))
+    next(events)
+    engine.close()
+    last = list(events)[-1]
+    assert last.finish_reason == "error" and "shutting down" in last.error
+    assert last.usage.completion_tokens < 900
+    with pytest.raises(RequestError, match="shutting down"):
+        engine.submit("alice", conversation(0), GREEDY, print)

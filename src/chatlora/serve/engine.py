@@ -177,7 +177,7 @@ class Engine:
         return "".join(text), event, tokens
 
     def close(self) -> None:
-        """Stop the worker; requests still waiting end with an error event."""
+        """Stop the worker; requests running or waiting end with an error event."""
         with self._cv:
             self._closed = True
             self._cv.notify()
@@ -227,7 +227,9 @@ class Engine:
         if not t.params.greedy:
             generator = torch.Generator(self.device)
             generator.manual_seed(t.params.seed if t.params.seed is not None else secrets.randbits(63))
-        return Row(t.prompt, t.params, t.deliver, lambda: t.cancelled, TextStream(self.tokenizer, t.params.stop), generator)
+        # A closing engine stops its batch at the next token, like a cancel.
+        return Row(t.prompt, t.params, t.deliver, lambda: t.cancelled or self._closed,
+                   TextStream(self.tokenizer, t.params.stop), generator)
 
     def _run(self, batch: list[Ticket]) -> None:
         rows = [self._row(t) for t in batch]
@@ -247,6 +249,9 @@ class Engine:
                 if not t.cancelled and not t.done:
                     row.fail(f"generation failed: {e.__class__.__name__}: {e}")
         finally:
+            for row, t in zip(rows, batch):
+                if self._closed and not t.done and not t.cancelled:  # its reader still waits for an end
+                    row.fail("the server is shutting down")
             self.stats.running = 0
             cancelled = sum(t.cancelled for t in batch)
             self.stats.cancelled += cancelled
