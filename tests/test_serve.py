@@ -41,7 +41,8 @@ def server(served_runs, tmp_path_factory):
     yield url
     proc.send_signal(signal.SIGINT)
     try:
-        assert proc.wait(timeout=30) == 130  # a clean shutdown: "interrupted", no traceback
+        # A clean shutdown: 130 ("interrupted") when the interrupt reaches Python after uvicorn stops, else 0.
+        assert proc.wait(timeout=60) in (0, 130)
     finally:
         proc.kill()
     assert "Traceback" not in log.read_text()
