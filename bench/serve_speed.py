@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
+import threading
 import time
 
 PROMPTS = [
@@ -89,7 +90,9 @@ def baseline(engine, args) -> tuple[float, int, float]:
     from chatlora.model.generate import generate_replies
 
     prompts = [conversation(i) for i in range(args.sequential)]
-    generate_replies(engine.model, engine.renderer, prompts[:1], max_new_tokens=4, batch_size=1)  # warm-up
+    # Warm-up at full length: on CPU the first pass over each new sequence length is several times slower.
+    generate_replies(engine.model, engine.renderer, prompts[:1], max_new_tokens=args.tokens, batch_size=1,
+                     min_new_tokens=args.tokens)
     started = time.perf_counter()
     replies = generate_replies(engine.model, engine.renderer, prompts, max_new_tokens=args.tokens, batch_size=1,
                                min_new_tokens=args.tokens)
@@ -108,7 +111,13 @@ def server_child(args, pipe) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = build_engine(args)
-    pipe.send(("baseline", baseline(engine, args), str(engine.device), engine.names[0], torch.get_num_threads()))
+    # The baseline runs in a worker thread like the engine's: on a busy CPU, torch ops from Python's
+    # main thread were measured 2.5x slower than the same ops from another thread (OpenMP teams).
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(baseline(engine, args)))
+    worker.start()
+    worker.join()
+    pipe.send(("baseline", result[0], str(engine.device), engine.names[0], torch.get_num_threads()))
     sock = server.bind("127.0.0.1", 0)
     server.run(create_app(engine), sock, lambda url: pipe.send(("url", url)))
 
@@ -134,7 +143,7 @@ async def load(url: str, model: str, concurrency: int, requests: int, tokens: in
                     count = chunk.usage.completion_tokens
             return count, first or 0.0, time.perf_counter() - started
 
-    await one(0)  # warm-up
+    await asyncio.gather(*(one(i) for i in range(concurrency)))  # warm-up: the same shapes once, untimed
     started = time.perf_counter()
     results = await asyncio.gather(*(one(i) for i in range(requests)))
     seconds = time.perf_counter() - started
