@@ -159,3 +159,16 @@ def test_closing_the_engine_ends_running_and_new_requests(served_runs):
     assert last.usage.completion_tokens < 900
     with pytest.raises(RequestError, match="shutting down"):
         engine.submit("alice", conversation(0), GREEDY, print)
+
+
+def test_runs_are_named_by_their_folders(served_runs, monkeypatch):
+    from chatlora.errors import ChatloraError
+
+    with pytest.raises(ChatloraError, match="same folder name"):
+        Engine.from_runs([served_runs[0], served_runs[0]])
+    monkeypatch.chdir(served_runs[0])
+    engine = Engine.from_runs([".", served_runs[1]], "cpu")
+    try:
+        assert engine.names[:2] == ["alice", "bob"]
+    finally:
+        engine.close()

@@ -112,10 +112,12 @@ class Engine:
         """Load the runs' shared base model once, with every run's adapter. Raises ChatloraError."""
         from chatlora.model.from_run import load_run
 
-        names = [Path(r).resolve().name for r in runs]
+        # Resolved paths: a run given as "." must still be served under its folder's name.
+        paths = [Path(r).resolve() for r in runs]
+        names = [p.name for p in paths]
         if len(set(names)) != len(names):
             raise ChatloraError(f"two runs have the same folder name ({', '.join(names)}); each is served under its folder name")
-        loaded = load_run(runs[0], device, extra_runs=list(runs[1:]))
+        loaded = load_run(paths[0], device, extra_runs=paths[1:])
         return cls(loaded.model, loaded.renderer, loaded.adapters, base_model_name(loaded.config.model.name), **options)
 
     # -- requests --------------------------------------------------------------------------------
