@@ -368,3 +368,58 @@ class StaticDecoder:
         for r in self.rows:
             r.start -= by
         self.col -= by
+
+
+@torch.inference_mode()
+def parity(decoder: StaticDecoder, steps: int = 8) -> float:
+    """Largest logit difference, relative to the largest logit, between the decoder and the model's
+    own forward with transformers' growing cache, on a probe prompt with the same tokens fed to both.
+    Runs with no live rows (it uses row 0)."""
+    from transformers import DynamicCache
+
+    model, vocab = decoder.model, _base(decoder.model).get_input_embeddings().weight.shape[0]
+    prompt = [(17 * i + 3) % vocab for i in range(16)]
+    cache = {decoder.cache_kw: DynamicCache()}
+    out = model(input_ids=torch.tensor([prompt], device=decoder.device), use_cache=True, **cache)
+    expected = [out.logits[0, -1].float()]
+    decoder.reset()
+    got = [decoder.add(prompt)]
+    for _ in range(steps):
+        token = int(expected[-1].argmax())
+        out = model(input_ids=torch.tensor([[token]], device=decoder.device), use_cache=True, **cache)
+        expected.append(out.logits[0, -1].float())
+        got.append(decoder.step([token])[0])
+    decoder.reset()
+    scale = max(float(e.abs().max()) for e in expected) or 1.0
+    return max(float((e - g).abs().max()) for e, g in zip(expected, got)) / scale
+
+
+def fast_decoder(model, mode: str, slots: int = 1, columns: int = 4096, echo=log.info, warm: bool = True) -> StaticDecoder | None:
+    """The fast path for `model` in `mode` (see MODES), checked against the model's own forward and
+    (`warm`) with its graphs recorded; None for eager mode, or (with a message through `echo`) when
+    the model or the check rules it out. Raises ChatloraError for a mode the device cannot run."""
+    import time
+
+    device = next(model.parameters()).device
+    mode = resolve_mode(mode, device)
+    if mode == "eager":
+        return None
+    why = unsupported(model)
+    if why:
+        echo(f"decode: eager (the static cache does not support {why})")
+        return None
+    context = getattr(_base(model).config, "max_position_embeddings", None) or columns
+    columns = plan_columns(model, slots, min(columns, context))
+    started = time.perf_counter()
+    decoder = StaticDecoder(model, slots, columns, mode)
+    # A wrong answer fast is worse than a right one slow: compare with the model's own forward first.
+    diff = parity(decoder)
+    limit = 1e-3 if decoder.dtype == torch.float32 else 3e-2
+    if not diff <= limit:
+        echo(f"decode: eager (the {mode} path's logits differ from the model's by {diff:.2g} of their scale, "
+             f"more than {limit:g})")
+        return None
+    recorded = decoder.warm_up() if warm else 0
+    echo(f"decode: {mode}, static cache of {slots} x {columns} tokens, checked"
+         + (f", {recorded} graphs recorded" if warm else "") + f" in {time.perf_counter() - started:.1f} s")
+    return decoder
