@@ -115,6 +115,10 @@ def test_engine_batches_continuously_with_replies_equal_alone(served_runs):
             jobs.append((engine.names[0 if i < 6 else i % 3], [{"role": "user", "content": f"Question {i}?" + " more" * (i % 4)}], params))
         alone = [engine.complete(*job)[2] for job in jobs]
         results: list = [None] * len(jobs)
+        # A long reply runs while the others arrive: they must join its batch, not wait for its end.
+        holder = engine.stream(engine.names[0], [{"role": "user", "content": "Hold on"}],
+                               SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+        next(holder)
 
         def one(i: int) -> None:
             threading.Event().wait(0.02 * i)  # staggered: most arrive while others are generating
@@ -125,8 +129,9 @@ def test_engine_batches_continuously_with_replies_equal_alone(served_runs):
             t.start()
         for t in threads:
             t.join(timeout=120)
+        assert list(holder)[-1].usage.completion_tokens == 64
         assert results == alone
-        assert engine.stats.largest_batch >= 2
+        assert engine.stats.largest_batch >= 3
         with pytest.raises(Exception, match="--max-context"):
             engine.submit("alice", [{"role": "user", "content": "x" * 300}], SamplingParams(max_tokens=10), print)
     finally:

@@ -415,7 +415,9 @@ def fast_decoder(model, mode: str, slots: int = 1, columns: int = 4096, echo=log
     decoder = StaticDecoder(model, slots, columns, mode)
     # A wrong answer fast is worse than a right one slow: compare with the model's own forward first.
     diff = parity(decoder)
-    limit = 1e-3 if decoder.dtype == torch.float32 else 3e-2
+    # bf16 rounding over 30-odd layers moves logits by a few percent of their scale; a wrong mask or
+    # position moves them by all of it.
+    limit = 1e-3 if decoder.dtype == torch.float32 else 0.1
     if not diff <= limit:
         echo(f"decode: eager (the {mode} path's logits differ from the model's by {diff:.2g} of their scale, "
              f"more than {limit:g})")

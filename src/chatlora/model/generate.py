@@ -50,13 +50,16 @@ def _reply(tokenizer, new: list[int], stops: set[int]) -> Reply:
 @torch.no_grad()
 def generate_replies(model, renderer: Renderer, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 8,
                      *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-                     seed: int | None = None, progress=None) -> list[Reply]:
+                     seed: int | None = None, progress=None, min_new_tokens: int = 0) -> list[Reply]:
     """Replies to conversations that end with a user turn, `batch_size` at a time (left-padded).
-    Greedy unless `temperature` > 0. `progress` (a tqdm bar, optional) is advanced per prompt."""
+    Greedy unless `temperature` > 0. `progress` (a tqdm bar, optional) is advanced per prompt.
+    `min_new_tokens` holds the stop tokens back that long (fixed-length replies for benchmarks)."""
     tokenizer = renderer.tokenizer
     stops = set(stop_ids(model.generation_config))
     device = next(model.parameters()).device
     options = _generate_options(temperature, top_p, top_k, repetition_penalty)
+    if min_new_tokens:
+        options["min_new_tokens"] = min_new_tokens
     if seed is not None:
         torch.manual_seed(seed)
     replies: list[Reply] = []
