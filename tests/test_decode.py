@@ -136,3 +136,32 @@ def test_engine_batches_continuously_with_replies_equal_alone(served_runs):
             engine.submit("alice", [{"role": "user", "content": "x" * 300}], SamplingParams(max_tokens=10), print)
     finally:
         engine.close()
+
+
+def test_a_long_prompt_joining_early_moves_the_others_right(model):
+    """A short row runs; a prompt longer than the write column joins (the short row moves right), and
+    later the cache shifts left while the short row still lives."""
+    want = {}
+    for i, tokens in ((0, 45), (2, 30)):
+        ids = torch.tensor([PROMPTS[i]])
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
+        want[i] = gen[0, len(PROMPTS[i]):].tolist()
+    decoder = StaticDecoder(model, slots=2, columns=52, mode="static")
+    out, live, limits, shifted = {}, [], {0: 45, 2: 30}, False
+    for step in range(100):
+        if step in (0, 3):
+            i = 0 if step == 0 else 2
+            out[i] = [int(decoder.add(PROMPTS[i]).argmax())]
+            live.append(i)
+        if not live:
+            break
+        before = decoder.col
+        logits = decoder.step([out[i][-1] for i in live])
+        shifted |= decoder.col <= before
+        keep = []
+        for j, i in enumerate(live):
+            out[i].append(int(logits[j].argmax()))
+            if len(out[i]) < limits[i]:
+                keep.append(j)
+        live = [live[k] for k in decoder.keep(keep)]
+    assert shifted and out == want

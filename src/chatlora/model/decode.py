@@ -227,10 +227,14 @@ class StaticDecoder:
             raise ChatloraError(f"the prompt has {length} tokens; the decode cache holds {self.columns} per row")
         if not self.rows:
             self.col = 0
-        if self.col < length:
-            self.col = length  # the others skip the columns in between (masked for them)
         if self.col >= self.columns:
-            self._shift()
+            self._shift(min(r.start for r in self.rows))
+        if self.col < length:
+            # The prompt must end at `col`: move the rows already there right to make room (early,
+            # when they are short), so every row's columns stay one unbroken run.
+            if self.rows:
+                self._shift(self.col - length)
+            self.col = length
         row, start = self.live, self.col - length
         ids = torch.tensor([prompt], device=self.device)
         positions = torch.arange(length, device=self.device)[None]
@@ -259,7 +263,7 @@ class StaticDecoder:
         float32 (a copy: the graph's output buffer is overwritten by the next step)."""
         n = self.live
         if self.col >= self.columns:
-            self._shift()
+            self._shift(min(r.start for r in self.rows))
         tokens = torch.as_tensor(tokens, device=self.device).view(n, 1)
         self.ids[:n].copy_(tokens)
         self.mask[:n, :, :, self.col] = 0  # the new token sees itself
@@ -354,18 +358,19 @@ class StaticDecoder:
         self.mask[dst] = self.mask[src]
         self.positions[dst] = self.positions[src]
 
-    def _shift(self) -> None:
-        """Every row ends at `col`: move them all left by the free columns in front of the oldest."""
-        by = min(r.start for r in self.rows) if self.rows else self.col
-        if by <= 0:
+    def _shift(self, by: int) -> None:
+        """Move every live row's columns left by `by` (right when negative). Every row's columns run
+        unbroken up to `col`, so one move fits all; left, `by` is the free space before the oldest."""
+        if by == 0 or not self.rows:
             raise ChatloraError(f"a row outgrew the decode cache ({self.columns} columns)")
-        n, end = self.live, self.col
+        n, lo, end = self.live, min(r.start for r in self.rows), self.col
         with torch.inference_mode():
             for keys, values in zip(self.cache.keys, self.cache.values):
-                keys[:n, :, : end - by] = keys[:n, :, by:end].clone()
-                values[:n, :, : end - by] = values[:n, :, by:end].clone()
-            self.mask[:n, :, :, : end - by] = self.mask[:n, :, :, by:end].clone()
-            self.mask[:n, :, :, end - by :] = self.blocked
+                keys[:n, :, lo - by : end - by] = keys[:n, :, lo:end].clone()
+                values[:n, :, lo - by : end - by] = values[:n, :, lo:end].clone()
+            mask = self.mask[:n, :, :, lo:end].clone()
+            self.mask[:n] = self.blocked
+            self.mask[:n, :, :, lo - by : end - by] = mask
         for r in self.rows:
             r.start -= by
         self.col -= by
