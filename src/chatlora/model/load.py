@@ -7,7 +7,7 @@ import logging
 import torch
 
 from chatlora.config.schema import ModelConfig
-from chatlora.model import attention
+from chatlora.model import attention, quant
 from chatlora.errors import ModelError
 from chatlora.model.source import Source
 
@@ -104,6 +104,9 @@ def load_model(source: Source, cfg: ModelConfig, tokenizer, generation_config, d
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = resolve_dtype(cfg.dtype)
+    quantize = cfg.quantize == "nf4"
+    if quantize and dtype == torch.float32:
+        dtype = torch.bfloat16  # QLoRA computes in bf16; the unquantized parts stay in it too
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     attn = cfg.attn_implementation
     if attn is None and attention.available() and dtype in (torch.bfloat16, torch.float16):
@@ -115,8 +118,14 @@ def load_model(source: Source, cfg: ModelConfig, tokenizer, generation_config, d
             config = AutoConfig.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code, **source.kwargs())
             with torch.device(device or "cpu"):
                 model = AutoModelForCausalLM.from_config(config, **kwargs)
+            if quantize:
+                model = quant.quantize_in_place(model, dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs, **source.kwargs(), device_map=device)
+            if quantize:
+                # Quantized shard by shard as it loads: the 16-bit model never exists on the GPU.
+                kwargs["quantization_config"] = quant.nf4_config(dtype)
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs, **source.kwargs(),
+                                                         device_map=device or ("cpu" if quantize else None))
     except (OSError, ValueError) as e:
         raise _hub_error(source, "model", e) from None
     if source.gguf_file:

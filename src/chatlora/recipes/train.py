@@ -18,6 +18,7 @@ from chatlora.model.generate import generate_replies
 from chatlora.model.load import load_model
 from chatlora.model.lora import add_lora, count_parameters
 from chatlora.recipes.data_check import check_data
+from chatlora.recipes.plan import plan_for, samples_of
 from chatlora.run import RunDir, replace_dir
 from chatlora.trainer.callbacks import MetricsLog, Progress
 from chatlora.trainer.evaluation import GenerationMonitor, evaluation_arguments, log_tensorboard_to
@@ -66,6 +67,11 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
     # 1. Data: every row checked and rendered before any weight is loaded.
     checked = check_data(cfg, echo)
     tokenizer, data = checked.tokenizer, checked.data
+    # The memory plan, before any weight loads: an out-of-memory found now costs seconds, not minutes.
+    # data.batch_tokens=auto / training.gradient_checkpointing=auto are decided here.
+    cfg = plan_for(cfg, checked.source, samples_of(data), echo)[0]
+    if cfg.model.quantize != "none" and not torch.cuda.is_available():
+        echo("note: a 4-bit base on a CPU runs, slowly (bitsandbytes' CPU kernels): for checking a config, not for training")
     run = RunDir.for_config(cfg)
     args = training_arguments(cfg, run)  # checked before the run folder exists: a bad value leaves nothing
     run.create()
