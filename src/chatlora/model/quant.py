@@ -76,19 +76,35 @@ def dequantize(model, dtype: torch.dtype = torch.bfloat16):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, bnb.nn.Linear4bit):
                 continue
-            weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
+            data, state = child.weight.data, child.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                # bitsandbytes' CPU kernels repack a weight in place on its first inference call;
+                # de-quantizing needs the original layout back (what its own .cuda() does).
+                data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
+            weight = bnb.functional.dequantize_4bit(data, state).to(dtype)
             plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                     device=weight.device, dtype=dtype)
             plain.weight = torch.nn.Parameter(weight, requires_grad=False)
             if child.bias is not None:
                 plain.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
             setattr(module, child_name, plain)
-    for attr in ("is_loaded_in_4bit", "hf_quantizer"):
-        if hasattr(model, attr):
-            try:
-                delattr(model, attr)
-            except AttributeError:
-                setattr(model, attr, None)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # loaded by from_pretrained: its own flags
+    for attr in ("quantization_method", "is_loaded_in_4bit"):
+        if attr in vars(model):
+            delattr(model, attr)
+    model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model
+
+
+def require_cuda_for_training() -> None:
+    """Raise ModelError unless a CUDA GPU is present. bitsandbytes runs NF4 on a CPU for inference,
+    but its CPU kernels, once a layer has run without gradients, take a path autograd cannot
+    differentiate (bitsandbytes 0.50: gradients through the 4-bit layers come out wrong, with only a
+    warning), so training on a 4-bit base is refused there."""
+    if not torch.cuda.is_available():
+        raise ModelError("model.quantize=nf4 trains on a CUDA GPU only: bitsandbytes' CPU kernels do not compute "
+                         "correct gradients through 4-bit layers. On a CPU, train without it (model.quantize=none); "
+                         "`chatlora plan` shows what a 4-bit base needs on a GPU (--gpu NAME).")

@@ -15,6 +15,7 @@ from chatlora.config.schema import Config
 from chatlora.data.collate import PackCollator, PadCollator
 from chatlora.errors import ConfigError
 from chatlora.model.generate import generate_replies
+from chatlora.model import quant
 from chatlora.model.load import load_model
 from chatlora.model.lora import add_lora, count_parameters
 from chatlora.recipes.data_check import check_data
@@ -70,8 +71,8 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
     # The memory plan, before any weight loads: an out-of-memory found now costs seconds, not minutes.
     # data.batch_tokens=auto / training.gradient_checkpointing=auto are decided here.
     cfg = plan_for(cfg, checked.source, samples_of(data), echo)[0]
-    if cfg.model.quantize != "none" and not torch.cuda.is_available():
-        echo("note: a 4-bit base on a CPU runs, slowly (bitsandbytes' CPU kernels): for checking a config, not for training")
+    if cfg.model.quantize != "none":
+        quant.require_cuda_for_training()
     run = RunDir.for_config(cfg)
     args = training_arguments(cfg, run)  # checked before the run folder exists: a bad value leaves nothing
     run.create()
