@@ -52,11 +52,11 @@ def quantize_in_place(model, compute_dtype: torch.dtype = torch.bfloat16):
             q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                   compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
                                   quant_storage=torch.uint8, device="meta")
-            q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False, quant_type="nf4",
+            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
                                          compress_statistics=True, quant_storage=torch.uint8)
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-            setattr(module, child_name, q.to(device))  # .to(device) quantizes
+            setattr(module, child_name, q.to(device))  # .to(device) quantizes, on the device the weight is on
             del child
     # What peft and Trainer read to treat the model as a 4-bit one (as from_pretrained would set).
     model.is_loaded_in_4bit = True
