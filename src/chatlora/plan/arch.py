@@ -102,10 +102,9 @@ def read_arch(source, model_cfg: ModelConfig, lora: LoraSettings) -> Arch:
 
     Raises ModelError when the config cannot be read or the model is not a decoder this plan knows.
     """
-    from transformers import AutoConfig
+    from chatlora.model.load import model_config
 
     try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=model_cfg.trust_remote_code, **source.kwargs())
-        return from_config(config, lora, model_cfg.name)
+        return from_config(model_config(source, model_cfg), lora, model_cfg.name)
     except (OSError, ValueError, AttributeError) as e:
         raise ModelError(f"could not read the architecture of {model_cfg.name!r} from its config: {str(e).splitlines()[0]}") from None
