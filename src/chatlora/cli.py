@@ -9,7 +9,7 @@ import textwrap
 import warnings
 
 from chatlora import __version__
-from chatlora.errors import ChatloraError
+from chatlora.errors import ChatloraError, ConfigError
 
 EPILOG = """\
 CONFIG is a preset name ({presets}) or a YAML file; key=value pairs override it with dotted keys:
@@ -148,8 +148,13 @@ def parser() -> argparse.ArgumentParser:
     sub = root.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", formatter_class=fmt, epilog=epilog, help="train a LoRA adapter: data -> run folder",
-                       description="Check and tokenize the data, then train a LoRA adapter into a new run folder.")
+                       description="Check and tokenize the data, then train a LoRA adapter into a new run folder.\n"
+                                   "On several GPUs: --gpus N, or launch this same command with torchrun or\n"
+                                   "`accelerate launch` (several nodes: docs/multi-gpu.md).")
     _config_args(p)
+    p.add_argument("--gpus", type=_positive, metavar="N",
+                   help="train on N GPUs of this machine: N processes started through torchrun, the same samples per "
+                        "optimizer step as on one (without GPUs: N CPU processes)")
 
     data = sub.add_parser("data", help="data tools (check)")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -222,6 +227,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
+    if args.command == "train" and (args.gpus or 1) > 1:
+        from chatlora.recipes.launch import launch
+
+        return launch(args.gpus, ["train", args.config, *args.overrides])
     if args.command == "train":
         from chatlora.recipes.train import train
 
@@ -242,7 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except ChatloraError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            print(f"error: {e}", file=sys.stderr)
+        elif not (isinstance(e, ConfigError) or getattr(e, "shared", False)):
+            # Launched as several processes: rank 0 reports what every process meets (the config) and
+            # what they shared at a common wait (the data); the rest only the process that met it.
+            print(f"error (rank {rank}): {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -15,6 +15,8 @@ class ChatloraError(Exception):
     """A problem with the user's input (config, data, model path); the message says how to fix it."""
 
     exit_code = EXIT_USER_ERROR
+    shared = False
+    """Set on an error that rank 0 reports for every process of a multi-process run (trainer.world)."""
 
 
 class ConfigError(ChatloraError):

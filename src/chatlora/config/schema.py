@@ -144,6 +144,28 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    samples_per_step: int | None = None
+    """Samples per optimizer step over all processes (the global batch). It stays the same whatever the
+    number of processes N (GPUs, or CPU processes): each process takes samples_per_step / N of every
+    step's samples, in micro-batches of at most training.per_device_train_batch_size samples (or in
+    token-budget passes with data.batch_tokens), so one config trains the same model on 1, 2 or 8
+    GPUs. None: training.per_device_train_batch_size x training.gradient_accumulation_steps, the step
+    as written for one process."""
+    strategy: str = "ddp"
+    """How several processes share the work. ddp: each holds the whole model and the gradients are
+    averaged (for models that fit one GPU). fsdp2: the weights are sharded across processes (torch
+    FSDP2 through accelerate; training.fsdp_config tunes it), for models that do not fit one GPU; the
+    LoRA weights stay the only trainable ones and the adapter is gathered whole before it is saved.
+    One process ignores this."""
+
+    def __post_init__(self) -> None:
+        if self.samples_per_step is not None and self.samples_per_step < 1:
+            raise ConfigError(f"distributed.samples_per_step: {self.samples_per_step} must be at least 1")
+        _choice("distributed", "strategy", self.strategy, ("ddp", "fsdp2"))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model and how to load it."""
@@ -160,6 +182,9 @@ class Config:
     """Replies generated on held-out prompts during training, to see the model learn to answer and stop.
     The held-out loss itself follows training.eval_strategy / eval_steps; training.load_best_model_at_end
     keeps the checkpoint with the lowest held-out loss as the run's adapter."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Several processes (GPUs, nodes): the global batch and the strategy (DDP or FSDP2). Launch with
+    `chatlora train --gpus N`, `torchrun` or `accelerate launch`; see docs/multi-gpu.md."""
     output_dir: str | None = None
     """The run folder. Default: runs/<config name>-<date>-<time>. An existing, non-empty folder is refused."""
     name: str = "run"

@@ -28,11 +28,12 @@ class Checked:
     report: dict
 
 
-def check_data(cfg: Config, echo: Callable[[str], None] = print, samples: int = 2, color: bool | None = None) -> Checked:
-    """Run the data steps and print the pre-flight report.
+def load_data(cfg: Config, echo: Callable[[str], None] = print) -> Checked:
+    """The data steps without the report: rows read and checked, tokenizer and template loaded,
+    samples tokenized (or loaded from the cache). `check_data` runs this, then reports and checks;
+    the other processes of a multi-process run take this alone, after rank 0 has checked the data.
 
-    Raises DataError (bad rows, before anything is loaded), ModelError (tokenizer not found) or
-    PreflightError (the rendered data would train the model wrongly).
+    Raises DataError (bad rows, before anything is loaded) or ModelError (tokenizer not found).
     """
     train_rows, val_rows, formats = load_conversations(cfg.data)
     for path, fmt in formats.items():
@@ -47,8 +48,19 @@ def check_data(cfg: Config, echo: Callable[[str], None] = print, samples: int = 
     if note:
         echo(note)
     data = prepare(cfg.data, tokenizer, renderer, train_rows, val_rows)
+    return Checked(source, tokenizer, generation_config, renderer, data, {"formats": formats})
 
-    report: dict = {"formats": formats}
+
+def check_data(cfg: Config, echo: Callable[[str], None] = print, samples: int = 2, color: bool | None = None) -> Checked:
+    """Run the data steps and print the pre-flight report.
+
+    Raises DataError (bad rows, before anything is loaded), ModelError (tokenizer not found) or
+    PreflightError (the rendered data would train the model wrongly).
+    """
+    checked = load_data(cfg, echo)
+    tokenizer, data, report = checked.tokenizer, checked.data, checked.report
+    stops = stop_ids(checked.generation_config)
+    end_of_turn = checked.renderer.end_of_turn()
     for split in filter(None, (data.train, data.validation)):
         lengths = [len(ids) for ids in split.dataset["input_ids"]]
         trained = sum(sum(1 for t in labels if t != IGNORE) for labels in split.dataset["labels"])
@@ -77,4 +89,4 @@ def check_data(cfg: Config, echo: Callable[[str], None] = print, samples: int = 
     if result.failures:
         raise PreflightError("pre-flight failed:\n" + "\n".join(f"  - {f}" for f in result.failures))
     echo("pre-flight: ok")
-    return Checked(source, tokenizer, generation_config, renderer, data, report)
+    return checked
