@@ -121,6 +121,20 @@ def test_two_nodes_on_loopback(tiny_model_dir, tmp_path, one_process):
     assert json.loads((out / "distributed.json").read_text())["nodes"] == 2
 
 
+def test_accelerate_launch(tiny_model_dir, tmp_path, one_process):
+    """`accelerate launch --multi_gpu` (its torchrun launcher; on this CPU machine the processes use
+    gloo), the config unchanged."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "chatlora", "train",
+           str(config_file(tiny_model_dir, tmp_path)), *COMMON, f"output_dir={out}"]
+    result = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, **env_for(tmp_path / "cache")}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_training(out, one_process)
+    assert result.stdout.count("step 6/6  loss ") == 1
+
+
 def test_bad_data_on_two_processes_is_reported_once(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": 3\n')

@@ -4,6 +4,7 @@
     adapter/         adapter_model.safetensors + adapter_config.json (peft)
     tokenizer/       tokenizer files with the chat template and the pad token used in training
     data_report.json what the data pipeline did (rows, truncation rules, lengths)
+    distributed.json how the run was split over processes (trainer.distributed.record)
     metrics.jsonl    one JSON object per log line (loss, lr, grad norm, tokens/s, eval loss)
     loss.png         the loss curve
     checkpoints/     Trainer checkpoints (checkpoint-N)
