@@ -9,7 +9,7 @@ import textwrap
 import warnings
 
 from chatlora import __version__
-from chatlora.errors import ChatloraError
+from chatlora.errors import EXIT_INTERRUPTED, ChatloraError
 
 EPILOG = """\
 CONFIG is a preset name ({presets}) or a YAML file; key=value pairs override it with dotted keys:
@@ -17,7 +17,10 @@ CONFIG is a preset name ({presets}) or a YAML file; key=value pairs override it 
   chatlora train qwen1.5-7b-chat-huanhuan data.train=huanhuan.json
 `chatlora config keys` lists every key with its meaning.
 
-exit codes: 0 ok, 2 bad input (config, data, model path; nothing is written), 130 interrupted.
+exit codes: 0 ok; 2 bad input (config, data, model path; nothing is written); 3 training stopped on a
+NaN/inf loss or gradient; 74 a file could not be written (disk full, permissions); 75 stopped by SIGTERM
+or a first Ctrl-C after saving a checkpoint (continue with resume=auto); 130 interrupted at once (a
+second Ctrl-C). In every case the complete checkpoints are kept.
 """
 
 
@@ -176,9 +179,13 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Deprecation notices inside transformers/peft are for their developers, not for ours.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
+    # Through the environment, so transformers is not imported (seconds) before a bad data row or
+    # config value is reported; set directly as well when it already is.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
+        hf_logging.set_verbosity_error()
 
 
 def use(args: argparse.Namespace) -> int:
@@ -242,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except ChatloraError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{e.label}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -21,6 +21,7 @@ from chatlora.recipes.data_check import check_data
 from chatlora.run import RunDir, replace_dir
 from chatlora.trainer.callbacks import MetricsLog, Progress
 from chatlora.trainer.evaluation import GenerationMonitor, evaluation_arguments, log_tensorboard_to
+from chatlora.trainer.lifecycle import RunLifecycle
 from chatlora.trainer.loss import packing_is_exact
 from chatlora.trainer.plot import plot_losses
 from chatlora.trainer.trainer import ChatTrainer
@@ -59,8 +60,18 @@ def training_arguments(cfg: Config, run: RunDir):
 
 
 def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | None = None) -> RunDir:
-    """Train a LoRA adapter as the config says; returns the run folder. `callbacks` are extra
-    transformers TrainerCallbacks (benchmarks use them to time steps)."""
+    """Train a LoRA adapter as the config says (or resume one: `cfg.resume`); returns the run folder.
+    `callbacks` are extra transformers TrainerCallbacks (benchmarks use them to time steps).
+
+    Raises ChatloraError for bad input, Preempted after SIGTERM or a first Ctrl-C (a checkpoint is
+    saved), NonFiniteError on a NaN/inf loss, StorageError when the disk refuses a write
+    (trainer/lifecycle.py: what is kept of the run folder in each case)."""
+    with RunLifecycle(cfg, echo) as life:
+        return _train(cfg, echo, callbacks, life)
+    return life.run  # resume=auto on a finished run: nothing to do
+
+
+def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, life: RunLifecycle) -> RunDir:
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
     # 1. Data: every row checked and rendered before any weight is loaded.
@@ -68,7 +79,8 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
     tokenizer, data = checked.tokenizer, checked.data
     run = RunDir.for_config(cfg)
     args = training_arguments(cfg, run)  # checked before the run folder exists: a bad value leaves nothing
-    run.create()
+    resume = life.start(run, args, data.train.key)  # a new folder, or the checkpoint to resume from
+    run = life.run
     run.write_config(to_dict(cfg))
     run.write_json(run.data_report, checked.report)
     tokenizer.save_pretrained(run.tokenizer)
@@ -113,8 +125,10 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
     log_tensorboard_to(trainer, run.path / "tensorboard")
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    before = trainer.evaluate()["eval_loss"] if data.validation else None
-    trainer.train()
+    life.attach(trainer)  # stamped atomic checkpoints, the NaN guard, stop on SIGTERM / first Ctrl-C
+    before = life.eval_loss_before() if resume else trainer.evaluate()["eval_loss"] if data.validation else None
+    trainer.train(resume_from_checkpoint=resume)
+    life.finished_training(trainer)  # raises Preempted when a signal stopped it early
     if args.load_best_model_at_end and trainer.state.best_model_checkpoint:
         echo(f"best checkpoint: {trainer.state.best_model_checkpoint} (eval_loss {trainer.state.best_metric:.4f}), "
              "kept as the run's adapter")
