@@ -9,6 +9,7 @@ folder named checkpoint-N with a stamp is complete, and resume takes nothing els
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import re
@@ -28,8 +29,11 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 # Errors that mean "the disk would not take it" rather than a bug: full disk, quota, file size
 # limit, permissions, read-only file system, failing device.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
-# torch.save reports a failed write as a RuntimeError from its C++ writer, without an errno.
-_WRITE_FAILED = re.compile(r"file write failed|No space left|Disk quota|File too large|Permission denied|Read-only file system", re.I)
+# Writers that report a refused write without an OSError: torch.save raises a RuntimeError from its
+# C++ zip writer (no errno, and a message about stream positions); safetensors a SafetensorError
+# quoting the OS error.
+_TORCH_WRITER = re.compile(r"inline_container|PytorchStreamWriter|file write failed")
+_OS_TEXT = re.compile(r"No space left|Disk quota|File too large|Permission denied|Read-only file system|I/O error", re.I)
 
 
 def step_of(path: Path) -> int | None:
@@ -66,8 +70,11 @@ def storage_reason(error: BaseException) -> str | None:
         if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
             where = f" ({seen.filename})" if seen.filename else ""
             return f"{seen.strerror or seen}{where}"
-        if isinstance(seen, RuntimeError) and _WRITE_FAILED.search(str(seen)):
-            return str(seen).splitlines()[0]
+        text = str(seen)
+        if isinstance(seen, RuntimeError) and _TORCH_WRITER.search(text):
+            return "torch could not write the file (is the disk full, or over a quota or file-size limit?)"
+        if not isinstance(seen, OSError) and _OS_TEXT.search(text):
+            return text.splitlines()[0]
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -98,6 +105,8 @@ def save_atomically(trainer, save: Callable[[], None]) -> None:
         trainer.accelerator.wait_for_everyone()  # every rank has written its RNG state into the folder
         if args.should_save and staged != final:
             replace_dir(staged, final)
+            with contextlib.suppress(OSError):  # left empty; from now on its presence means a save was cut short
+                staged.parent.rmdir()
     except BaseException as e:
         trainer.staging_root = None
         if args.should_save and staged != final:

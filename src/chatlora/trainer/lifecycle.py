@@ -10,13 +10,14 @@ later keeps it, with its complete checkpoints, and the message says how to conti
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from chatlora.config.schema import Config
-from chatlora.errors import ChatloraError, Preempted, StorageError
+from chatlora.errors import ChatloraError, Preempted, ResumeError, StorageError
 from chatlora.run import RunDir
 from chatlora.trainer import checkpoint as ckpt
 from chatlora.trainer.guard import NonFiniteGuard
@@ -41,6 +42,7 @@ class RunLifecycle:
         self.training = False
         """The training loop has begun: from here on the folder is kept whatever happens."""
         self.stamp: dict | None = None
+        self.trainer = None
 
     @property
     def run(self) -> RunDir | None:
@@ -84,6 +86,7 @@ class RunLifecycle:
         """Stamped atomic checkpoints, the non-finite guard and stop-on-signal for this trainer. On a
         resume, drops the metrics logged after the checkpoint (they are logged again)."""
         trainer.stamp = self.stamp
+        self.trainer = trainer
         write = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
         trainer.add_callback(NonFiniteGuard(trainer, self.cfg.on_nonfinite, write))
         trainer.add_callback(self.stop)
@@ -119,6 +122,16 @@ class RunLifecycle:
             return False
         if isinstance(error, _Finished):
             return True
+        self._close_progress_bars()  # so the message starts on a line of its own
+        if isinstance(error, pickle.UnpicklingError) and self.plan and self.plan.kind == "resume":
+            # torch's own message suggests weights_only=False, the one thing not to do with a file
+            # that asks to run code; only the line naming what it asked for is passed on.
+            what = next((line for line in str(error).splitlines() if "GLOBAL" in line or "global" in line), "")
+            raise ResumeError(
+                f"cannot resume from {self.plan.checkpoint}: one of its files holds more than tensors and numbers"
+                + (f" ({what.strip().rstrip('.')})" if what else "") + ". chatlora loads checkpoints with weights_only=True "
+                "and never runs code stored in them; resume from a checkpoint chatlora wrote, or start over."
+            ) from None
         run = self.run
         if run is None or not run.path.exists():
             return False
@@ -141,6 +154,12 @@ class RunLifecycle:
         elif isinstance(error, KeyboardInterrupt):
             print(kept, file=sys.stderr)
         return False
+
+    def _close_progress_bars(self) -> None:
+        for callback in self.trainer.callback_handler.callbacks if self.trainer else []:
+            if getattr(callback, "bar", None) is not None:
+                callback.bar.close()
+                callback.bar = None
 
     def _what_is_kept(self) -> str:
         run = self.run
