@@ -128,13 +128,14 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
         return Split(name, datasets.load_from_disk(str(folder / "data")), meta["rows"], meta["rules"], cached=True, key=key)
     columns: dict[str, list] = {"input_ids": [], "labels": [], "origin": [], "cut": []}
     counts: Counter[str] = Counter()
-    problems = []
+    problems, unrendered = [], 0
     for conv in tqdm(conversations, desc=f"tokenizing {name}", unit="row", leave=False):
         before = counts[REPLY_TOO_LONG]
         try:
             sample = fit(conv.messages, renderer, cfg.max_length, cfg.overlong, counts)
         except RenderError as e:
             problems.append(Problem(conv.source, conv.where, "", str(e)))
+            unrendered += 1
             continue
         if counts[REPLY_TOO_LONG] > before:
             problems.append(Problem(conv.source, conv.where, "", f"the reply alone is longer than data.max_length={cfg.max_length}"))
@@ -145,7 +146,11 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
         columns["origin"].append(f"{conv.source}:{conv.where}")
         columns["cut"].append(counts[REPLY_TRUNCATED] > 0 and len(sample) == cfg.max_length and sample.labels[-1] not in renderer.end_ids)
     if problems:
-        raise DataError(problems, hint="Raise data.max_length, or set data.overlong=drop or truncate.")
+        hints = ["The model's chat template cannot render these rows (some templates refuse a system message: "
+                 "see data.system_prompt)."] if unrendered else []
+        if len(problems) > unrendered:
+            hints.append("Raise data.max_length, or set data.overlong=drop or truncate.")
+        raise DataError(problems, hint="\n".join(hints))
     if not columns["input_ids"]:
         files = ", ".join(sorted({c.source for c in conversations}))
         raise DataError([Problem(files, "", "", f"no {name} sample is left: all {len(conversations)} rows were dropped "

@@ -96,6 +96,8 @@ def _syntax(e: json.JSONDecodeError) -> str:
     if e.msg.startswith("Unexpected UTF-8 BOM"):
         # utf-8-sig drops a BOM at the start of the file only; one further in comes from joining files.
         return "a UTF-8 byte-order mark (BOM) starts this line (were files joined together?); remove it"
+    if e.msg.startswith("Unterminated string"):  # Python's message ends in "starting at", the place given apart
+        return f"malformed JSON at column {e.colno}: a string starts there and never ends (is the file cut off?)"
     return f"malformed JSON at column {e.colno}: {e.msg}"
 
 def _is_json(line: str) -> bool:

@@ -64,7 +64,7 @@ class Renderer:
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         except TemplateError as e:
-            raise RenderError(f"the chat template fails on it: {type(e).__name__}: {e}") from None
+            raise RenderError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
     def encode(self, text: str) -> list[int]:
         # The rendered text carries the template's own special tokens (BOS included), as transformers
@@ -93,7 +93,7 @@ class Renderer:
             if not (full_text.startswith(upto) and upto.startswith(before)):
                 raise RenderError(
                     f"the chat template renders turn {i} differently once later turns follow "
-                    "(it rewrites history), so the reply's tokens cannot be found"
+                    "(it rewrites or drops earlier turns), so the reply's tokens cannot be found"
                 )
             start, end = len(self.encode(before)), len(self.encode(upto))
             if ids[:start] != self.encode(before):

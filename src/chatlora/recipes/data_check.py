@@ -36,11 +36,11 @@ def check_data(cfg: Config, echo: Callable[[str], None] = print, samples: int = 
     train_rows, val_rows, formats = load_conversations(cfg.data)
     for path, fmt in formats.items():
         echo(f"data: {path} ({fmt})")
-    # Imported only now: torch and transformers take seconds to import, and a bad row is reported
-    # before that cost.
+    source = resolve(cfg.model)
+    # Imported only now: torch and transformers take seconds to import, and a bad row or a model path
+    # that does not exist is reported before that cost.
     from chatlora.model.load import fix_pad_token, load_generation_config, load_tokenizer, stop_ids
 
-    source = resolve(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model)
     generation_config = load_generation_config(source, cfg.model, tokenizer)
     stops = stop_ids(generation_config)
