@@ -166,6 +166,28 @@ def parser() -> argparse.ArgumentParser:
     _eval_parser(sub, fmt)
     _merge_parser(sub, fmt)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API for one or more runs",
+                       description="Serve the runs' adapters on their shared base model through an OpenAI-compatible API "
+                                   "(/v1/models, /v1/chat/completions, streaming). Each run folder's name is a model "
+                                   "name; the base model is one too.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders trained on the same base model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs an API key)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("CHATLORA_API_KEY"),
+                   help="clients must send 'Authorization: Bearer KEY' (default: $CHATLORA_API_KEY)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens one request may ask for (default 1024)")
+    p.add_argument("--max-batch", type=int, default=32, help="most requests generated together (default 32)")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+
+    p = sub.add_parser("web", help="the browser chat page (Streamlit)",
+                       description="A chat page for the runs: streaming replies, system prompt, temperature, clear history.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders trained on the same base model")
+    p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens of one reply (default 1024)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+
     cfg = sub.add_parser("config", help="show presets, a resolved config, or every config key")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND", required=True)
     cfg_sub.add_parser("presets", help="list the shipped presets")
@@ -227,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
 
             print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), allow_unicode=True, sort_keys=False), end="")
         return 0
+    if args.command in ("serve", "web"):
+        return _serve(args)
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
     if args.command == "train":
@@ -237,6 +261,22 @@ def run(args: argparse.Namespace) -> int:
         from chatlora.recipes.data_check import check_data
 
         check_data(cfg, samples=args.samples)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    for name in ("max_tokens", "max_batch", "max_body"):
+        if getattr(args, name, 1) < 1:
+            raise ChatloraError(f"--{name.replace('_', '-')} must be at least 1")
+    _quiet_libraries()
+    if args.command == "serve":
+        from chatlora.recipes.serve import serve
+
+        serve(args.runs, args.host, args.port, args.api_key, args.max_tokens, args.max_batch, args.max_body, args.device)
+    else:
+        from chatlora.recipes.web import web
+
+        web(args.runs, args.host, args.port, args.max_tokens, args.device)
     return 0
 
 

@@ -52,7 +52,8 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDir":
-        run = cls(path)
+        # Resolved, so that "." or "runs/x/" still has its folder name (adapters are named after it).
+        run = cls(Path(path).resolve())
         if not run.config.is_file():
             raise ChatloraError(f"{path} is not a chatlora run folder (no config.yaml)")
         return run
