@@ -3,4 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh --test
+# The chat page's test drives Debian's Chromium through Playwright (Playwright's own browser download
+# is not available here). Installed once; apt-get needs root, as CI runs.
+if ! command -v chromium >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null
+fi
 exec .venv/bin/python -m pytest -q "$@"

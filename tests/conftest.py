@@ -108,3 +108,17 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("tiny-run")
     return train(tiny_config(tiny_model_dir, tmp, "data.validation=0.3", "training.max_steps=6"), echo=lambda _line: None).path
+
+
+@pytest.fixture(scope="session")
+def served_runs(tiny_model_dir, tmp_path_factory) -> list[Path]:
+    """Two runs of the tiny model, "alice" and "bob" (2 training steps each), for serve and web tests."""
+    from chatlora.recipes.train import train
+
+    root = tmp_path_factory.mktemp("served")
+    runs = []
+    for name, lr in (("alice", "1e-2"), ("bob", "5e-2")):
+        cfg = tiny_config(tiny_model_dir, root, "training.max_steps=2", f"training.learning_rate={lr}",
+                          f"output_dir={root / name}")
+        runs.append(train(cfg, echo=lambda _line: None).path)
+    return runs

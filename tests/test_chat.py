@@ -210,3 +210,11 @@ def test_bad_numbers_are_usage_errors(args, capsys):
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2 and "error: argument" in capsys.readouterr().err
+
+
+def test_a_run_given_as_dot_loads_under_its_folder_name(tiny_run, monkeypatch):
+    from chatlora.model.from_run import load_run
+
+    monkeypatch.chdir(tiny_run)
+    loaded = load_run(".", device="cpu")
+    assert loaded.adapters == [tiny_run.name]

@@ -9,7 +9,7 @@ import textwrap
 import warnings
 
 from chatlora import __version__
-from chatlora.errors import ChatloraError, ConfigError
+from chatlora.errors import EXIT_INTERRUPTED, ChatloraError, ConfigError
 
 EPILOG = """\
 CONFIG is a preset name ({presets}) or a YAML file; key=value pairs override it with dotted keys:
@@ -17,7 +17,10 @@ CONFIG is a preset name ({presets}) or a YAML file; key=value pairs override it 
   chatlora train qwen1.5-7b-chat-huanhuan data.train=huanhuan.json
 `chatlora config keys` lists every key with its meaning.
 
-exit codes: 0 ok, 2 bad input (config, data, model path; nothing is written), 130 interrupted.
+exit codes: 0 ok; 2 bad input (config, data, model path; nothing is written); 3 training stopped on a
+NaN/inf loss or gradient; 74 a file could not be written (disk full, permissions); 75 stopped by SIGTERM
+or a first Ctrl-C after saving a checkpoint (continue with resume=auto); 130 interrupted at once (a
+second Ctrl-C). In every case the complete checkpoints are kept.
 """
 
 
@@ -168,6 +171,28 @@ def parser() -> argparse.ArgumentParser:
     _eval_parser(sub, fmt)
     _merge_parser(sub, fmt)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API for one or more runs",
+                       description="Serve the runs' adapters on their shared base model through an OpenAI-compatible API "
+                                   "(/v1/models, /v1/chat/completions, streaming). Each run folder's name is a model "
+                                   "name; the base model is one too.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders trained on the same base model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs an API key)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("CHATLORA_API_KEY"),
+                   help="clients must send 'Authorization: Bearer KEY' (default: $CHATLORA_API_KEY)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens one request may ask for (default 1024)")
+    p.add_argument("--max-batch", type=int, default=32, help="most requests generated together (default 32)")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+
+    p = sub.add_parser("web", help="the browser chat page (Streamlit)",
+                       description="A chat page for the runs: streaming replies, system prompt, temperature, clear history.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders trained on the same base model")
+    p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens of one reply (default 1024)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+
     cfg = sub.add_parser("config", help="show presets, a resolved config, or every config key")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND", required=True)
     cfg_sub.add_parser("presets", help="list the shipped presets")
@@ -181,9 +206,13 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Deprecation notices inside transformers/peft are for their developers, not for ours.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
+    # Through the environment, so transformers is not imported (seconds) before a bad data row or
+    # config value is reported; set directly as well when it already is.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
+        hf_logging.set_verbosity_error()
 
 
 def use(args: argparse.Namespace) -> int:
@@ -225,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
 
             print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), allow_unicode=True, sort_keys=False), end="")
         return 0
+    if args.command in ("serve", "web"):
+        return _serve(args)
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
     if args.command == "train" and (args.gpus or 1) > 1:
@@ -242,6 +273,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    for name in ("max_tokens", "max_batch", "max_body"):
+        if getattr(args, name, 1) < 1:
+            raise ChatloraError(f"--{name.replace('_', '-')} must be at least 1")
+    _quiet_libraries()
+    if args.command == "serve":
+        from chatlora.recipes.serve import serve
+
+        serve(args.runs, args.host, args.port, args.api_key, args.max_tokens, args.max_batch, args.max_body, args.device)
+    else:
+        from chatlora.recipes.web import web
+
+        web(args.runs, args.host, args.port, args.max_tokens, args.device)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -253,12 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     except ChatloraError as e:
         rank = os.environ.get("RANK", "0")
         if rank == "0":
-            print(f"error: {e}", file=sys.stderr)
+            print(f"{e.label}: {e}", file=sys.stderr)
         elif not (isinstance(e, ConfigError) or getattr(e, "shared", False)):
             # Launched as several processes: rank 0 reports what every process meets (the config) and
             # what they shared at a common wait (the data); the rest only the process that met it.
-            print(f"error (rank {rank}): {e}", file=sys.stderr)
+            print(f"{e.label} (rank {rank}): {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -11,7 +11,8 @@ from chatlora.errors import ConfigError
 
 def _choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{section}.{name}: {value!r} is not one of {', '.join(choices)}")
+        key = name if section == "config" else f"{section}.{name}"  # a top-level key has no section
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
 
 
 @dataclass
@@ -186,12 +187,48 @@ class Config:
     """Several processes (GPUs, nodes): the global batch and the strategy (DDP or FSDP2). Launch with
     `chatlora train --gpus N`, `torchrun` or `accelerate launch`; see docs/multi-gpu.md."""
     output_dir: str | None = None
-    """The run folder. Default: runs/<config name>-<date>-<time>. An existing, non-empty folder is refused."""
+    """The run folder. Default: runs/<config name>-<date>-<time>. An existing, non-empty folder is
+    refused, unless `resume` continues the run in it."""
     name: str = "run"
     """A short name for the run (presets set their own)."""
+    resume: str | None = None
+    """Continue an interrupted run exactly: adapter, optimizer, scheduler, step, data order and random
+    states come from a checkpoint, so the result equals an uninterrupted run's. `auto`: the newest
+    complete checkpoint in `output_dir` (a new run when the folder holds none; nothing to do when
+    its run has finished). A path: that checkpoint folder (RUN/checkpoints/checkpoint-N), or the
+    newest checkpoint of that run folder. Refused when the config or the tokenized training data
+    differ from the checkpoint's (see resume_allow_changes). null: a new run."""
+    resume_allow_changes: bool = False
+    """Resume even when the config or the tokenized training data differ from the checkpoint's (to
+    train on with a higher training.max_steps, say). The differences are printed; the result is then
+    no longer that of an uninterrupted run."""
+    on_nonfinite: str = "stop"
+    """What a NaN or inf training loss or gradient does. stop: training ends, naming the step; the
+    checkpoints saved before are kept (resume from the last good one with other settings). skip:
+    that optimizer step is skipped, the weights stay as they were, and the skipped steps are counted
+    and logged."""
 
     def __post_init__(self) -> None:
+        _choice("config", "on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        if self.resume == "auto" and not self.output_dir:
+            raise ConfigError("resume=auto continues the run in output_dir: give the run folder with output_dir=runs/NAME")
+        if self.resume is not None and not self.resume.strip():
+            raise ConfigError("resume: give auto, or the path of a run folder or checkpoint")
+        _check_training_values(self.training)
         _check_evaluation(self)
+
+
+# Values TrainingArguments accepts but training cannot use, refused with the key named.
+_POSITIVE = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs")
+
+
+def _check_training_values(training: dict[str, Any]) -> None:
+    import math
+
+    for key in _POSITIVE:
+        value = training.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"training.{key}: {value!r} must be a positive number")
 
 
 def _check_evaluation(cfg: Config) -> None:

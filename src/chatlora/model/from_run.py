@@ -94,7 +94,7 @@ def load_adapter_dir(path: str | Path, base: str | None = None, device: str | No
     """
     from peft import PeftModel
 
-    folder = Path(path)
+    folder = Path(path).resolve()  # "." still has a folder name (the adapter is named after it)
     adapter_config = json.loads((folder / "adapter_config.json").read_text("utf-8"))
     name = base or adapter_config.get("base_model_name_or_path")
     if not name:
@@ -133,7 +133,7 @@ def load_target(path: str | Path, base: str | None = None, device: str | None = 
 
     Raises ChatloraError for a path that is none of these.
     """
-    folder = Path(path)
+    folder = Path(path).resolve()
     if (folder / "config.yaml").is_file():
         return load_run(folder, device, base=base)
     if (folder / "adapter_config.json").is_file():

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from chatlora.config.schema import Config
 from chatlora.data import preflight
 from chatlora.data.prepare import Prepared, load_conversations, prepare
-from chatlora.data.render import IGNORE, Renderer
+from chatlora.data.render import IGNORE, Renderer, RenderError
 from chatlora.errors import PreflightError
-from chatlora.model.load import fix_pad_token, load_generation_config, load_tokenizer, stop_ids
 from chatlora.model.source import Source, resolve
 
 
@@ -39,11 +38,18 @@ def load_data(cfg: Config, echo: Callable[[str], None] = print) -> Checked:
     for path, fmt in formats.items():
         echo(f"data: {path} ({fmt})")
     source = resolve(cfg.model)
+    # Imported only now: torch and transformers take seconds to import, and a bad row or a model path
+    # that does not exist is reported before that cost.
+    from chatlora.model.load import fix_pad_token, load_generation_config, load_tokenizer, stop_ids
+
     tokenizer = load_tokenizer(source, cfg.model)
     generation_config = load_generation_config(source, cfg.model, tokenizer)
     stops = stop_ids(generation_config)
-    renderer = Renderer(tokenizer, set(stops), cfg.data.train_on)
-    end_of_turn = renderer.end_of_turn()
+    try:
+        renderer = Renderer(tokenizer, set(stops), cfg.data.train_on)
+        end_of_turn = renderer.end_of_turn()  # renders a probe conversation: a broken template fails here, once
+    except RenderError as e:
+        raise PreflightError(f"the chat template of {cfg.model.name}: {e}") from None
     note = fix_pad_token(tokenizer, end_of_turn)
     if note:
         echo(note)

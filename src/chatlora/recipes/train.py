@@ -23,6 +23,7 @@ from chatlora.trainer import distributed
 from chatlora.trainer.callbacks import MetricsLog, Progress
 from chatlora.trainer.evaluation import GenerationMonitor, evaluation_arguments, log_tensorboard_to
 from chatlora.trainer.fsdp import ShardedModel, full_adapter_state
+from chatlora.trainer.lifecycle import RunLifecycle
 from chatlora.trainer.loss import packing_is_exact
 from chatlora.trainer.plot import plot_losses
 from chatlora.trainer.trainer import ChatTrainer
@@ -64,8 +65,17 @@ def training_arguments(cfg: Config, run: RunDir, processes: int = 1):
 
 
 def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | None = None) -> RunDir:
-    """Train a LoRA adapter as the config says; returns the run folder. `callbacks` are extra
-    transformers TrainerCallbacks (benchmarks use them to time steps)."""
+    """Train a LoRA adapter as the config says (or resume one: `cfg.resume`); returns the run folder.
+    `callbacks` are extra transformers TrainerCallbacks (benchmarks use them to time steps).
+
+    Raises ChatloraError for bad input, Preempted after SIGTERM or a first Ctrl-C (a checkpoint is
+    saved), NonFiniteError on a NaN/inf loss, StorageError when the disk refuses a write
+    (trainer/lifecycle.py: what is kept of the run folder in each case)."""
+    with RunLifecycle(cfg, echo) as life:
+        return _train(cfg, echo, callbacks, life)
+
+
+def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, life: RunLifecycle) -> RunDir:
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
     # Several processes (torchrun, accelerate launch, --gpus): rank 0 prints and writes for all.
@@ -79,12 +89,28 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
     tokenizer, data = checked.tokenizer, checked.data
     run = RunDir(world.share(str(RunDir.for_config(cfg).path)))  # rank 0's name: it holds the time
     args = training_arguments(cfg, run, world.size)  # checked before the run folder exists: a bad value leaves nothing
-    world.on_main(run.create)  # an existing folder stops every process
+    split = distributed.record(cfg, args, world.size, world.nodes)
+
+    def decide():  # rank 0 alone makes (or reuses) the run folder; an error there stops every process
+        checkpoint = life.start(run, args, data.train.key)  # a new folder, or the checkpoint to resume from
+        if checkpoint:
+            note = distributed.check_resume(life.run.path, split)  # a changed world size: handled or refused
+            if note:
+                echo(note)
+        return life.decision()
+
+    decision = world.share(world.on_main(decide))
+    resume = decision[2] if decision[0] == "resume" else None
+    if not world.main:
+        life.follow(args, data.train.key, decision)
+    if life.finished:
+        return life.run
+    run = life.run
     if world.main:
         run.write_config(to_dict(cfg))
         run.write_json(run.data_report, checked.report)
         tokenizer.save_pretrained(run.tokenizer)
-        distributed.write_record(run.path, distributed.record(cfg, args, world.size, world.nodes))
+        distributed.write_record(run.path, split)
     echo(f"run folder: {run.path}")
 
     # 2. Model and adapter.
@@ -128,9 +154,11 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
     log_tensorboard_to(trainer, run.path / "tensorboard")
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    before = trainer.evaluate()["eval_loss"] if data.validation else None
+    life.attach(trainer)  # stamped atomic checkpoints, the NaN guard, stop on SIGTERM / first Ctrl-C
+    before = life.eval_loss_before() if resume else trainer.evaluate()["eval_loss"] if data.validation else None
     distributed.undo_evaluation_prepare(trainer)  # else DDP would never wrap the model (see there)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
+    life.finished_training(trainer)  # raises Preempted when a signal stopped it early
     if args.load_best_model_at_end and trainer.state.best_model_checkpoint:
         echo(f"best checkpoint: {trainer.state.best_model_checkpoint} (eval_loss {trainer.state.best_metric:.4f}), "
              "kept as the run's adapter")

@@ -1,0 +1,188 @@
+"""The OpenAI-compatible HTTP API over an Engine: /v1/models and /v1/chat/completions (streamed as
+server-sent events or whole), plus /health. Every refusal is OpenAI-shaped JSON with a 4xx status."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from chatlora import __version__
+from chatlora.serve.engine import Engine, Ticket
+from chatlora.serve.params import Event, RequestError
+from chatlora.serve.schema import ChatRequest, chunk_body, completion_body, error_body, models_body, new_id, param_of
+
+
+def error_response(e: RequestError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(error_body(e), status_code=e.status, headers=headers)
+
+
+class Guard:
+    """ASGI middleware in front of everything: the API key, then the body size limit.
+
+    Before routing, so an unknown path without the key is a 401 like any other, and a huge body is
+    refused before anyone parses it. The body is read here (at most max_body bytes) and replayed.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key is not None:
+            given = headers.get("authorization", "")
+            if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), self.api_key.encode()):
+                why = "Incorrect API key provided" if given else "Missing API key: send it as 'Authorization: Bearer KEY'"
+                return await error_response(RequestError(why, 401, "invalid_api_key"))(scope, receive, send)
+        too_big = RequestError(f"the request body is larger than this server's limit of {self.max_body} bytes",
+                               413, "request_too_large")
+        if int(headers.get("content-length") or 0) > self.max_body:
+            return await error_response(too_big)(scope, receive, send)
+        body, more = b"", True
+        while more:  # a chunked body has no content-length: count what arrives
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                return await error_response(too_big)(scope, receive, send)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the client's disconnect
+
+        await self.app(scope, replay, send)
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(engine: Engine, api_key: str | None = None, max_body: int = 1 << 20) -> ASGIApp:
+    """The ASGI app. `api_key` None serves without authentication (loopback only: see server.check_bind)."""
+    app = FastAPI(title="chatlora", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    started = int(time.time())
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, e: RequestError) -> JSONResponse:
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        where = param_of(first["loc"])
+        if first["type"] == "json_invalid":
+            return error_response(RequestError(f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"))
+        message = first["msg"].removeprefix("Value error, ")
+        return error_response(RequestError(f"{where}: {message}" if where else message, param=where or None))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, e: HTTPException) -> JSONResponse:
+        return error_response(RequestError(str(e.detail), e.status_code, kind="invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, e: Exception) -> JSONResponse:  # a bug or a failed generation, never bad input
+        return JSONResponse({"error": {"message": f"internal error: {e}", "type": "server_error", "param": None,
+                                       "code": None}}, status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "models": engine.names, **asdict(engine.stats)}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return models_body(engine.names, started)
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict:
+        if name not in engine.names:
+            raise RequestError(f"The model '{name}' does not exist", 404, "model_not_found", "model")
+        return models_body([name], started)["data"][0]
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event) -> None:  # called from the engine's thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                pass
+
+        ticket = engine.submit(body.model, body.conversation(), body.params(), emit)
+        cid = new_id()
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(sse(ticket, events, request, cid, body.model, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        watcher = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            text = []
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():  # the client left: stop generating for nobody
+                    getter.cancel()
+                    ticket.cancel()
+                    return JSONResponse({}, status_code=499)
+                event = getter.result()
+                if event.error:
+                    raise RuntimeError(event.error)
+                text.append(event.text)
+                if event.done:
+                    return completion_body(cid, body.model, "".join(text), event)
+        finally:
+            watcher.cancel()
+            ticket.cancel()
+
+    return Guard(app, api_key, max_body)
+
+
+async def sse(ticket: Ticket, events: asyncio.Queue[Event], request: Request, cid: str, model: str,
+              include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's chunk stream: a role chunk, content chunks, a finish chunk, [usage chunk,] [DONE]."""
+    created = int(time.time())
+
+    def data(body: dict) -> str:
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    # Generation is cancelled when the client leaves, even while no chunk is being written.
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    watcher.add_done_callback(lambda _: ticket.cancel())
+    try:
+        yield data(chunk_body(cid, model, created, {"role": "assistant", "content": ""}))
+        while True:
+            event = await events.get()
+            if event.error:
+                yield data({"error": {"message": event.error, "type": "server_error", "param": None, "code": None}})
+                return
+            if event.text:
+                yield data(chunk_body(cid, model, created, {"content": event.text}))
+            if event.done:
+                yield data(chunk_body(cid, model, created, {}, event.finish_reason))
+                if include_usage:
+                    yield data(chunk_body(cid, model, created, {}, usage=event.usage, choices=False))
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        watcher.cancel()
+        ticket.cancel()

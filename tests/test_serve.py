@@ -1,0 +1,248 @@
+"""`chatlora serve` as users run it: the real server on a free loopback port, driven by the official
+`openai` client (and raw HTTP where a client cannot misbehave on purpose)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import run_cli
+
+KEY = "test-key"
+# One torch thread: the tiny model gains nothing from more, and on 2 busy cores (CI) torch's spinning
+# worker threads starve the server's event loop and this test's clients (10x slower load test).
+SERVER_ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def server(served_runs, tmp_path_factory):
+    """`chatlora serve alice bob --port 0` in a subprocess; yields its base URL (…/v1)."""
+    import os
+
+    log = tmp_path_factory.mktemp("server") / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "chatlora", "serve", *map(str, served_runs), "--port", "0",
+                                 "--api-key", KEY, "--max-tokens", "900", "--max-body", "100000"],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **SERVER_ENV})
+    url = None
+    for line in proc.stdout:  # the address line comes once the model is loaded and the port bound
+        if "serving the OpenAI API at " in line:
+            url = line.split(" at ")[1].split()[0]
+            break
+    assert url, f"the server did not start: {log.read_text()}"
+    yield url
+    proc.send_signal(signal.SIGINT)
+    try:
+        # A clean shutdown: 130 ("interrupted") when the interrupt reaches Python after uvicorn stops, else 0.
+        assert proc.wait(timeout=60) in (0, 130)
+    finally:
+        proc.kill()
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server, api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def base_name(client):
+    return [m.id for m in client.models.list()][-1]
+
+
+def health(server: str) -> dict:
+    return httpx.get(server.removesuffix("/v1") + "/health", headers={"Authorization": f"Bearer {KEY}"}).json()
+
+
+def ask(i: int) -> list[dict]:
+    return [{"role": "system", "content": "You are a gardener."},
+            {"role": "user", "content": f"Plant number {i}?" + " Tell me more." * (i % 4)}]
+
+
+def test_models_are_the_runs_and_the_base_model(client, base_name):
+    assert [m.id for m in client.models.list()] == ["alice", "bob", base_name]
+    assert base_name.startswith("tiny-llama")
+    assert client.models.retrieve("bob").id == "bob"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("carol")
+
+
+def test_plain_completion_with_usage(client, base_name):
+    reply = client.chat.completions.create(model=base_name, messages=ask(1), max_tokens=8, temperature=0)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and reply.model == base_name
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason == "length" and reply.usage.completion_tokens == 8
+    # Byte tokens: one per byte of the ChatML text, one per special token.
+    chatml = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in ask(1)) + "<|im_start|>assistant\n"
+    specials = {"<|im_start|>": chatml.count("<|im_start|>"), "<|im_end|>": chatml.count("<|im_end|>")}
+    assert reply.usage.prompt_tokens == len(chatml.encode()) - sum((len(s) - 1) * n for s, n in specials.items())
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 8
+
+
+def test_streamed_reply_equals_the_plain_one(client):
+    kwargs = dict(model="alice", messages=ask(2), max_tokens=20, temperature=0)
+    plain = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    assert chunks[-2].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_stream_is_server_sent_events_ending_with_done(server):
+    body = {"model": "bob", "messages": ask(3), "max_tokens": 6, "stream": True}
+    with httpx.stream("POST", f"{server}/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_stop_seed_temperature_and_top_p(client, base_name):
+    text = client.chat.completions.create(model=base_name, messages=ask(4), max_tokens=30, temperature=0).choices[0].message.content
+    stop = text[4:7]
+    cut = client.chat.completions.create(model=base_name, messages=ask(4), max_tokens=30, temperature=0, stop=[stop, "@@@"])
+    assert cut.choices[0].message.content == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+    def sample(seed: int) -> str:
+        return client.chat.completions.create(model=base_name, messages=ask(4), max_tokens=30, temperature=1.2,
+                                              top_p=0.95, seed=seed).choices[0].message.content
+
+    assert sample(1) == sample(1) != sample(2)
+
+
+BAD_BODIES = {
+    "max_tokens is a string": ({"max_tokens": "ten"}, 400, "max_tokens"),
+    "negative max_tokens": ({"max_tokens": -5}, 400, "max_tokens"),
+    "max_tokens over the limit": ({"max_tokens": 5000}, 400, "at most 900"),
+    "temperature is a string": ({"temperature": "hot"}, 400, "temperature"),
+    "temperature too high": ({"temperature": 9}, 400, "temperature"),
+    "stream is a string": ({"stream": "yes"}, 400, "stream"),
+    "content is a number": ({"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
+    "unknown role": ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+    "empty messages": ({"messages": []}, 400, "messages"),
+    "ends with the assistant": ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 400, "last message"),
+    "five stop strings": ({"stop": list("abcde")}, 400, "stop"),
+    "n=2": ({"n": 2}, 400, "n=2 is not supported"),
+    "prompt longer than the context": ({"messages": [{"role": "user", "content": "x" * 3000}]}, 400, "context is 1024"),
+    "huge body": ({"messages": [{"role": "user", "content": "x" * 200_000}]}, 413, "larger than"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_bad_bodies_get_openai_shaped_4xx(client, case):
+    change, status, words = BAD_BODIES[case]
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(**{"model": "alice", "messages": ask(0), "max_tokens": 5, **change})
+    assert e.value.status_code == status
+    assert set(e.value.body) >= {"message", "type", "param", "code"} and words in e.value.body["message"] + str(e.value.body["param"])
+
+
+def test_missing_fields_unknown_model_and_broken_json(client, server):
+    with pytest.raises(openai.BadRequestError, match="messages: Field required"):
+        client.post("/chat/completions", body={"model": "alice"}, cast_to=object)
+    with pytest.raises(openai.BadRequestError, match="model: Field required"):
+        client.post("/chat/completions", body={"messages": ask(0)}, cast_to=object)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="carol", messages=ask(0))
+    assert e.value.code == "model_not_found" and "alice, bob" in e.value.message
+    r = httpx.post(f"{server}/chat/completions", content=b'{"model": "alice", "messages": [', headers={
+        "Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_wrong_and_missing_api_keys_are_401(server):
+    wrong = openai.OpenAI(base_url=server, api_key="not-the-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        wrong.chat.completions.create(model="alice", messages=ask(0))
+    assert e.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    r = httpx.get(f"{server}/models")
+    assert r.status_code == 401 and "Missing API key" in r.json()["error"]["message"]
+    assert httpx.get(server.removesuffix("/v1") + "/health").status_code == 401
+
+
+def test_a_client_that_leaves_stops_its_generation(server, base_name):
+    """900 tokens take the tiny model well over a second; a client leaving stops its request, which
+    then counts as cancelled, not finished, having generated fewer tokens."""
+    body = {"model": base_name, "messages": ask(5), "max_tokens": 900, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def cancelled_since(before: dict) -> dict:
+        for _ in range(500):
+            state = health(server)
+            if state["running"] == 0 and state["cancelled"] > before["cancelled"]:
+                assert state["cancelled"] == before["cancelled"] + 1 and state["finished"] == before["finished"]
+                assert state["tokens"] - before["tokens"] < 900
+                return state
+            time.sleep(0.02)
+        raise AssertionError(f"the generation was not cancelled: {state}")
+
+    state = health(server)
+    with httpx.stream("POST", f"{server}/chat/completions", json={**body, "stream": True}, headers=headers) as r:
+        lines = r.iter_lines()
+        next(lines), next(lines)  # the role chunk and the first content, then the client leaves
+    state = cancelled_since(state)
+    with pytest.raises(httpx.ReadTimeout):  # a plain request whose client gives up
+        httpx.post(f"{server}/chat/completions", json=body, headers=headers, timeout=0.1)
+    cancelled_since(state)
+
+
+def test_32_concurrent_streams_equal_the_same_requests_alone(server, base_name):
+    """Load: 32 streamed requests at once, three models, greedy and seeded sampling, different
+    prompts; every reply complete and equal to the same request's reply alone; no 5xx."""
+    models = ["alice", "bob", base_name]
+    requests = [dict(model=models[i % 3], messages=ask(i), max_tokens=32, seed=1000 + i,
+                     temperature=0 if i % 2 == 0 else 0.8) for i in range(32)]
+    aclient = openai.AsyncOpenAI(base_url=server, api_key=KEY, max_retries=0, timeout=120)
+
+    async def one(request: dict) -> tuple[str, str | None, int]:
+        text, finish, usage = [], None, None
+        async for chunk in await aclient.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}):
+            if chunk.choices:
+                text.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+            usage = chunk.usage or usage
+        return "".join(text), finish, usage.completion_tokens
+
+    async def main() -> tuple[list, dict, float, list]:
+        alone = [await one(r) for r in requests]
+        before = health(server)
+        started = time.perf_counter()
+        together = await asyncio.gather(*(one(r) for r in requests), return_exceptions=True)
+        return alone, before, time.perf_counter() - started, together
+
+    expected, before, elapsed, got = asyncio.run(main())
+    errors = [g for g in got if isinstance(g, BaseException)]
+    assert not errors, errors  # any 4xx/5xx or broken stream would be here
+    assert all(finish in ("stop", "length") for _, finish, _ in got), "every reply is complete"
+    assert got == expected
+    assert len({text for text, _, _ in expected}) > 16
+    after = health(server)
+    assert after["finished"] - before["finished"] == 32 and after["largest_batch"] >= 8
+    print(f"32 concurrent streams: {elapsed:.2f}s, largest batch {after['largest_batch']}")
+
+
+def test_public_address_without_key_is_refused(served_runs):
+    result = run_cli("serve", str(served_runs[0]), "--host", "0.0.0.0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "refusing to listen on 0.0.0.0 without an API key" in result.stderr
+
+
+def test_bad_run_folder_and_bad_options_exit_2(tmp_path, served_runs):
+    result = run_cli("serve", str(tmp_path))
+    assert result.returncode == 2 and "is not a chatlora run folder" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("serve", str(served_runs[0]), "--max-tokens", "0")
+    assert result.returncode == 2 and "--max-tokens must be at least 1" in result.stderr
