@@ -92,6 +92,36 @@ def test_two_processes_train_as_one(tiny_model_dir, tmp_path, one_process):
     assert (out / "compare.txt").is_file() and (out / "loss.png").is_file()
 
 
+def cut_after_first_checkpoint(run: Path) -> None:
+    """Make a finished run look like one killed after its step-3 checkpoint."""
+    import shutil
+
+    shutil.rmtree(run / "adapter")
+    shutil.rmtree(run / "checkpoints" / "checkpoint-6")
+
+
+def test_resume_on_two_processes_and_on_one(tiny_model_dir, tmp_path, one_process):
+    """A 2-process run cut after its step-3 checkpoint resumes on 2 processes (nothing changed) and,
+    being DDP with the same global batch, on 1 process too (said so); both end as the uninterrupted run."""
+    out = tmp_path / "run"
+    config = str(config_file(tiny_model_dir, tmp_path))
+    saving = ["training.save_strategy=steps", "training.save_steps=3"]
+    first = run_cli("train", "--gpus", "2", config, *COMMON, *saving, f"output_dir={out}", cwd=tmp_path, env=env_for(tmp_path / "cache"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    cut_after_first_checkpoint(out)
+    again = run_cli("train", "--gpus", "2", config, *COMMON, *saving, f"output_dir={out}", "resume=auto", cwd=tmp_path,
+                    env=env_for(tmp_path / "cache"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("resuming from ") == 1 and "checkpoint-3 (step 3)" in again.stdout
+    assert_same_training(out, one_process)
+
+    cut_after_first_checkpoint(out)
+    alone = run_cli("train", config, *COMMON, *saving, f"output_dir={out}", "resume=auto", cwd=tmp_path, env=env_for(tmp_path / "cache"))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "resuming on 1 processes (the run began on 2): the same 4 samples per step, split differently" in alone.stdout
+    assert_same_training(out, one_process)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

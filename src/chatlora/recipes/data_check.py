@@ -64,6 +64,8 @@ def check_data(cfg: Config, echo: Callable[[str], None] = print, samples: int = 
     PreflightError (the rendered data would train the model wrongly).
     """
     checked = load_data(cfg, echo)
+    from chatlora.model.load import stop_ids  # after load_data, which imported transformers anyway
+
     tokenizer, data, report = checked.tokenizer, checked.data, checked.report
     stops = stop_ids(checked.generation_config)
     end_of_turn = checked.renderer.end_of_turn()

@@ -28,6 +28,8 @@ IGNORED = {
     "output_dir", "name", "resume", "resume_allow_changes", "on_nonfinite", "report", "eval",
     "data.train", "data.validation", "data.cache_dir",
 }
+# How a step's samples are split: processes x micro-batch x accumulation (only their product counts).
+PROCESS_SPLIT = {"per_device_train_batch_size", "gradient_accumulation_steps", "use_cpu", "ddp_find_unused_parameters"}
 IGNORED_TRAINING = {
     "output_dir", "logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node", "logging_nan_inf_filter",
     "include_num_input_tokens_seen", "log_level", "log_level_replica", "disable_tqdm", "report_to", "run_name", "project",
@@ -60,9 +62,12 @@ def fingerprint(cfg: Config, args, data_key: str) -> dict[str, Any]:
     raw.pop("training")
     _flatten(raw, "", flat)
     for key, value in args.to_dict().items():
-        if key not in IGNORED_TRAINING:
+        if key not in IGNORED_TRAINING and key not in PROCESS_SPLIT:
             flat[f"training.{key}"] = value
-    flat["world_size"] = args.world_size  # more GPUs, another global batch
+    # The global batch, not how it is split over processes and micro-batches: a DDP run resumed on
+    # another number of processes trains the same steps (trainer/distributed.py's check_resume
+    # decides which world-size changes are allowed, and says so).
+    flat["samples_per_step"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     flat = {k: v for k, v in flat.items() if k not in IGNORED and k.split(".")[0] not in IGNORED}
     flat = json.loads(json.dumps(flat, sort_keys=True, default=str))  # as it reads back from the stamp
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:24]
