@@ -6,12 +6,12 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 from peft.helpers import disable_input_dtype_casting
-from transformers import Trainer
 
 from chatlora.trainer.loss import trained_token_loss
+from chatlora.trainer.safe_trainer import SafeTrainer
 
 
-class ChatTrainer(Trainer):
+class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; losses noted for the NaN guard
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # Our loss is divided by num_items_in_batch, the trained tokens of the whole optimizer step
