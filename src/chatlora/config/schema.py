@@ -11,7 +11,8 @@ from chatlora.errors import ConfigError
 
 def _choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{section}.{name}: {value!r} is not one of {', '.join(choices)}")
+        key = name if section == "config" else f"{section}.{name}"  # a top-level key has no section
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
 
 
 @dataclass
@@ -188,6 +189,28 @@ class PlanConfig:
 
 
 @dataclass
+class DistributedConfig:
+    samples_per_step: int | None = None
+    """Samples per optimizer step over all processes (the global batch). It stays the same whatever the
+    number of processes N (GPUs, or CPU processes): each process takes samples_per_step / N of every
+    step's samples, in micro-batches of at most training.per_device_train_batch_size samples (or in
+    token-budget passes with data.batch_tokens), so one config trains the same model on 1, 2 or 8
+    GPUs. None: training.per_device_train_batch_size x training.gradient_accumulation_steps, the step
+    as written for one process."""
+    strategy: str = "ddp"
+    """How several processes share the work. ddp: each holds the whole model and the gradients are
+    averaged (for models that fit one GPU). fsdp2: the weights are sharded across processes (torch
+    FSDP2 through accelerate; training.fsdp_config tunes it), for models that do not fit one GPU; the
+    LoRA weights stay the only trainable ones and the adapter is gathered whole before it is saved.
+    One process ignores this."""
+
+    def __post_init__(self) -> None:
+        if self.samples_per_step is not None and self.samples_per_step < 1:
+            raise ConfigError(f"distributed.samples_per_step: {self.samples_per_step} must be at least 1")
+        _choice("distributed", "strategy", self.strategy, ("ddp", "fsdp2"))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model and how to load it."""
@@ -206,12 +229,38 @@ class Config:
     """Replies generated on held-out prompts during training, to see the model learn to answer and stop.
     The held-out loss itself follows training.eval_strategy / eval_steps; training.load_best_model_at_end
     keeps the checkpoint with the lowest held-out loss as the run's adapter."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Several processes (GPUs, nodes): the global batch and the strategy (DDP or FSDP2). Launch with
+    `chatlora train --gpus N`, `torchrun` or `accelerate launch`; see docs/multi-gpu.md."""
     output_dir: str | None = None
-    """The run folder. Default: runs/<config name>-<date>-<time>. An existing, non-empty folder is refused."""
+    """The run folder. Default: runs/<config name>-<date>-<time>. An existing, non-empty folder is
+    refused, unless `resume` continues the run in it."""
     name: str = "run"
     """A short name for the run (presets set their own)."""
+    resume: str | None = None
+    """Continue an interrupted run exactly: adapter, optimizer, scheduler, step, data order and random
+    states come from a checkpoint, so the result equals an uninterrupted run's. `auto`: the newest
+    complete checkpoint in `output_dir` (a new run when the folder holds none; nothing to do when
+    its run has finished). A path: that checkpoint folder (RUN/checkpoints/checkpoint-N), or the
+    newest checkpoint of that run folder. Refused when the config or the tokenized training data
+    differ from the checkpoint's (see resume_allow_changes). null: a new run."""
+    resume_allow_changes: bool = False
+    """Resume even when the config or the tokenized training data differ from the checkpoint's (to
+    train on with a higher training.max_steps, say). The differences are printed; the result is then
+    no longer that of an uninterrupted run."""
+    on_nonfinite: str = "stop"
+    """What a NaN or inf training loss or gradient does. stop: training ends, naming the step; the
+    checkpoints saved before are kept (resume from the last good one with other settings). skip:
+    that optimizer step is skipped, the weights stay as they were, and the skipped steps are counted
+    and logged."""
 
     def __post_init__(self) -> None:
+        _choice("config", "on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        if self.resume == "auto" and not self.output_dir:
+            raise ConfigError("resume=auto continues the run in output_dir: give the run folder with output_dir=runs/NAME")
+        if self.resume is not None and not self.resume.strip():
+            raise ConfigError("resume: give auto, or the path of a run folder or checkpoint")
+        _check_training_values(self.training)
         _check_evaluation(self)
         _check_checkpointing(self)
 
@@ -220,6 +269,19 @@ def _check_checkpointing(cfg: Config) -> None:
     value = cfg.training.get("gradient_checkpointing")
     if isinstance(value, str) and value != "auto":
         raise ConfigError(f"training.gradient_checkpointing: {value!r} is not true, false or auto")
+
+
+# Values TrainingArguments accepts but training cannot use, refused with the key named.
+_POSITIVE = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs")
+
+
+def _check_training_values(training: dict[str, Any]) -> None:
+    import math
+
+    for key in _POSITIVE:
+        value = training.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"training.{key}: {value!r} must be a positive number")
 
 
 def _check_evaluation(cfg: Config) -> None:
