@@ -159,6 +159,27 @@ def parser() -> argparse.ArgumentParser:
                    help="train on N GPUs of this machine: N processes started through torchrun, the same samples per "
                         "optimizer step as on one (without GPUs: N CPU processes)")
 
+    p = sub.add_parser(
+        "plan", formatter_class=fmt, help="predicted peak GPU memory and tokens/s of a config, before training",
+        description="Predict what training this config needs on a GPU, without loading any weight: peak memory\n"
+                    "by part (weights, LoRA weights + gradients + AdamW state, activations kept for backward\n"
+                    "with or without gradient checkpointing, the output layer's logits chunk) and tokens/s.\n"
+                    "The data is tokenized as training would (and cached) to replay the run's batches; the\n"
+                    "architecture comes from the model's config.json. The GPU is the one detected, or --gpu /\n"
+                    "--gpu-mem. With data.batch_tokens=auto and/or training.gradient_checkpointing=auto it shows\n"
+                    "what training would choose. `chatlora train` prints the same plan first.\n\n"
+                    "Memory is what torch.cuda.max_memory_allocated() reports; the card needs more (the CUDA\n"
+                    "context, the allocator's slack), shown as 'the card needs'.",
+        epilog=epilog + """
+examples:
+  chatlora plan qwen1.5-7b-chat-huanhuan data.train=huanhuan.json --gpu-mem 24GiB
+  chatlora plan qwen1.5-7b-chat-huanhuan data.train=huanhuan.json --gpu 4090 model.quantize=nf4
+  chatlora plan qwen1.5-7b-chat-huanhuan data.train=huanhuan.json --gpu h100 data.batch_tokens=auto training.gradient_checkpointing=auto
+""")
+    _config_args(p)
+    p.add_argument("--gpu", metavar="NAME", help="plan for this GPU (h100, h200, a100, l40s, 4090, ...; default: the one detected)")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="plan for this much GPU memory (24GiB, 24GB, or GiB as a number)")
+
     data = sub.add_parser("data", help="data tools (check)")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     p = data_sub.add_parser("check", formatter_class=fmt, epilog=epilog, help="the pre-flight alone, no model weights loaded",
@@ -256,6 +277,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("serve", "web"):
         return _serve(args)
+    if args.command == "plan":
+        extra = ([f"plan.gpu={args.gpu}"] if args.gpu else []) + ([f"plan.gpu_mem={args.gpu_mem}"] if args.gpu_mem else [])
+        cfg = load_config(args.config, args.overrides + extra)
+        _quiet_libraries()
+        from chatlora.recipes.plan import plan
+
+        plan(cfg)
+        return 0
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
     if args.command == "train" and (args.gpus or 1) > 1:
@@ -291,7 +320,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = parser()
-    args = p.parse_args(argv)
+    # Overrides may follow `plan`'s flags (`--gpu h100 lora.r=16`); argparse stops collecting a
+    # positional list at the first flag, so plan picks up the rest itself.
+    args, rest = p.parse_known_args(argv)
+    if rest:
+        if getattr(args, "command", None) == "plan" and all("=" in r and not r.startswith("-") for r in rest):
+            args.overrides = args.overrides + rest
+        else:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
     if not args.command:
         p.print_help()
         return 2

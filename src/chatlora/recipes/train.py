@@ -15,9 +15,11 @@ from chatlora.config.schema import Config
 from chatlora.data.collate import PackCollator, PadCollator
 from chatlora.errors import ConfigError
 from chatlora.model.generate import generate_replies
+from chatlora.model import quant
 from chatlora.model.load import load_model
 from chatlora.model.lora import add_lora, count_parameters
 from chatlora.recipes.data_check import check_data, load_data
+from chatlora.recipes.plan import plan_for, samples_of
 from chatlora.run import RunDir, replace_dir
 from chatlora.trainer import distributed
 from chatlora.trainer.callbacks import MetricsLog, Progress
@@ -87,6 +89,11 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     # into the cache, the other processes then load it from there.
     checked = world.in_turn(lambda: check_data(cfg, echo) if world.main else load_data(cfg, echo))
     tokenizer, data = checked.tokenizer, checked.data
+    # The memory plan, before any weight loads: an out-of-memory found now costs seconds, not minutes.
+    # data.batch_tokens=auto / training.gradient_checkpointing=auto are decided here.
+    cfg = plan_for(cfg, checked.source, samples_of(data), echo)[0]
+    if cfg.model.quantize != "none":
+        quant.require_cuda_for_training()
     run = RunDir(world.share(str(RunDir.for_config(cfg).path)))  # rank 0's name: it holds the time
     args = training_arguments(cfg, run, world.size)  # checked before the run folder exists: a bad value leaves nothing
     split = distributed.record(cfg, args, world.size, world.nodes)
