@@ -54,14 +54,14 @@ def byte_tokenizer():
     return build_byte_tokenizer()
 
 
-def save_tiny_model(folder: Path) -> Path:
-    """A 2-layer Llama (hidden 32) with the byte tokenizer and a generation config that stops on <|im_end|>."""
+def save_tiny_model(folder: Path, hidden: int = 32) -> Path:
+    """A 2-layer Llama (hidden 32 unless told) with the byte tokenizer and a generation config that stops on <|im_end|>."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tok = build_byte_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -73,6 +73,13 @@ def save_tiny_model(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def wide_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama at hidden 64 (intermediate 128): bitsandbytes' 4-bit kernels need input widths
+    of at least its block size, 64."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-64"), hidden=64)
 
 
 def tiny_config(model_dir: Path, tmp_path: Path, *overrides: str, data: str | None = None):

@@ -242,7 +242,7 @@ def test_json_top_level_must_be_a_list(tmp_path):
     path.write_text('{"instruction": "a", "output": "b"}', encoding="utf-8")
     with pytest.raises(DataError) as e:
         read_rows(str(path))
-    assert problems_of(e) == [("", "", "a .json data file must hold a list of rows, not a dict")]
+    assert problems_of(e) == [("", "", "a .json data file must hold a list of rows, not a JSON object")]
 
 
 def test_missing_file(tmp_path):

@@ -111,3 +111,21 @@ def test_cuda_graph_decode_equals_the_same_steps_without_graphs(tiny_model_dir):
         return [out[i] for i in range(len(prompts))]
 
     assert run("graphs") == run("static")
+
+
+def test_training_on_a_4bit_base(wide_model_dir, tmp_path):
+    """QLoRA on CUDA: the decoder layers in NF4, a few steps, the adapter saved (bitsandbytes needed)."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from chatlora.model.from_run import load_run
+    from chatlora.recipes.train import train
+    from conftest import tiny_config
+
+    lines: list[str] = []
+    run = train(tiny_config(wide_model_dir, tmp_path, "model.quantize=nf4", "model.dtype=bfloat16", "training.bf16=true",
+                            "training.gradient_checkpointing=true", "training.max_steps=3"), lines.append)
+    assert any("4-bit NF4 layers" in line for line in lines)
+    assert (run.adapter / "adapter_model.safetensors").is_file()
+    loaded = load_run(run.path, "cuda")
+    assert isinstance(loaded.model.get_base_model().model.layers[0].mlp.up_proj.base_layer, bnb.nn.Linear4bit)

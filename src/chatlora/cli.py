@@ -9,7 +9,7 @@ import textwrap
 import warnings
 
 from chatlora import __version__
-from chatlora.errors import ChatloraError
+from chatlora.errors import EXIT_INTERRUPTED, ChatloraError, ConfigError
 
 EPILOG = """\
 CONFIG is a preset name ({presets}) or a YAML file; key=value pairs override it with dotted keys:
@@ -17,7 +17,10 @@ CONFIG is a preset name ({presets}) or a YAML file; key=value pairs override it 
   chatlora train qwen1.5-7b-chat-huanhuan data.train=huanhuan.json
 `chatlora config keys` lists every key with its meaning.
 
-exit codes: 0 ok, 2 bad input (config, data, model path; nothing is written), 130 interrupted.
+exit codes: 0 ok; 2 bad input (config, data, model path; nothing is written); 3 training stopped on a
+NaN/inf loss or gradient; 74 a file could not be written (disk full, permissions); 75 stopped by SIGTERM
+or a first Ctrl-C after saving a checkpoint (continue with resume=auto); 130 interrupted at once (a
+second Ctrl-C). In every case the complete checkpoints are kept.
 """
 
 
@@ -155,8 +158,34 @@ def parser() -> argparse.ArgumentParser:
     sub = root.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", formatter_class=fmt, epilog=epilog, help="train a LoRA adapter: data -> run folder",
-                       description="Check and tokenize the data, then train a LoRA adapter into a new run folder.")
+                       description="Check and tokenize the data, then train a LoRA adapter into a new run folder.\n"
+                                   "On several GPUs: --gpus N, or launch this same command with torchrun or\n"
+                                   "`accelerate launch` (several nodes: docs/multi-gpu.md).")
     _config_args(p)
+    p.add_argument("--gpus", type=_positive, metavar="N",
+                   help="train on N GPUs of this machine: N processes started through torchrun, the same samples per "
+                        "optimizer step as on one (without GPUs: N CPU processes)")
+
+    p = sub.add_parser(
+        "plan", formatter_class=fmt, help="predicted peak GPU memory and tokens/s of a config, before training",
+        description="Predict what training this config needs on a GPU, without loading any weight: peak memory\n"
+                    "by part (weights, LoRA weights + gradients + AdamW state, activations kept for backward\n"
+                    "with or without gradient checkpointing, the output layer's logits chunk) and tokens/s.\n"
+                    "The data is tokenized as training would (and cached) to replay the run's batches; the\n"
+                    "architecture comes from the model's config.json. The GPU is the one detected, or --gpu /\n"
+                    "--gpu-mem. With data.batch_tokens=auto and/or training.gradient_checkpointing=auto it shows\n"
+                    "what training would choose. `chatlora train` prints the same plan first.\n\n"
+                    "Memory is what torch.cuda.max_memory_allocated() reports; the card needs more (the CUDA\n"
+                    "context, the allocator's slack), shown as 'the card needs'.",
+        epilog=epilog + """
+examples:
+  chatlora plan qwen1.5-7b-chat-huanhuan data.train=huanhuan.json --gpu-mem 24GiB
+  chatlora plan qwen1.5-7b-chat-huanhuan data.train=huanhuan.json --gpu 4090 model.quantize=nf4
+  chatlora plan qwen1.5-7b-chat-huanhuan data.train=huanhuan.json --gpu h100 data.batch_tokens=auto training.gradient_checkpointing=auto
+""")
+    _config_args(p)
+    p.add_argument("--gpu", metavar="NAME", help="plan for this GPU (h100, h200, a100, l40s, 4090, ...; default: the one detected)")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="plan for this much GPU memory (24GiB, 24GB, or GiB as a number)")
 
     data = sub.add_parser("data", help="data tools (check)")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -210,9 +239,13 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Deprecation notices inside transformers/peft are for their developers, not for ours.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
+    # Through the environment, so transformers is not imported (seconds) before a bad data row or
+    # config value is reported; set directly as well when it already is.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
+        hf_logging.set_verbosity_error()
 
 
 def use(args: argparse.Namespace) -> int:
@@ -257,8 +290,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("serve", "web"):
         return _serve(args)
+    if args.command == "plan":
+        extra = ([f"plan.gpu={args.gpu}"] if args.gpu else []) + ([f"plan.gpu_mem={args.gpu_mem}"] if args.gpu_mem else [])
+        cfg = load_config(args.config, args.overrides + extra)
+        _quiet_libraries()
+        from chatlora.recipes.plan import plan
+
+        plan(cfg)
+        return 0
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
+    if args.command == "train" and (args.gpus or 1) > 1:
+        from chatlora.recipes.launch import launch
+
+        return launch(args.gpus, ["train", args.config, *args.overrides])
     if args.command == "train":
         from chatlora.recipes.train import train
 
@@ -289,15 +334,28 @@ def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = parser()
-    args = p.parse_args(argv)
+    # Overrides may follow `plan`'s flags (`--gpu h100 lora.r=16`); argparse stops collecting a
+    # positional list at the first flag, so plan picks up the rest itself.
+    args, rest = p.parse_known_args(argv)
+    if rest:
+        if getattr(args, "command", None) == "plan" and all("=" in r and not r.startswith("-") for r in rest):
+            args.overrides = args.overrides + rest
+        else:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
     if not args.command:
         p.print_help()
         return 2
     try:
         return run(args)
     except ChatloraError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            print(f"{e.label}: {e}", file=sys.stderr)
+        elif not (isinstance(e, ConfigError) or getattr(e, "shared", False)):
+            # Launched as several processes: rank 0 reports what every process meets (the config) and
+            # what they shared at a common wait (the data); the rest only the process that met it.
+            print(f"{e.label} (rank {rank}): {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

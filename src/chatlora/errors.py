@@ -7,14 +7,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Exit codes, documented in the README. 2 matches argparse's own code for bad usage.
+# Exit codes, documented in the README and `chatlora --help`. 2 matches argparse's own code for bad
+# usage; 74 and 75 are sysexits.h's EX_IOERR and EX_TEMPFAIL ("try again later"), which job schedulers
+# already read that way; 130 is the shell's code for a process ended by Ctrl-C (128 + SIGINT).
 EXIT_USER_ERROR = 2
+EXIT_NONFINITE = 3
+EXIT_STORAGE = 74
+EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130
 
 
 class ChatloraError(Exception):
     """A problem with the user's input (config, data, model path); the message says how to fix it."""
 
     exit_code = EXIT_USER_ERROR
+    shared = False
+    """Set on an error that rank 0 reports for every process of a multi-process run (trainer.world)."""
+    label = "error"
+    """What the CLI prints before the message."""
 
 
 class ConfigError(ChatloraError):
@@ -66,3 +76,27 @@ class DataError(ChatloraError):
 
 class PreflightError(ChatloraError):
     """The rendered, masked data would train the model wrongly (no trained token, wrong stop token...)."""
+
+
+class ResumeError(ConfigError):
+    """A checkpoint that cannot be resumed: missing, incomplete, or made with another config or data."""
+
+
+class NonFiniteError(ChatloraError):
+    """Training produced a NaN or inf loss or gradient; the last good checkpoint is kept."""
+
+    exit_code = EXIT_NONFINITE
+
+
+class StorageError(ChatloraError):
+    """A file could not be written (disk full, quota, permission); what was saved before is kept."""
+
+    exit_code = EXIT_STORAGE
+
+
+class Preempted(ChatloraError):
+    """Training stopped on SIGTERM or a first Ctrl-C after saving a resumable checkpoint. Not an error
+    of the user's: the message says how to continue."""
+
+    exit_code = EXIT_PREEMPTED
+    label = "stopped"

@@ -4,9 +4,10 @@
     adapter/         adapter_model.safetensors + adapter_config.json (peft)
     tokenizer/       tokenizer files with the chat template and the pad token used in training
     data_report.json what the data pipeline did (rows, truncation rules, lengths)
+    distributed.json how the run was split over processes (trainer.distributed.record)
     metrics.jsonl    one JSON object per log line (loss, lr, grad norm, tokens/s, eval loss)
     loss.png         the loss curve
-    checkpoints/     Trainer checkpoints (checkpoint-N)
+    checkpoints/     Trainer checkpoints (checkpoint-N), each complete or absent (trainer/checkpoint.py)
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class RunDir:
     def create(self) -> "RunDir":
         """Make the folder. Refuses an existing non-empty one, so no earlier run is overwritten."""
         if self.path.exists() and any(self.path.iterdir()):
-            raise ChatloraError(f"the run folder {self.path} already exists and is not empty; choose another with output_dir=...")
+            raise ChatloraError(f"the run folder {self.path} already exists and is not empty; continue the run in it with "
+                                "resume=auto, or choose another folder with output_dir=...")
         self.path.mkdir(parents=True, exist_ok=True)
         return self
 

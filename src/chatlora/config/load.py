@@ -10,6 +10,8 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import json
+import os
 import re
 import types
 import typing
@@ -115,9 +117,65 @@ def load_config(name_or_path: str = "demo", overrides: list[str] | None = None) 
 
 
 def training_argument_names() -> list[str]:
+    return list(training_argument_kinds())
+
+
+# The value types the config checks in `training:` (TrainingArguments checks the rest itself).
+_PLAIN = {int: "int", float: "float", bool: "bool"}
+
+
+def training_argument_kinds() -> dict[str, str]:
+    """Every TrainingArguments field a config may set, with its plain value type: `int`, `float` or
+    `bool` (`int?` where null is allowed too), or `` for anything else.
+
+    Importing TrainingArguments takes seconds (it imports torch and accelerate), so the table is
+    cached per transformers version: a misspelt key, a wrong value or a bad data row is then
+    reported at once, before anything heavy loads.
+    """
+    from importlib.metadata import version
+
+    base = os.environ.get("CHATLORA_CACHE") or Path.home() / ".cache" / "chatlora"
+    cache = Path(base) / f"training_arguments-{version('transformers')}.json"
+    try:
+        return json.loads(cache.read_text("utf-8"))
+    except (OSError, ValueError):
+        pass
     from transformers import TrainingArguments
 
-    return [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+    hints = typing.get_type_hints(TrainingArguments)
+    kinds = {}
+    for f in dataclasses.fields(TrainingArguments):
+        if f.init:
+            hint = hints[f.name]
+            options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+            plain = _PLAIN.get(options[0], "") if len(options) == 1 else ""
+            kinds[f.name] = plain + ("?" if plain and options != [hint] else "")
+    try:  # a cache that cannot be written costs only the import next time
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(kinds), "utf-8")
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return kinds
+
+
+def _check_training(training: dict[str, Any]) -> None:
+    """Unknown keys and values of the wrong plain type under `training:`, named before anything loads."""
+    kinds = training_argument_kinds()
+    for key, value in training.items():
+        key = str(key)
+        if key not in kinds:
+            raise _unknown(key, list(kinds), "training.")
+        if key == "output_dir":
+            raise ConfigError("training.output_dir is set by chatlora; use output_dir= (the run folder)")
+        kind = kinds[key]
+        if not kind or (value is None and kind.endswith("?")):
+            continue
+        if key == "gradient_checkpointing" and value == "auto":
+            continue  # the memory plan decides it before TrainingArguments sees it (recipes/plan.py)
+        hint = {"int": int, "float": float, "bool": bool}[kind.rstrip("?")]
+        _check(hint, value, f"training.{key}")  # raises ConfigError naming the key, the value and the type
 
 
 def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
@@ -138,12 +196,7 @@ def build(cls: type, raw: Any, where: str) -> Any:
             raise _unknown(str(key), names, where)
         kwargs[key] = _check(hints[key], value, f"{where}{key}")
     if cls is Config and "training" in kwargs:
-        valid = training_argument_names()
-        for key in kwargs["training"]:
-            if key not in valid:
-                raise _unknown(key, valid, "training.")
-            if key == "output_dir":
-                raise ConfigError("training.output_dir is set by chatlora; use output_dir= (the run folder)")
+        _check_training(kwargs["training"])
     return cls(**kwargs)
 
 

@@ -11,7 +11,8 @@ from chatlora.errors import ConfigError
 
 def _choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{section}.{name}: {value!r} is not one of {', '.join(choices)}")
+        key = name if section == "config" else f"{section}.{name}"  # a top-level key has no section
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
 
 
 @dataclass
@@ -39,10 +40,16 @@ class ModelConfig:
     stop_tokens: list[str] = field(default_factory=list)
     """Extra tokens generation stops on, added to the model's generation config (for models whose
     generation config misses the chat template's end-of-turn token)."""
+    quantize: str = "none"
+    """A 4-bit base model for LoRA (QLoRA): `nf4` loads the decoder layers' linear weights as 4-bit
+    NormalFloat with double quantization through bitsandbytes (`pip install 'chatlora[qlora]'`),
+    computing in bfloat16; embeddings, norms and the output layer stay in `dtype`. About a third of
+    the bf16 weights' memory. `none`: the weights as `dtype` says."""
 
     def __post_init__(self) -> None:
         _choice("model", "source", self.source, ("auto", "local", "gguf", "hf", "modelscope"))
         _choice("model", "dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
+        _choice("model", "quantize", self.quantize, ("none", "nf4"))
 
 
 @dataclass
@@ -68,11 +75,13 @@ class DataConfig:
     """Concatenate each micro-batch's samples into one row without padding; attention stays inside
     each sample (checked on the model at start-up; training falls back to padding if it does not).
     False pads every sample to the longest of its micro-batch, as the tutorial does."""
-    batch_tokens: int | None = None
+    batch_tokens: int | str | None = None
     """Token budget of one forward pass. When set, each optimizer step takes the recipe's samples
     (per_device_train_batch_size x gradient_accumulation_steps, kept exactly) and packs them into as
     few forward passes of at most this many tokens as it takes; the loss stays the mean over the
-    step's trained tokens. Needs packing. None: micro-batches of per_device_train_batch_size samples."""
+    step's trained tokens. Needs packing. None: micro-batches of per_device_train_batch_size samples.
+    `auto`: the largest budget the memory plan says fits the GPU (see `chatlora plan`); with
+    training.gradient_checkpointing=auto it also decides checkpointing. Training says what it chose."""
     seed: int = 42
     """Seed of the validation split."""
     cache_dir: str | None = None
@@ -88,8 +97,10 @@ class DataConfig:
         _choice("data", "train_on", self.train_on, ("all", "last"))
         if self.max_length < 8:
             raise ConfigError(f"data.max_length: {self.max_length} is too small (at least 8 tokens)")
-        if self.batch_tokens is not None and (self.batch_tokens < 16 or not self.packing):
-            raise ConfigError("data.batch_tokens needs data.packing=true and a budget of at least 16 tokens")
+        if isinstance(self.batch_tokens, str) and self.batch_tokens != "auto":
+            raise ConfigError(f"data.batch_tokens: {self.batch_tokens!r} is not a number of tokens or auto")
+        if self.batch_tokens is not None and (not self.packing or self.batch_tokens != "auto" and self.batch_tokens < 16):
+            raise ConfigError("data.batch_tokens needs data.packing=true and a budget of at least 16 tokens (or auto)")
         if isinstance(self.validation, float) and not 0 < self.validation < 1:
             raise ConfigError(f"data.validation: fraction {self.validation} must be between 0 and 1")
 
@@ -143,6 +154,62 @@ class EvalConfig:
             raise ConfigError(f"eval.max_new_tokens: {self.max_new_tokens} must be at least 1")
 
 
+def parse_gib(value: str | float | int | None, where: str = "plan.gpu_mem") -> float | None:
+    """A memory size in GiB from `24GiB`, `24GB` (10^9 bytes), `24G`, `24000MiB` or a bare number (GiB).
+
+    Raises ConfigError for anything else."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None if value is None else float(value)
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb|m|tib|tb)?\s*", str(value).lower())
+    if not match:
+        raise ConfigError(f"{where}: {value!r} is not a memory size (e.g. 24GiB, 24GB, 80)")
+    number, unit = float(match.group(1)), match.group(2) or "gib"
+    scale = {"gib": 1, "g": 1, "gb": 1e9 / 2**30, "mib": 1 / 1024, "m": 1 / 1024, "mb": 1e6 / 2**30,
+             "tib": 1024, "tb": 1e12 / 2**30}[unit]
+    return number * scale
+
+
+@dataclass
+class PlanConfig:
+    gpu: str | int | None = None
+    """The GPU the memory and speed plan is made for, by name (h100, h200, a100, l40s, 4090, ...): its
+    memory and peak speed. None: the GPU this machine has (and none on a CPU-only machine)."""
+    gpu_mem: str | float | None = None
+    """Memory to plan for (`24GiB`, `24GB`, or a number of GiB), instead of the GPU's own: to leave room
+    for other work, or to plan for a card you do not have. data.batch_tokens=auto fits within it."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gpu, int):
+            self.gpu = str(self.gpu)  # plan.gpu=4090 reads as a number
+        gib = parse_gib(self.gpu_mem)
+        if gib is not None and gib <= 0:
+            raise ConfigError(f"plan.gpu_mem: {self.gpu_mem!r} must be more than 0")
+
+
+@dataclass
+class DistributedConfig:
+    samples_per_step: int | None = None
+    """Samples per optimizer step over all processes (the global batch). It stays the same whatever the
+    number of processes N (GPUs, or CPU processes): each process takes samples_per_step / N of every
+    step's samples, in micro-batches of at most training.per_device_train_batch_size samples (or in
+    token-budget passes with data.batch_tokens), so one config trains the same model on 1, 2 or 8
+    GPUs. None: training.per_device_train_batch_size x training.gradient_accumulation_steps, the step
+    as written for one process."""
+    strategy: str = "ddp"
+    """How several processes share the work. ddp: each holds the whole model and the gradients are
+    averaged (for models that fit one GPU). fsdp2: the weights are sharded across processes (torch
+    FSDP2 through accelerate; training.fsdp_config tunes it), for models that do not fit one GPU; the
+    LoRA weights stay the only trainable ones and the adapter is gathered whole before it is saved.
+    One process ignores this."""
+
+    def __post_init__(self) -> None:
+        if self.samples_per_step is not None and self.samples_per_step < 1:
+            raise ConfigError(f"distributed.samples_per_step: {self.samples_per_step} must be at least 1")
+        _choice("distributed", "strategy", self.strategy, ("ddp", "fsdp2"))
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -156,17 +223,65 @@ class Config:
     `output_dir` is set by chatlora to the run folder's `checkpoints/`."""
     report: ReportConfig = field(default_factory=ReportConfig)
     """What is printed after training."""
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    """The memory and speed plan printed by `chatlora plan` and at the start of training."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Replies generated on held-out prompts during training, to see the model learn to answer and stop.
     The held-out loss itself follows training.eval_strategy / eval_steps; training.load_best_model_at_end
     keeps the checkpoint with the lowest held-out loss as the run's adapter."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Several processes (GPUs, nodes): the global batch and the strategy (DDP or FSDP2). Launch with
+    `chatlora train --gpus N`, `torchrun` or `accelerate launch`; see docs/multi-gpu.md."""
     output_dir: str | None = None
-    """The run folder. Default: runs/<config name>-<date>-<time>. An existing, non-empty folder is refused."""
+    """The run folder. Default: runs/<config name>-<date>-<time>. An existing, non-empty folder is
+    refused, unless `resume` continues the run in it."""
     name: str = "run"
     """A short name for the run (presets set their own)."""
+    resume: str | None = None
+    """Continue an interrupted run exactly: adapter, optimizer, scheduler, step, data order and random
+    states come from a checkpoint, so the result equals an uninterrupted run's. `auto`: the newest
+    complete checkpoint in `output_dir` (a new run when the folder holds none; nothing to do when
+    its run has finished). A path: that checkpoint folder (RUN/checkpoints/checkpoint-N), or the
+    newest checkpoint of that run folder. Refused when the config or the tokenized training data
+    differ from the checkpoint's (see resume_allow_changes). null: a new run."""
+    resume_allow_changes: bool = False
+    """Resume even when the config or the tokenized training data differ from the checkpoint's (to
+    train on with a higher training.max_steps, say). The differences are printed; the result is then
+    no longer that of an uninterrupted run."""
+    on_nonfinite: str = "stop"
+    """What a NaN or inf training loss or gradient does. stop: training ends, naming the step; the
+    checkpoints saved before are kept (resume from the last good one with other settings). skip:
+    that optimizer step is skipped, the weights stay as they were, and the skipped steps are counted
+    and logged."""
 
     def __post_init__(self) -> None:
+        _choice("config", "on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        if self.resume == "auto" and not self.output_dir:
+            raise ConfigError("resume=auto continues the run in output_dir: give the run folder with output_dir=runs/NAME")
+        if self.resume is not None and not self.resume.strip():
+            raise ConfigError("resume: give auto, or the path of a run folder or checkpoint")
+        _check_training_values(self.training)
         _check_evaluation(self)
+        _check_checkpointing(self)
+
+
+def _check_checkpointing(cfg: Config) -> None:
+    value = cfg.training.get("gradient_checkpointing")
+    if isinstance(value, str) and value != "auto":
+        raise ConfigError(f"training.gradient_checkpointing: {value!r} is not true, false or auto")
+
+
+# Values TrainingArguments accepts but training cannot use, refused with the key named.
+_POSITIVE = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs")
+
+
+def _check_training_values(training: dict[str, Any]) -> None:
+    import math
+
+    for key in _POSITIVE:
+        value = training.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"training.{key}: {value!r} must be a positive number")
 
 
 def _check_evaluation(cfg: Config) -> None:

@@ -39,6 +39,9 @@ class Split:
     rules: dict[str, int] = field(default_factory=dict)
     """How many rows each truncation rule touched."""
     cached: bool = False
+    key: str = ""
+    """The content hash of the split (its cache key): the same rows, settings and tokenizer give the
+    same key. Checkpoints store it, so a resume on other data is noticed."""
 
 
 @dataclass
@@ -62,7 +65,8 @@ def read_conversations(paths: list[str], cfg: DataConfig, formats: dict[str, str
             if e.hint and e.hint not in hints:
                 hints.append(e.hint)
     if problems:
-        hints.append("Fix the rows above, or remove them, and run again.")
+        if any(p.where for p in problems):  # not for a whole-file problem (a missing or empty file)
+            hints.append("Fix the rows above, or remove them, and run again.")
         raise DataError(problems, hint="\n".join(hints))
     return out
 
@@ -121,16 +125,17 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
     folder = cache / key if cache else None
     if folder is not None and (folder / "split.json").is_file():
         meta = json.loads((folder / "split.json").read_text())
-        return Split(name, datasets.load_from_disk(str(folder / "data")), meta["rows"], meta["rules"], cached=True)
+        return Split(name, datasets.load_from_disk(str(folder / "data")), meta["rows"], meta["rules"], cached=True, key=key)
     columns: dict[str, list] = {"input_ids": [], "labels": [], "origin": [], "cut": []}
     counts: Counter[str] = Counter()
-    problems = []
+    problems, unrendered = [], 0
     for conv in tqdm(conversations, desc=f"tokenizing {name}", unit="row", leave=False):
         before = counts[REPLY_TOO_LONG]
         try:
             sample = fit(conv.messages, renderer, cfg.max_length, cfg.overlong, counts)
         except RenderError as e:
             problems.append(Problem(conv.source, conv.where, "", str(e)))
+            unrendered += 1
             continue
         if counts[REPLY_TOO_LONG] > before:
             problems.append(Problem(conv.source, conv.where, "", f"the reply alone is longer than data.max_length={cfg.max_length}"))
@@ -141,9 +146,18 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
         columns["origin"].append(f"{conv.source}:{conv.where}")
         columns["cut"].append(counts[REPLY_TRUNCATED] > 0 and len(sample) == cfg.max_length and sample.labels[-1] not in renderer.end_ids)
     if problems:
-        raise DataError(problems, hint="Raise data.max_length, or set data.overlong=drop or truncate.")
+        hints = ["The model's chat template cannot render these rows (some templates refuse a system message: "
+                 "see data.system_prompt)."] if unrendered else []
+        if len(problems) > unrendered:
+            hints.append("Raise data.max_length, or set data.overlong=drop or truncate.")
+        raise DataError(problems, hint="\n".join(hints))
+    if not columns["input_ids"]:
+        files = ", ".join(sorted({c.source for c in conversations}))
+        raise DataError([Problem(files, "", "", f"no {name} sample is left: all {len(conversations)} rows were dropped "
+                                 f"because their reply alone is longer than data.max_length={cfg.max_length}")],
+                        hint="Raise data.max_length, or set data.overlong=truncate.")
     dataset = datasets.Dataset.from_dict(columns)
-    split = Split(name, dataset, len(conversations), dict(counts))
+    split = Split(name, dataset, len(conversations), dict(counts), key=key)
     if folder is not None:
         _save(folder, dataset, split)
     return split

@@ -32,35 +32,89 @@ def read_rows(path: str) -> list[RawRow]:
     """All rows of a .json (a list of objects) or .jsonl (one object per line) file.
 
     Raises DataError listing every undecodable line, or every malformed JSONL line (with its column),
-    or the first JSON syntax error of a .json file (a JSON document cannot be parsed past it).
+    or the first JSON syntax error of a .json file (a JSON document cannot be parsed past it); and for
+    a path that is missing, not a regular file, unreadable, empty or without rows.
     """
     file = resolve_path(path)
-    if not file.is_file():
-        raise DataError([Problem(path, "", "", "no such file")])
-    data = file.read_bytes()
+    data = _read_bytes(file, path)
     text = _decode(data, path)
+    if not text.strip():
+        raise DataError([Problem(path, "", "", "the file is empty")])
     if file.suffix == ".jsonl" or (file.suffix != ".json" and not text.lstrip().startswith("[")):
-        return _read_jsonl(text, path)
+        rows = _read_jsonl(text, path)
+    else:
+        rows = _read_json(text, path)
+    if not rows:
+        raise DataError([Problem(path, "", "", "the file holds no rows")])
+    return rows
+
+
+def _read_bytes(file: Path, path: str) -> bytes:
+    if not file.exists():
+        return _fail(path, "no such file")
+    if file.is_dir():
+        return _fail(path, "is a folder, not a data file; name the .json or .jsonl file inside it")
+    if not file.is_file():
+        # A FIFO or device would block or never end; chatlora reads regular files only.
+        return _fail(path, "is not a regular file")
+    try:
+        return file.read_bytes()
+    except OSError as e:
+        return _fail(path, f"cannot be read: {e.strerror or e}")
+
+
+def _fail(path: str, reason: str):
+    raise DataError([Problem(path, "", "", reason)])
+
+
+# json recurses once per nesting level and overflows Python's stack; no chat row nests that deep.
+TOO_DEEP = "JSON nested too deeply to be a data row (hundreds of levels of [ or {)"
+
+
+def _read_json(text: str, path: str) -> list[RawRow]:
     try:
         doc = json.loads(text)
+    except RecursionError:
+        raise DataError([Problem(path, "", "", TOO_DEEP)]) from None
     except json.JSONDecodeError as e:
         # A .json file that is really JSON Lines (a common mix-up) is read as such, so each bad line
         # is reported with its own number rather than as "extra data" after the first line.
         first = next((line for line in text.splitlines() if line.strip()), "")
         if _is_json(first):
             return _read_jsonl(text, path)
-        raise DataError([Problem(path, f"line {e.lineno}", "", f"malformed JSON at column {e.colno}: {e.msg}")]) from None
+        raise DataError([Problem(path, f"line {e.lineno}", "", _syntax(e))]) from None
     if not isinstance(doc, list):
-        raise DataError([Problem(path, "", "", f"a .json data file must hold a list of rows, not a {type(doc).__name__}")])
+        raise DataError([Problem(path, "", "", f"a .json data file must hold a list of rows, not a {_json_type(doc)}")])
     return [RawRow(path, f"index {i}", value) for i, value in enumerate(doc)]
 
+
+def _json_type(value: Any) -> str:
+    return {dict: "JSON object", str: "string", list: "list", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _syntax(e: json.JSONDecodeError) -> str:
+    if e.msg.startswith("Unexpected UTF-8 BOM"):
+        # utf-8-sig drops a BOM at the start of the file only; one further in comes from joining files.
+        return "a UTF-8 byte-order mark (BOM) starts this line (were files joined together?); remove it"
+    if e.msg.startswith("Unterminated string"):  # Python's message ends in "starting at", the place given apart
+        return f"malformed JSON at column {e.colno}: a string starts there and never ends (is the file cut off?)"
+    return f"malformed JSON at column {e.colno}: {e.msg}"
 
 def _is_json(line: str) -> bool:
     try:
         json.loads(line)
         return True
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
+
+
+# Files that are not text at all, told apart by their first bytes.
+SIGNATURES = {
+    b"\xff\xfe": "UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8",
+    b"\xfe\xff": "UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8",
+    b"\x1f\x8b": "gzip-compressed; decompress it first (gunzip)",
+    b"PK\x03\x04": "a zip archive; extract the data file from it",
+}
 
 
 def _decode(data: bytes, path: str) -> str:
@@ -68,6 +122,9 @@ def _decode(data: bytes, path: str) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         pass
+    for magic, what in SIGNATURES.items():
+        if data.startswith(magic):
+            raise DataError([Problem(path, "", "", f"not UTF-8 JSON: the file is {what}")])
     problems = []
     for number, line in enumerate(data.split(b"\n"), 1):
         try:
@@ -85,7 +142,9 @@ def _read_jsonl(text: str, path: str) -> list[RawRow]:
         try:
             rows.append(RawRow(path, f"line {number}", json.loads(line)))
         except json.JSONDecodeError as e:
-            problems.append(Problem(path, f"line {number}", "", f"malformed JSON at column {e.colno}: {e.msg}"))
+            problems.append(Problem(path, f"line {number}", "", _syntax(e)))
+        except RecursionError:
+            problems.append(Problem(path, f"line {number}", "", TOO_DEEP))
     if problems:
         raise DataError(problems)
     return rows

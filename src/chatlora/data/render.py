@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from chatlora.errors import ChatloraError
+
 IGNORE = -100
 
 # End-of-turn tokens of common chat templates. Together with the tokenizer's eos token and the
@@ -17,8 +19,8 @@ IGNORE = -100
 KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>", "<|eot|>")
 
 
-class RenderError(ValueError):
-    """A conversation the template cannot render into a prefix-consistent token sequence."""
+class RenderError(ChatloraError, ValueError):
+    """A conversation the template cannot render, or not into a prefix-consistent token sequence."""
 
 
 @dataclass
@@ -55,7 +57,14 @@ class Renderer:
         return probe.labels[-1] if probe.labels[-1] in self.end_ids else None
 
     def text(self, messages: list[dict], generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        """The rendered conversation. Raises RenderError when the template fails or refuses it (many
+        templates `raise_exception` on roles they do not support, a system message for one)."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except TemplateError as e:
+            raise RenderError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
     def encode(self, text: str) -> list[int]:
         # The rendered text carries the template's own special tokens (BOS included), as transformers
@@ -84,7 +93,7 @@ class Renderer:
             if not (full_text.startswith(upto) and upto.startswith(before)):
                 raise RenderError(
                     f"the chat template renders turn {i} differently once later turns follow "
-                    "(it rewrites history), so the reply's tokens cannot be found"
+                    "(it rewrites or drops earlier turns), so the reply's tokens cannot be found"
                 )
             start, end = len(self.encode(before)), len(self.encode(upto))
             if ids[:start] != self.encode(before):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+from functools import lru_cache
 
 import torch
 
 from chatlora.config.schema import ModelConfig
-from chatlora.model import attention
+from chatlora.model import attention, quant
 from chatlora.errors import ModelError
 from chatlora.model.source import Source
 
@@ -58,16 +60,30 @@ def fix_pad_token(tokenizer, end_of_turn: int | None) -> str | None:
     return f"tokenizer {why}; padding with {tokenizer.pad_token} (id {tokenizer.pad_token_id})"
 
 
+@lru_cache(maxsize=4)
+def _model_config(source: Source, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
+
+
+def model_config(source: Source, cfg: ModelConfig):
+    """The model's transformers config (config.json, or a GGUF file's header), read once per source:
+    a GGUF header takes seconds to parse, and the generation config and the memory plan both need it.
+    A copy, so a caller's changes stay its own. Raises what AutoConfig raises (OSError, ValueError)."""
+    return copy.deepcopy(_model_config(source, cfg.trust_remote_code))
+
+
 def load_generation_config(source: Source, cfg: ModelConfig, tokenizer):
     """The model's generation config (read without loading weights), plus `cfg.stop_tokens`."""
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     try:
         gen = GenerationConfig.from_pretrained(source.path, **source.kwargs())
     except OSError:
         # GGUF files and some folders carry no generation_config.json: derive it as transformers does.
         try:
-            config = AutoConfig.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code, **source.kwargs())
+            config = model_config(source, cfg)
         except (OSError, ValueError) as e:
             raise _hub_error(source, "config", e) from None
         gen = GenerationConfig.from_model_config(config)
@@ -104,6 +120,9 @@ def load_model(source: Source, cfg: ModelConfig, tokenizer, generation_config, d
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = resolve_dtype(cfg.dtype)
+    quantize = cfg.quantize == "nf4"
+    if quantize and dtype == torch.float32:
+        dtype = torch.bfloat16  # QLoRA computes in bf16; the unquantized parts stay in it too
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     attn = cfg.attn_implementation
     if attn is None and attention.available() and dtype in (torch.bfloat16, torch.float16):
@@ -115,8 +134,14 @@ def load_model(source: Source, cfg: ModelConfig, tokenizer, generation_config, d
             config = AutoConfig.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code, **source.kwargs())
             with torch.device(device or "cpu"):
                 model = AutoModelForCausalLM.from_config(config, **kwargs)
+            if quantize:
+                model = quant.quantize_in_place(model, dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs, **source.kwargs(), device_map=device)
+            if quantize:
+                # Quantized shard by shard as it loads: the 16-bit model never exists on the GPU.
+                kwargs["quantization_config"] = quant.nf4_config(dtype)
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs, **source.kwargs(),
+                                                         device_map=device or ("cpu" if quantize else None))
     except (OSError, ValueError) as e:
         raise _hub_error(source, "model", e) from None
     if source.gguf_file:

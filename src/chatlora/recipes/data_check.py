@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from chatlora.config.schema import Config
 from chatlora.data import preflight
 from chatlora.data.prepare import Prepared, load_conversations, prepare
-from chatlora.data.render import IGNORE, Renderer
+from chatlora.data.render import IGNORE, Renderer, RenderError
 from chatlora.errors import PreflightError
-from chatlora.model.load import fix_pad_token, load_generation_config, load_tokenizer, stop_ids
 from chatlora.model.source import Source, resolve
 
 
@@ -28,27 +27,48 @@ class Checked:
     report: dict
 
 
+def load_data(cfg: Config, echo: Callable[[str], None] = print) -> Checked:
+    """The data steps without the report: rows read and checked, tokenizer and template loaded,
+    samples tokenized (or loaded from the cache). `check_data` runs this, then reports and checks;
+    the other processes of a multi-process run take this alone, after rank 0 has checked the data.
+
+    Raises DataError (bad rows, before anything is loaded) or ModelError (tokenizer not found).
+    """
+    train_rows, val_rows, formats = load_conversations(cfg.data)
+    for path, fmt in formats.items():
+        echo(f"data: {path} ({fmt})")
+    source = resolve(cfg.model)
+    # Imported only now: torch and transformers take seconds to import, and a bad row or a model path
+    # that does not exist is reported before that cost.
+    from chatlora.model.load import fix_pad_token, load_generation_config, load_tokenizer, stop_ids
+
+    tokenizer = load_tokenizer(source, cfg.model)
+    generation_config = load_generation_config(source, cfg.model, tokenizer)
+    stops = stop_ids(generation_config)
+    try:
+        renderer = Renderer(tokenizer, set(stops), cfg.data.train_on)
+        end_of_turn = renderer.end_of_turn()  # renders a probe conversation: a broken template fails here, once
+    except RenderError as e:
+        raise PreflightError(f"the chat template of {cfg.model.name}: {e}") from None
+    note = fix_pad_token(tokenizer, end_of_turn)
+    if note:
+        echo(note)
+    data = prepare(cfg.data, tokenizer, renderer, train_rows, val_rows)
+    return Checked(source, tokenizer, generation_config, renderer, data, {"formats": formats})
+
+
 def check_data(cfg: Config, echo: Callable[[str], None] = print, samples: int = 2, color: bool | None = None) -> Checked:
     """Run the data steps and print the pre-flight report.
 
     Raises DataError (bad rows, before anything is loaded), ModelError (tokenizer not found) or
     PreflightError (the rendered data would train the model wrongly).
     """
-    train_rows, val_rows, formats = load_conversations(cfg.data)
-    for path, fmt in formats.items():
-        echo(f"data: {path} ({fmt})")
-    source = resolve(cfg.model)
-    tokenizer = load_tokenizer(source, cfg.model)
-    generation_config = load_generation_config(source, cfg.model, tokenizer)
-    stops = stop_ids(generation_config)
-    renderer = Renderer(tokenizer, set(stops), cfg.data.train_on)
-    end_of_turn = renderer.end_of_turn()
-    note = fix_pad_token(tokenizer, end_of_turn)
-    if note:
-        echo(note)
-    data = prepare(cfg.data, tokenizer, renderer, train_rows, val_rows)
+    checked = load_data(cfg, echo)
+    from chatlora.model.load import stop_ids  # after load_data, which imported transformers anyway
 
-    report: dict = {"formats": formats}
+    tokenizer, data, report = checked.tokenizer, checked.data, checked.report
+    stops = stop_ids(checked.generation_config)
+    end_of_turn = checked.renderer.end_of_turn()
     for split in filter(None, (data.train, data.validation)):
         lengths = [len(ids) for ids in split.dataset["input_ids"]]
         trained = sum(sum(1 for t in labels if t != IGNORE) for labels in split.dataset["labels"])
@@ -77,4 +97,4 @@ def check_data(cfg: Config, echo: Callable[[str], None] = print, samples: int = 
     if result.failures:
         raise PreflightError("pre-flight failed:\n" + "\n".join(f"  - {f}" for f in result.failures))
     echo("pre-flight: ok")
-    return Checked(source, tokenizer, generation_config, renderer, data, report)
+    return checked

@@ -18,6 +18,7 @@ import torch
 
 from chatlora.data.formats import Conversation
 from chatlora.errors import ChatloraError, DataError
+from chatlora.model import quant
 from chatlora.model.from_run import Loaded, default_device, load_target
 from chatlora.model.load import add_stop_tokens, resolve_dtype, stop_ids
 from chatlora.recipes.eval import held_out, target_config
@@ -123,7 +124,11 @@ def merge(target: str, out: str, *, model: str | None = None, dtype: str = "auto
 
     echo(f"reference: base + adapter logits on {len(texts)} held-out conversations")
     reference = logits_of(loaded.model, texts)
-    merged = loaded.model.merge_and_unload(progressbar=True)
+    four_bit = quant.is_4bit(loaded.model.get_base_model())
+    if four_bit:
+        merged = merge_dequantized(loaded.model, adapter_file(target).parent, echo)
+    else:
+        merged = loaded.model.merge_and_unload(progressbar=True)
     save_dtype = resolve_dtype(dtype) if dtype != "auto" else next(merged.parameters()).dtype
     merged = merged.to(save_dtype)
     end_of_turn = renderer.end_of_turn()
@@ -161,6 +166,12 @@ def merge(target: str, out: str, *, model: str | None = None, dtype: str = "auto
                 f"the merged model does not match base + adapter within the tolerance (max |logit difference| "
                 f"{result['max_abs_diff']:.3g} > {atol:g} or top-1 agreement {result['top1_agreement']:.2%} < {top1:.0%}); "
                 f"nothing was written to {final}. A 16-bit --dtype loosens the tolerance; --max-diff sets it.")
+        if four_bit:
+            result["dequantized_from"] = "nf4"
+            echo(f"warning: this adapter was trained on a 4-bit (NF4) base. The merged model is that base de-quantized "
+                 f"to {result['dtype']} with the adapter merged in: against the 4-bit base + adapter it was trained as, "
+                 f"max |logit difference| {result['max_abs_diff']:.3g}, top-1 agreement {result['top1_agreement']:.2%}. "
+                 "Its weights carry the 4-bit rounding: it is not the original 16-bit base + adapter.")
         (tmp / "chatlora_merge.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
         if final.exists():
             final.rmdir()  # an empty folder, checked above
@@ -169,6 +180,18 @@ def merge(target: str, out: str, *, model: str | None = None, dtype: str = "auto
         shutil.rmtree(tmp, ignore_errors=True)
     echo(f"merged model: {final}  (stops on {', '.join(stops)})")
     return result
+
+
+def merge_dequantized(model, adapter_dir: Path, echo: Callable[[str], None]):
+    """Merge into a de-quantized copy of a 4-bit base. peft's own merge into 4-bit layers
+    re-quantizes the sum, losing most of the adapter's small update to 4-bit rounding; instead the
+    base's weights are de-quantized exactly as the 4-bit matmuls saw them, and the adapter merged
+    into those in 16 bits."""
+    from peft import PeftModel
+
+    echo("the base is 4-bit (NF4): de-quantizing it to bfloat16, then merging the adapter into it")
+    base = quant.dequantize(model.unload(), torch.bfloat16)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload(progressbar=True)
 
 
 def readable(folder: Path) -> None:

@@ -15,15 +15,21 @@ from chatlora.config.schema import Config
 from chatlora.data.collate import PackCollator, PadCollator
 from chatlora.errors import ConfigError
 from chatlora.model.generate import generate_replies
+from chatlora.model import quant
 from chatlora.model.load import load_model
 from chatlora.model.lora import add_lora, count_parameters
-from chatlora.recipes.data_check import check_data
+from chatlora.recipes.data_check import check_data, load_data
+from chatlora.recipes.plan import plan_for, samples_of
 from chatlora.run import RunDir, replace_dir
+from chatlora.trainer import distributed
 from chatlora.trainer.callbacks import MetricsLog, Progress
 from chatlora.trainer.evaluation import GenerationMonitor, evaluation_arguments, log_tensorboard_to
+from chatlora.trainer.fsdp import ShardedModel, full_adapter_state
+from chatlora.trainer.lifecycle import RunLifecycle
 from chatlora.trainer.loss import packing_is_exact
 from chatlora.trainer.plot import plot_losses
 from chatlora.trainer.trainer import ChatTrainer
+from chatlora.trainer.world import start as start_world
 
 # chatlora's defaults for TrainingArguments; anything under `training:` in the config wins.
 TRAINING_DEFAULTS = {
@@ -39,10 +45,12 @@ TRAINING_DEFAULTS = {
 }
 
 
-def training_arguments(cfg: Config, run: RunDir):
+def training_arguments(cfg: Config, run: RunDir, processes: int = 1):
     from transformers import TrainingArguments
 
     kwargs = {**TRAINING_DEFAULTS, **cfg.training, "output_dir": str(run.checkpoints)}
+    # This process's share of the global batch (distributed.samples_per_step), and DDP/FSDP2 settings.
+    kwargs = distributed.distributed_arguments(cfg, kwargs, processes)
     if cfg.data.batch_tokens:
         # The whole optimizer step's samples come as one batch; PackCollator splits it into forward
         # passes by the token budget, so the samples per step stay the recipe's.
@@ -59,25 +67,64 @@ def training_arguments(cfg: Config, run: RunDir):
 
 
 def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | None = None) -> RunDir:
-    """Train a LoRA adapter as the config says; returns the run folder. `callbacks` are extra
-    transformers TrainerCallbacks (benchmarks use them to time steps)."""
+    """Train a LoRA adapter as the config says (or resume one: `cfg.resume`); returns the run folder.
+    `callbacks` are extra transformers TrainerCallbacks (benchmarks use them to time steps).
+
+    Raises ChatloraError for bad input, Preempted after SIGTERM or a first Ctrl-C (a checkpoint is
+    saved), NonFiniteError on a NaN/inf loss, StorageError when the disk refuses a write
+    (trainer/lifecycle.py: what is kept of the run folder in each case)."""
+    with RunLifecycle(cfg, echo) as life:
+        return _train(cfg, echo, callbacks, life)
+
+
+def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, life: RunLifecycle) -> RunDir:
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
-    # 1. Data: every row checked and rendered before any weight is loaded.
-    checked = check_data(cfg, echo)
+    # Several processes (torchrun, accelerate launch, --gpus): rank 0 prints and writes for all.
+    world = start_world(cfg.training)
+    if not world.main:
+        echo = lambda _line: None  # noqa: E731
+
+    # 1. Data: every row checked and rendered before any weight is loaded; rank 0 tokenizes first
+    # into the cache, the other processes then load it from there.
+    checked = world.in_turn(lambda: check_data(cfg, echo) if world.main else load_data(cfg, echo))
     tokenizer, data = checked.tokenizer, checked.data
-    run = RunDir.for_config(cfg)
-    args = training_arguments(cfg, run)  # checked before the run folder exists: a bad value leaves nothing
-    run.create()
-    run.write_config(to_dict(cfg))
-    run.write_json(run.data_report, checked.report)
-    tokenizer.save_pretrained(run.tokenizer)
+    # The memory plan, before any weight loads: an out-of-memory found now costs seconds, not minutes.
+    # data.batch_tokens=auto / training.gradient_checkpointing=auto are decided here.
+    cfg = plan_for(cfg, checked.source, samples_of(data), echo)[0]
+    if cfg.model.quantize != "none":
+        quant.require_cuda_for_training()
+    run = RunDir(world.share(str(RunDir.for_config(cfg).path)))  # rank 0's name: it holds the time
+    args = training_arguments(cfg, run, world.size)  # checked before the run folder exists: a bad value leaves nothing
+    split = distributed.record(cfg, args, world.size, world.nodes)
+
+    def decide():  # rank 0 alone makes (or reuses) the run folder; an error there stops every process
+        checkpoint = life.start(run, args, data.train.key)  # a new folder, or the checkpoint to resume from
+        if checkpoint:
+            note = distributed.check_resume(life.run.path, split)  # a changed world size: handled or refused
+            if note:
+                echo(note)
+        return life.decision()
+
+    decision = world.share(world.on_main(decide))
+    resume = decision[2] if decision[0] == "resume" else None
+    if not world.main:
+        life.follow(args, data.train.key, decision)
+    if life.finished:
+        return life.run
+    run = life.run
+    if world.main:
+        run.write_config(to_dict(cfg))
+        run.write_json(run.data_report, checked.report)
+        tokenizer.save_pretrained(run.tokenizer)
+        distributed.write_record(run.path, split)
     echo(f"run folder: {run.path}")
 
     # 2. Model and adapter.
     seed = int(cfg.training.get("seed", TRAINING_DEFAULTS["seed"]))
     set_seed(seed)
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else None
+    # FSDP2 loads on the CPU (the model need not fit one GPU); fully_shard moves each shard to its GPU.
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() and not args.fsdp else None
     model = load_model(checked.source, cfg.model, tokenizer, checked.generation_config, device)
     set_seed(seed)  # the adapter's initial weights depend on the seed alone, not on what loading drew
     model = add_lora(model, cfg.lora, args.gradient_checkpointing)
@@ -87,11 +134,11 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
     # 3. Train.
     collator = PadCollator(tokenizer.pad_token_id)
     if cfg.data.packing:
-        if packing_is_exact(model):
+        if args.fsdp or packing_is_exact(model):  # FSDP2: checked on the sharded model (fsdp.ShardedModel)
             collator = PackCollator(cfg.data.batch_tokens)
         else:
             echo("warning: this model lets packed samples attend to each other; padding instead (data.packing=false)")
-    echo(f"batches: {args.per_device_train_batch_size * args.gradient_accumulation_steps} samples per optimizer step, "
+    echo(f"batches: {distributed.describe(args, world.size)}, "
          + (f"packed into forward passes of at most {cfg.data.batch_tokens} tokens" if cfg.data.batch_tokens and isinstance(collator, PackCollator)
             else f"{args.per_device_train_batch_size} per forward pass, " + ("packed" if isinstance(collator, PackCollator) else "padded"))
          + f"; attention: {model.config._attn_implementation}")
@@ -106,36 +153,45 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
         eval_dataset=data.validation.dataset.select_columns(columns) if data.validation else None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[progress, MetricsLog(run.metrics, run.plot, progress), *([monitor] if monitor else []), *(callbacks or [])],
+        callbacks=[*([ShardedModel(isinstance(collator, PackCollator))] if args.fsdp else []),  # before the monitor
+                   progress, MetricsLog(run.metrics, run.plot, progress), *([monitor] if monitor else []), *(callbacks or [])],
     )
     if monitor:
         monitor.trainer = trainer
     log_tensorboard_to(trainer, run.path / "tensorboard")
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    before = trainer.evaluate()["eval_loss"] if data.validation else None
-    trainer.train()
+    life.attach(trainer)  # stamped atomic checkpoints, the NaN guard, stop on SIGTERM / first Ctrl-C
+    before = life.eval_loss_before() if resume else trainer.evaluate()["eval_loss"] if data.validation else None
+    distributed.undo_evaluation_prepare(trainer)  # else DDP would never wrap the model (see there)
+    trainer.train(resume_from_checkpoint=resume)
+    life.finished_training(trainer)  # raises Preempted when a signal stopped it early
     if args.load_best_model_at_end and trainer.state.best_model_checkpoint:
         echo(f"best checkpoint: {trainer.state.best_model_checkpoint} (eval_loss {trainer.state.best_metric:.4f}), "
              "kept as the run's adapter")
 
     # 4. Save: the adapter goes to a temporary folder first, so a crash never leaves half of one.
     tmp = run.path / ".adapter.tmp"
-    # save_embedding_layers=False: only LoRA weights are trained, so peft need not look up the base
-    # model's config to guess whether the vocabulary changed.
-    model.save_pretrained(tmp, save_embedding_layers=False)
-    replace_dir(tmp, run.adapter)
+    state = full_adapter_state(model)  # FSDP2: every process gathers the LoRA shards whole; else None
+    if world.main:
+        # save_embedding_layers=False: only LoRA weights are trained, so peft need not look up the base
+        # model's config to guess whether the vocabulary changed.
+        model.save_pretrained(tmp, save_embedding_layers=False, state_dict=state)
+        replace_dir(tmp, run.adapter)
     if data.validation:
         after = trainer.evaluate()["eval_loss"]
-        plot_losses(run.metrics, run.plot)  # with the final eval point
+        if world.main:
+            plot_losses(run.metrics, run.plot)  # with the final eval point
         echo(f"held-out loss: {before:.4f} before training -> {after:.4f} after")
     echo(f"adapter saved: {run.adapter}  (loss plot: {run.plot})")
     if cfg.report.compare and data.val_conversations:
-        compare(model, checked.renderer, data.val_conversations[: cfg.report.compare], cfg.report.max_new_tokens, echo, run)
+        # Every process generates (under FSDP2 each forward needs all of them); rank 0 writes.
+        compare(model, checked.renderer, data.val_conversations[: cfg.report.compare], cfg.report.max_new_tokens, echo,
+                run if world.main else None)
     return run
 
 
-def compare(model, renderer, conversations, max_new_tokens: int, echo: Callable[[str], None], run: RunDir) -> None:
+def compare(model, renderer, conversations, max_new_tokens: int, echo: Callable[[str], None], run: RunDir | None) -> None:
     """Greedy replies of the base model and the adapter to held-out prompts, one under the other."""
     prompts = [c.messages[:-1] for c in conversations]
     tuned = generate_replies(model, renderer, prompts, max_new_tokens)
@@ -149,4 +205,5 @@ def compare(model, renderer, conversations, max_new_tokens: int, echo: Callable[
                   f"   expected: {conv.messages[-1]['content']}"]
     for line in lines:
         echo(line)
-    (run.path / "compare.txt").write_text("\n".join(lines).strip() + "\n", encoding="utf-8")
+    if run is not None:
+        (run.path / "compare.txt").write_text("\n".join(lines).strip() + "\n", encoding="utf-8")

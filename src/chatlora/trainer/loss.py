@@ -33,10 +33,17 @@ def causal_lm(model):
 
 
 def separable_head(model) -> torch.nn.Linear | None:
-    """The output layer when logits are exactly `head(hidden)`, else None."""
+    """The output layer when logits are exactly `head(hidden)` and it can run outside the model's
+    forward pass, else None."""
+    from chatlora.trainer.fsdp import sharded
+
     base = causal_lm(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or any(getattr(base.config, a, None) for a in LOGIT_TRANSFORMS):
+        return None
+    if sharded(model, [head.weight]):
+        # FSDP2: each rank holds a shard of the head's weight, gathered only inside the forward
+        # pass; applied outside it, the shard would be used as if it were the whole weight.
         return None
     return head
 

@@ -10,7 +10,13 @@ from pathlib import Path
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text("utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # blank, or the last line of a run killed while writing it
+    return rows
 
 
 def plot_losses(metrics: Path, out: Path) -> bool:

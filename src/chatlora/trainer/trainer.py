@@ -5,19 +5,38 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import torch
+
 from peft.helpers import disable_input_dtype_casting
-from transformers import Trainer
 
 from chatlora.trainer.loss import trained_token_loss
+from chatlora.trainer.safe_trainer import SafeTrainer
 
 
-class ChatTrainer(Trainer):
+class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; losses noted for the NaN guard
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # Our loss is divided by num_items_in_batch, the trained tokens of the whole optimizer step
         # (all micro-batches, all ranks), so Trainer must not divide it by the accumulation steps
         # again; this is the flag it reads for that.
         self.model_accepts_loss_kwargs = True
+        self.loss_weight = 1.0
+        """0 during a pass that only keeps the processes of a sharded model in step (see passes())."""
+
+    def passes(self, count: int) -> int:
+        """How many forward passes to make for `count` chunks: `count`, or under FSDP on several
+        processes the most any process has. FSDP gathers each layer's weights in every forward and
+        backward pass, so a process that made fewer passes than another would leave it waiting in a
+        collective for ever: a hang, not an error (token-budget chunks differ between processes). The
+        extra passes repeat the last chunk with its loss weighted zero. DDP needs none of this: it
+        communicates once per step, after the last pass."""
+        if not self.is_fsdp_enabled or self.accelerator.num_processes == 1:
+            return count
+        import torch.distributed as dist
+
+        most = torch.tensor(count, device=self.accelerator.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        return int(most)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         chunks = inputs.get("chunks")
@@ -25,11 +44,13 @@ class ChatTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         # One optimizer step's samples in several forward/backward passes (PackCollator's token
         # budget). Gradients add up; each chunk's loss is already divided by the step's token count.
-        total = 0.0
-        for i, chunk in enumerate(chunks):
-            last = i == len(chunks) - 1
+        total, passes = 0.0, self.passes(len(chunks))
+        for i in range(passes):
+            last = i == passes - 1
+            self.loss_weight = 1.0 if i < len(chunks) else 0.0
             with nullcontext() if last else self.accelerator.no_sync(model):
-                total = total + super().training_step(model, chunk, num_items_in_batch)
+                total = total + super().training_step(model, chunks[min(i, len(chunks) - 1)], num_items_in_batch)
+        self.loss_weight = 1.0
         return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -39,6 +60,9 @@ class ChatTrainer(Trainer):
         # so the copies are pure cost (a third of the step's memory on a 7B model).
         with disable_input_dtype_casting(model, active=self.args.bf16 or self.args.fp16):
             sums = [trained_token_loss(model, part) for part in parts]
+            if not model.training:  # evaluation: as many passes as every other process (see passes())
+                for _ in range(self.passes(len(parts)) - len(parts)):
+                    trained_token_loss(model, parts[-1])
         total, count = sum(s for s, _ in sums), sum(c for _, c in sums)
         if num_items_in_batch is None:
             loss = total / count.clamp_min(1)
@@ -47,5 +71,7 @@ class ChatTrainer(Trainer):
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 # num_items_in_batch counts every rank's tokens and DDP averages gradients over ranks.
                 loss = loss * self.accelerator.num_processes
+        if self.loss_weight != 1.0:
+            loss = loss * self.loss_weight
         return (loss, {}) if return_outputs else loss  # no logits kept: evaluation is loss-only
 

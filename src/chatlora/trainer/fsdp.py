@@ -1,0 +1,100 @@
+"""FSDP2 (distributed.strategy=fsdp2): what changes when every process holds only a shard of each weight.
+
+- The adapter is saved whole: each process holds a shard of every LoRA weight (a DTensor), so all of
+  them gather the full tensors before rank 0 writes the file. Saving the local shards instead gives
+  an adapter with 1/N of each weight, or an empty one: a known failure of FSDP/ZeRO LoRA runs.
+- The packing check runs once the model is sharded (the first training step's set-up), on the GPUs,
+  because the model is loaded on the CPU (it need not fit one GPU) where a GPU attention kernel
+  cannot run.
+- generate() must keep every rank stepping until all are done (each forward gathers weights from
+  all): transformers does it for modules that fully_shard marks as FSDP-managed (synced_gpus), and
+  generate() runs FSDP's gather hooks once registered as a forward method (ShardedModel below).
+The loss takes the model's own logits: a sharded output layer cannot be applied outside the forward
+pass (trainer.loss.separable_head).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from chatlora.errors import ConfigError
+
+
+def sharded(model, weights=None) -> bool:
+    """Whether the model is sharded by FSDP2: it is an FSDP module, or one of `weights` (default: all
+    its parameters) is a DTensor shard."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(model, FSDPModule) or any(isinstance(p, DTensor) for p in (model.parameters() if weights is None else weights))
+
+
+def full_adapter_state(model) -> dict[str, torch.Tensor] | None:
+    """The trainable (LoRA) weights whole, on the CPU, for peft's save_pretrained(state_dict=...).
+
+    Every process must call it (each gathers its shards from all the others). Returns None for a
+    model that is not sharded: peft then reads the weights itself.
+    """
+    if not sharded(model):
+        return None
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():
+        # A forward pass (the last evaluation) may leave some units holding gathered weights in
+        # place of their shards; back to shards, so every process walks the same DTensors.
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    state: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():  # the same order on every process
+        if p.requires_grad:
+            full = p.full_tensor() if isinstance(p, DTensor) else p
+            state[name] = full.detach().to("cpu", copy=True)
+    return state
+
+
+class ShardedModel(TrainerCallback):
+    """What FSDP2 needs once Trainer (accelerate) has sharded the model, which happens at the first
+    evaluation or at the start of training, whichever comes first. Put it before the callbacks that
+    generate (trainer.evaluation.GenerationMonitor).
+
+    - generate() runs FSDP's gather hooks like forward() does. Trainer registers that when training
+      starts; the evaluation before training comes earlier.
+    - With `check_packing`, trainer.loss.packing_is_exact on the sharded model before the first step
+      (every rank runs it: each forward needs all of them). A model whose attention crosses packed
+      samples stops the run: there is no falling back to padding once training has begun.
+    """
+
+    def __init__(self, check_packing: bool):
+        self.check_packing = check_packing
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs: Any):
+        _register_generate(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs: Any):
+        from torch.distributed.fsdp import FSDPModule
+
+        from chatlora.trainer.loss import packing_is_exact
+
+        _register_generate(model)
+        if not self.check_packing:
+            return
+        exact = packing_is_exact(model)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()  # as Trainer leaves it before the first step
+        if not exact:
+            raise ConfigError("this model lets packed samples attend to each other; with distributed.strategy=fsdp2 "
+                              "set data.packing=false (padded batches)")
+
+
+def _register_generate(model) -> None:
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    if sharded(model) and not hasattr(model.generate, "__wrapped__"):  # once: Trainer may have done it
+        register_fsdp_forward_method(model, "generate")

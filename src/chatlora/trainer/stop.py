@@ -1,0 +1,71 @@
+"""Stopping on request without losing anything: SIGTERM (spot instances, schedulers, `kill`) or a first
+Ctrl-C during training saves a checkpoint at the end of the current optimizer step and stops; the
+recipe then exits with EXIT_PREEMPTED, and `resume=auto` continues exactly there.
+
+A second signal, or one before the training loop has begun (loading, tokenizing: nothing to save
+yet) or after it has ended, stops at once with KeyboardInterrupt (exit 130).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+import torch
+from transformers import TrainerCallback
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopOnSignal(TrainerCallback):
+    def __init__(self):
+        self.requested: str | None = None
+        """The name of the signal that asked training to stop (SIGTERM, SIGINT), or None."""
+        self.stopped_at: int | None = None
+        """The step whose end saved the checkpoint and stopped training."""
+        self.in_loop = False
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        # Python delivers signals to the main thread only, and refuses handlers from other threads.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+
+    def uninstall(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None or not self.in_loop:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: saving a checkpoint at the end of this step, then stopping "
+              "(Ctrl-C again to stop at once, without it)", file=sys.stderr, flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.in_loop = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if any_rank(self.requested is not None, args.device):
+            # Every rank stops at the same step: a signal may reach the ranks of a torchrun job at
+            # slightly different moments, and a rank left training alone would wait forever.
+            self.requested = self.requested or "a signal to another rank"
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.in_loop = False
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True when `flag` is true on any rank of a distributed job, so all ranks take the same branch."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # one tiny collective per optimizer step
+    return bool(t.item())

@@ -1,0 +1,118 @@
+"""chatlora's FSDP2 parts on 2 CPU processes (gloo), run by tests/test_fsdp2.py under torchrun:
+
+    python -m torch.distributed.run --nproc-per-node 2 tests/fsdp2_worker.py MODEL_DIR OUT_DIR
+
+accelerate (and so Trainer) shards models on GPUs only, so here the tiny model is sharded with torch's
+own fully_shard the way accelerate does it (each decoder layer, then the root), and trained for a few
+SGD steps with chatlora's loss, each process on its half of every step's samples. Rank 0 trains an
+unsharded copy on the whole steps alongside, and writes OUT_DIR/result.json, the adapter saved from
+the gathered state (OUT_DIR/sharded) and the reference adapter (OUT_DIR/reference).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+STEPS = [  # 4 samples per optimizer step; process r takes samples 2r and 2r+1
+    [{"input_ids": list(range(3, 40)), "labels": [-100] * 20 + list(range(23, 40))},
+     {"input_ids": list(range(50, 70)), "labels": [-100] * 5 + list(range(55, 70))},
+     {"input_ids": [5, 9, 13, 200, 7, 256], "labels": [-100, -100, -100, 200, 7, 256]},
+     {"input_ids": list(range(100, 131)), "labels": [-100] * 10 + list(range(110, 131))}],
+    [{"input_ids": [8, 3, 256], "labels": [-100, 3, 256]},
+     {"input_ids": list(range(7, 70)), "labels": [-100] * 30 + list(range(37, 70))},
+     {"input_ids": list(range(1, 11)) + [256], "labels": [-100] * 6 + list(range(7, 11)) + [256]},
+     {"input_ids": list(range(60, 90)), "labels": [-100] * 12 + list(range(72, 90))}],
+]
+ROUNDS = 2  # passes over STEPS
+
+
+def build(model_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    from chatlora.config.schema import LoraSettings
+    from chatlora.model.lora import add_lora
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+
+
+def main(model_dir: str, out: Path) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from transformers import AutoTokenizer
+
+    from chatlora.data.collate import PackCollator
+    from chatlora.data.render import Renderer
+    from chatlora.model.generate import generate_replies
+    from chatlora.trainer.fsdp import full_adapter_state, sharded
+    from chatlora.trainer.loss import separable_head, trained_token_loss
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # a rank left waiting fails the test soon
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    model = build(model_dir)
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    register_fsdp_forward_method(model, "generate")  # as Trainer does for FSDP
+    reference = build(model_dir) if rank == 0 else None
+    result: dict = {"sharded": sharded(model), "head_split_when_sharded": separable_head(model) is not None,
+                    "head_split_reference": reference is not None and separable_head(reference) is not None,
+                    "losses": [], "reference_losses": []}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.5)
+    ref_optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.5) if reference else None
+    for step in STEPS * ROUNDS:
+        total, count = trained_token_loss(model, PackCollator()(step[2 * rank : 2 * rank + 2]))
+        # As ChatTrainer: divided by the trained tokens of the whole step (all processes), times the
+        # number of processes, because FSDP averages the gradients over them.
+        tokens = count.clone().float()
+        dist.all_reduce(tokens)
+        (total / tokens * world).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        summed = total.detach().clone()
+        dist.all_reduce(summed)
+        result["losses"].append((summed / tokens).item())
+        if reference is not None:
+            ref_total, ref_count = trained_token_loss(reference, PackCollator()(step))
+            (ref_total / ref_count).backward()
+            ref_optimizer.step()
+            ref_optimizer.zero_grad()
+            result["reference_losses"].append((ref_total / ref_count).item())
+
+    # The known failure: each process's own LoRA weights are shards (half of each weight's rows here).
+    local = {n: list(p.to_local().shape) for n, p in model.named_parameters() if p.requires_grad}
+    state = full_adapter_state(model)
+    result["local_shapes"], result["full_shapes"] = local, {n: list(t.shape) for n, t in state.items()}
+
+    # Generation: the two processes ask for replies of different lengths; under FSDP each forward
+    # needs both, so the one that is done first must keep stepping (transformers' synced_gpus, on for
+    # modules fully_shard marks). Counted: forward passes of a decoder layer, i.e. the weight gathers
+    # this process took part in.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    renderer = Renderer(tokenizer, {tokenizer.eos_token_id}, "all")
+    forwards = [0]
+    hook = model.base_model.model.model.layers[0].register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    replies = generate_replies(model, renderer, [[{"role": "user", "content": "hi"}]], max_new_tokens=3 + 5 * rank)
+    hook.remove()
+    counts: list = [None] * world
+    dist.all_gather_object(counts, {"forwards": forwards[0], "tokens": replies[0].tokens})
+    result["generation"] = counts
+    if rank == 0:
+        model.save_pretrained(out / "sharded", state_dict=state, save_embedding_layers=False)
+        reference.save_pretrained(out / "reference", save_embedding_layers=False)
+        (out / "result.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

@@ -1,0 +1,266 @@
+"""Several processes on the CPU (gloo): 2 processes, and 2 nodes on loopback, train the tiny model
+exactly as one process does with the same global batch; the global batch split; the resume record.
+
+The runs cross an epoch boundary (16 rows, 4 samples per step, 6 steps), so the reshuffled second
+epoch is covered too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatlora.errors import ConfigError
+from chatlora.trainer.distributed import check_resume, distributed_arguments, split_step
+from chatlora.trainer.plot import read_metrics
+from chatlora.trainer.world import World
+from conftest import FIXTURES, run_cli, tiny_config
+
+ROWS = [str(FIXTURES / "alpaca.json"), str(FIXTURES / "sharegpt.json"), str(FIXTURES / "openai.jsonl")]  # 10 + 3 + 3
+# The single-process recipe: 2 x 2 samples per step. Held-out data and replies run too (on every rank).
+COMMON = [f"data.train=[{','.join(ROWS)}]", f"data.validation={FIXTURES / 'openai.jsonl'}",
+          "training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2", "training.max_steps=6",
+          "lora.dropout=0.0", "eval.prompts=1", "eval.max_new_tokens=6", "report.compare=1", "report.max_new_tokens=6"]
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+
+
+def assert_same_training(run: Path, reference: Path) -> None:
+    from safetensors.torch import load_file
+
+    assert losses(run) == pytest.approx(losses(reference), rel=1e-5)
+    assert len(losses(run)) == 6
+    a, b = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (run, reference))
+    assert a.keys() == b.keys()
+    for key in a:
+        # Relative to the whole tensor: Adam divides each element's gradient by its own running size,
+        # so a gradient element near zero turns summation-order rounding (other micro-batches, other
+        # processes) into an update difference of a few 1e-6; a real error (a missed gradient
+        # average, a lost sample) moves whole tensors by percents.
+        assert (a[key] - b[key]).norm() <= 1e-4 * b[key].norm(), key
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory) -> Path:
+    from chatlora.recipes.train import train
+
+    tmp = tmp_path_factory.mktemp("one")
+    return train(tiny_config(tiny_model_dir, tmp, *COMMON), echo=lambda _line: None).path
+
+
+def config_file(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """The tiny config as a YAML file, as a user would launch it."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"name: tiny\nmodel: {{name: {tiny_model_dir}}}\ndata: {{train: x, max_length: 128}}\n"
+                    "lora: {r: 4, alpha: 8}\ntraining: {learning_rate: 1.0e-2, logging_steps: 1}\n")
+    return path
+
+
+def env_for(cache: Path) -> dict[str, str]:
+    # One thread per process keeps 2 processes on 2 cores; a fresh cache shows who tokenizes.
+    return {"OMP_NUM_THREADS": "1", "CHATLORA_CACHE": str(cache)}
+
+
+def test_two_processes_train_as_one(tiny_model_dir, tmp_path, one_process):
+    """`chatlora train --gpus 2` (torchrun under the hood; gloo on the CPU): the same losses and adapter
+    as one process, the data tokenized once, every line, bar and file written once."""
+    out = tmp_path / "run"
+    result = run_cli("train", "--gpus", "2", str(config_file(tiny_model_dir, tmp_path)), *COMMON, f"output_dir={out}",
+                     cwd=tmp_path, env=env_for(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_training(out, one_process)
+    stdout, stderr = result.stdout, result.stderr
+    assert "no GPU here: training on 2 CPU processes (gloo)" in stdout
+    assert "batches: 4 samples per optimizer step (2 on each of 2 processes), 2 per forward pass, packed" in stdout
+    for line in ("pre-flight: ok", "run folder: ", "step 6/6  loss ", "held-out loss: ", "adapter saved: ", "── "):
+        assert stdout.count(line) == 1, line
+    assert stderr.count("tokenizing train:   0%") == 1, "only rank 0 tokenizes; the other loads the cache"
+    assert stderr.count("training:   0%") == 1, "one progress bar"
+    assert json.loads((out / "distributed.json").read_text()) == {
+        "processes": 2, "nodes": 1, "strategy": "ddp", "samples_per_step": 4, "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1}
+    assert sum("eval_loss" in r for r in read_metrics(out / "metrics.jsonl")) == 2  # one line per evaluation, not two
+    assert (out / "compare.txt").is_file() and (out / "loss.png").is_file()
+
+
+def cut_after_first_checkpoint(run: Path) -> None:
+    """Make a finished run look like one killed after its step-3 checkpoint."""
+    import shutil
+
+    shutil.rmtree(run / "adapter")
+    shutil.rmtree(run / "checkpoints" / "checkpoint-6")
+
+
+def test_resume_on_two_processes_and_on_one(tiny_model_dir, tmp_path, one_process):
+    """A 2-process run cut after its step-3 checkpoint resumes on 2 processes (nothing changed) and,
+    being DDP with the same global batch, on 1 process too (said so); both end as the uninterrupted run."""
+    out = tmp_path / "run"
+    config = str(config_file(tiny_model_dir, tmp_path))
+    saving = ["training.save_strategy=steps", "training.save_steps=3"]
+    first = run_cli("train", "--gpus", "2", config, *COMMON, *saving, f"output_dir={out}", cwd=tmp_path, env=env_for(tmp_path / "cache"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    cut_after_first_checkpoint(out)
+    again = run_cli("train", "--gpus", "2", config, *COMMON, *saving, f"output_dir={out}", "resume=auto", cwd=tmp_path,
+                    env=env_for(tmp_path / "cache"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("resuming from ") == 1 and "checkpoint-3 (step 3)" in again.stdout
+    assert_same_training(out, one_process)
+
+    cut_after_first_checkpoint(out)
+    alone = run_cli("train", config, *COMMON, *saving, f"output_dir={out}", "resume=auto", cwd=tmp_path, env=env_for(tmp_path / "cache"))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "resuming on 1 processes (the run began on 2): the same 4 samples per step, split differently" in alone.stdout
+    assert_same_training(out, one_process)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback(tiny_model_dir, tmp_path, one_process):
+    """Two torchrun launchers, one process each, meeting through the c10d rendezvous as two nodes
+    would. Here each process takes 1-sample micro-batches, packed into token-budget passes: the
+    same training still."""
+    port, out = free_port(), tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "chatlora-test", "-m", "chatlora", "train",
+           str(config_file(tiny_model_dir, tmp_path)), *COMMON, "distributed.samples_per_step=4",
+           "training.per_device_train_batch_size=1", "data.batch_tokens=120", f"output_dir={out}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_for(tmp_path / "cache")}
+    nodes = [subprocess.Popen([*cmd[:3], "--node-rank", str(i), *cmd[3:]], cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[1][-2000:] for o in outputs)
+    assert_same_training(out, one_process)
+    stdout, stderr = "".join(o[0] for o in outputs), "".join(o[1] for o in outputs)
+    assert "batches: 4 samples per optimizer step (2 on each of 2 processes), packed into forward passes of at most 120 tokens" in stdout
+    assert stdout.count("step 6/6  loss ") == 1
+    # The second node's first process finds rank 0's tokens in the cache (one machine, one cache).
+    assert stderr.count("tokenizing train:   0%") == 1
+    assert json.loads((out / "distributed.json").read_text())["nodes"] == 2
+
+
+def test_accelerate_launch(tiny_model_dir, tmp_path, one_process):
+    """`accelerate launch --multi_gpu` (its torchrun launcher; on this CPU machine the processes use
+    gloo), the config unchanged."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "chatlora", "train",
+           str(config_file(tiny_model_dir, tmp_path)), *COMMON, f"output_dir={out}"]
+    result = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, **env_for(tmp_path / "cache")}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_training(out, one_process)
+    assert result.stdout.count("step 6/6  loss ") == 1
+
+
+def test_bad_data_on_two_processes_is_reported_once(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": 3\n')
+    result = run_cli("train", "--gpus", "2", str(config_file(tiny_model_dir, tmp_path)), f"data.train={bad}",
+                     f"output_dir={tmp_path / 'run'}", cwd=tmp_path, env=env_for(tmp_path / "cache"))
+    assert result.returncode == 2
+    assert result.stderr.count(f"{bad}:line 2: malformed JSON") == 1
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- the global batch, without processes
+
+
+@pytest.mark.parametrize("samples, processes, micro, expected", [
+    (16, 1, 4, (4, 4)),   # one process: the recipe as written
+    (16, 2, 4, (4, 2)),
+    (16, 4, 4, (4, 1)),
+    (16, 8, 4, (2, 1)),   # a share smaller than the micro-batch
+    (12, 2, 4, (3, 2)),   # the largest micro-batch that divides the share of 6
+    (16, 4, 1, (1, 4)),
+    (7, 1, 8, (7, 1)),
+])
+def test_split_step(samples, processes, micro, expected):
+    assert split_step(samples, processes, micro) == expected
+    per, accumulation = expected
+    assert per * accumulation * processes == samples and per <= micro
+
+
+def test_samples_that_do_not_split_evenly_are_refused():
+    with pytest.raises(ConfigError, match=r"samples_per_step=10 does not split evenly over 4 processes; use a multiple of 4 \(8, 12\)"):
+        split_step(10, 4, 8)
+
+
+def test_training_arguments_for_several_processes(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, "distributed.samples_per_step=32", "training.per_device_train_batch_size=4")
+    kwargs = {"per_device_train_batch_size": 4}
+    one = distributed_arguments(cfg, kwargs, 1)
+    assert (one["per_device_train_batch_size"], one["gradient_accumulation_steps"]) == (4, 8)
+    assert "ddp_find_unused_parameters" not in one
+    four = distributed_arguments(cfg, kwargs, 4)
+    assert (four["per_device_train_batch_size"], four["gradient_accumulation_steps"]) == (4, 2)
+    assert four["ddp_find_unused_parameters"] is False
+    mine = distributed_arguments(cfg, {**kwargs, "ddp_find_unused_parameters": True}, 4)
+    assert mine["ddp_find_unused_parameters"] is True, "the config's training section wins"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for CPU processes")
+def test_fsdp2_on_cpu_processes_is_refused(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, "distributed.strategy=fsdp2")
+    assert distributed_arguments(cfg, {}, 1)  # one process ignores the strategy
+    with pytest.raises(ConfigError, match="fsdp2 needs GPUs"):
+        distributed_arguments(cfg, {}, 2)
+
+
+def test_a_bad_strategy_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="distributed.strategy: 'zero3' is not one of ddp, fsdp2"):
+        tiny_config(tiny_model_dir, tmp_path, "distributed.strategy=zero3")
+
+
+def test_one_process_world_runs_everything_in_place():
+    world = World()
+    assert world.main and world.local_main and world.nodes == 1
+    assert world.in_turn(lambda: 7) == 7 and world.on_main(lambda: 8) == 8 and world.share("x") == "x"
+    world.barrier()
+
+
+# ---------------------------------------------------------------- resuming with another number of processes
+
+
+def record(processes: int, strategy: str = "ddp", samples: int = 16) -> dict:
+    return {"processes": processes, "nodes": 1, "strategy": strategy, "samples_per_step": samples}
+
+
+def test_resume_on_the_same_processes_is_silent(tmp_path):
+    from chatlora.trainer.distributed import write_record
+
+    write_record(tmp_path, record(2))
+    assert check_resume(tmp_path, record(2)) is None
+
+
+def test_resume_with_ddp_on_other_processes_is_handled(tmp_path):
+    from chatlora.trainer.distributed import write_record
+
+    write_record(tmp_path, record(4))
+    assert check_resume(tmp_path, record(2)) == ("resuming on 2 processes (the run began on 4): "
+                                                  "the same 16 samples per step, split differently")
+    assert check_resume(tmp_path / "older-run", record(2)) is not None  # no record: one process
+
+
+def test_resume_that_would_change_the_training_is_refused(tmp_path):
+    from chatlora.trainer.distributed import write_record
+
+    write_record(tmp_path, record(2))
+    with pytest.raises(ConfigError, match="trained with 16 samples per optimizer step, now 32.*samples_per_step=16"):
+        check_resume(tmp_path, record(2, samples=32))
+    write_record(tmp_path, record(4, "fsdp2"))
+    with pytest.raises(ConfigError, match="FSDP2 checkpoints are sharded per process: resume it on 4 processes"):
+        check_resume(tmp_path, record(2, "fsdp2"))

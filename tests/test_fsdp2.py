@@ -1,0 +1,67 @@
+"""chatlora's FSDP2 parts on 2 CPU processes (gloo): the loss on a sharded model, the adapter gathered
+whole, generation that keeps both processes stepping. See tests/fsdp2_worker.py for what runs.
+
+Trainer reaches FSDP2 through accelerate, which shards on GPUs only: the whole `chatlora train
+distributed.strategy=fsdp2` path is tests/test_multi_gpu.py (marked gpu).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_train import TINY_TRAINABLE
+
+WORKER = Path(__file__).parent / "fsdp2_worker.py"
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(WORKER), str(tiny_model_dir), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_loss_on_the_sharded_model_equals_one_process(fsdp2):
+    result = json.loads((fsdp2 / "result.json").read_text())
+    assert result["sharded"]
+    # The head is applied inside the forward pass when sharded (its weight is gathered only there).
+    assert result["head_split_reference"] and not result["head_split_when_sharded"]
+    assert len(result["losses"]) == 4
+    assert result["losses"] == pytest.approx(result["reference_losses"], rel=1e-5)
+
+
+def test_the_adapter_is_saved_whole(fsdp2):
+    """Each process holds half of every LoRA weight; the saved adapter has every weight whole, equal
+    to the one trained in a single process."""
+    from safetensors.torch import load_file
+
+    result = json.loads((fsdp2 / "result.json").read_text())
+    for name, local in result["local_shapes"].items():
+        full = result["full_shapes"][name]
+        assert local[0] * 2 == full[0] and local[1:] == full[1:], name  # what saving shards would keep
+    saved = load_file(fsdp2 / "sharded" / "adapter_model.safetensors")
+    reference = load_file(fsdp2 / "reference" / "adapter_model.safetensors")
+    assert saved.keys() == reference.keys() and len(saved) == len(result["full_shapes"])
+    assert sum(t.numel() for t in saved.values()) == TINY_TRAINABLE
+    for key in saved:
+        assert saved[key].shape == reference[key].shape
+        assert (saved[key] - reference[key]).norm() <= 1e-5 * reference[key].norm(), key
+    config = json.loads((fsdp2 / "sharded" / "adapter_config.json").read_text())
+    assert config["r"] == 4
+
+
+def test_generation_keeps_every_process_stepping(fsdp2):
+    """Process 0 wants 3 new tokens, process 1 wants 8: process 0 must go on taking part in the
+    forward passes (each gathers weights from both) until process 1 is done."""
+    first, second = json.loads((fsdp2 / "result.json").read_text())["generation"]
+    assert first["forwards"] == second["forwards"] == 8
+    assert first["tokens"] <= 3 and second["tokens"] <= 8

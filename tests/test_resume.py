@@ -1,0 +1,286 @@
+"""Nothing lost: exact resume, preemption by signal, a kill in the middle of a save, a disk that refuses
+a write, and resuming with another config or other data refused by name. All on the tiny model,
+compared bit for bit with one uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from chatlora.errors import EXIT_PREEMPTED, EXIT_STORAGE, Preempted, ResumeError
+from chatlora.trainer.checkpoint import STAGING, STAMP, complete_checkpoints
+from chatlora.trainer.plot import read_metrics
+from conftest import FIXTURES, tiny_config
+from snapshot import snapshot
+
+# 10 rows, 4 per optimizer step in 2 micro-batches: steps cross epoch boundaries mid-batch, dropout
+# draws random numbers, and checkpoints come every 2 steps.
+SETTINGS = ["training.max_steps=6", "training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2",
+            "lora.dropout=0.1", "training.save_strategy=steps", "training.save_steps=2"]
+
+
+def quiet_train(cfg, callbacks=None):
+    from chatlora.recipes.train import train
+
+    return train(cfg, echo=lambda _line: None, callbacks=callbacks)
+
+
+def losses(run_path: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_path / "metrics.jsonl") if "loss" in r]
+
+
+def adapter(run_path: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_path / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_as(reference, run_path: Path) -> None:
+    """Bit for bit: the same loss at every step (each logged once), the same adapter tensors."""
+    assert losses(run_path) == reference["losses"]
+    assert [r["step"] for r in read_metrics(run_path / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    got = adapter(run_path)
+    assert got.keys() == reference["adapter"].keys()
+    for key, tensor in reference["adapter"].items():
+        assert torch.equal(got[key], tensor), key
+
+
+def write_config(folder: Path, model_dir: Path) -> Path:
+    """tiny_config with SETTINGS as a YAML file, for the command line."""
+    config = folder / "tiny.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        name: tiny
+        model: {{name: {model_dir}}}
+        data: {{train: {FIXTURES / 'alpaca.json'}, max_length: 128}}
+        lora: {{r: 4, alpha: 8, dropout: 0.1}}
+        training: {{per_device_train_batch_size: 2, gradient_accumulation_steps: 2, max_steps: 6, learning_rate: 1.0e-2,
+                    logging_steps: 1, save_strategy: steps, save_steps: 2}}
+        """))
+    return config
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory):
+    """The uninterrupted run every interrupted one must equal."""
+    run = quiet_train(tiny_config(tiny_model_dir, tmp_path_factory.mktemp("uninterrupted"), *SETTINGS))
+    return {"losses": losses(run.path), "adapter": adapter(run.path)}
+
+
+class SignalAt(TrainerCallback):
+    """Sends this process a real signal at the end of one step, as a scheduler or a user would."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        self.step, self.signum = step, signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_three_steps_then_resume_then_three_equal_six(reference, tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, *SETTINGS)
+    with pytest.raises(Preempted) as stopped:
+        quiet_train(cfg, callbacks=[SignalAt(3)])
+    run = tmp_path / "run"
+    assert "SIGTERM at step 3 of 6" in str(stopped.value) and "resume=auto" in str(stopped.value)
+    assert stopped.value.exit_code == EXIT_PREEMPTED == 75
+    assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["checkpoint-2", "checkpoint-3"]
+    assert not (run / "adapter").exists(), "a stopped run has no final adapter"
+    assert losses(run) == reference["losses"][:3]
+
+    resumed = quiet_train(tiny_config(tiny_model_dir, tmp_path, *SETTINGS, "resume=auto"))
+    assert resumed.path == run
+    assert_same_as(reference, run)
+    assert not (run / "checkpoints" / STAGING).exists()
+
+
+def test_a_first_ctrl_c_saves_and_a_finished_run_is_not_trained_again(reference, tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, *SETTINGS)
+    with pytest.raises(Preempted, match="SIGINT at step 1 of 6"):
+        quiet_train(cfg, callbacks=[SignalAt(1, signal.SIGINT)])
+    assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-1"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler is put back"
+    quiet_train(tiny_config(tiny_model_dir, tmp_path, *SETTINGS, "resume=auto"))
+    assert_same_as(reference, tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+    lines: list[str] = []
+    from chatlora.recipes.train import train
+
+    train(tiny_config(tiny_model_dir, tmp_path, *SETTINGS, "resume=auto"), echo=lines.append)
+    assert any("has finished" in line and "nothing to do" in line for line in lines)
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_resume_with_another_config_or_data_is_refused_by_name(reference, tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, *SETTINGS)
+    with pytest.raises(Preempted):
+        quiet_train(cfg, callbacks=[SignalAt(2)])
+    run = tmp_path / "run"
+    before = snapshot(run)
+    rows = json.loads((FIXTURES / "alpaca.json").read_text())
+    rows[3]["output"] += " Truly."
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(rows))
+    refused = {
+        ("training.learning_rate=0.02",): ["training.learning_rate: 0.01 -> 0.02"],
+        ("lora.r=8", "lora.alpha=16"): ["lora.r: 4 -> 8", "lora.alpha: 8.0 -> 16.0"],
+        (f"data.train={edited}",): ["the tokenized training data"],
+        ("data.max_length=100",): ["data.max_length: 128 -> 100", "the tokenized training data"],
+    }
+    for overrides, named in refused.items():
+        with pytest.raises(ResumeError) as refusal:
+            quiet_train(tiny_config(tiny_model_dir, tmp_path, *SETTINGS, *overrides, "resume=auto"))
+        message = str(refusal.value)
+        assert f"cannot resume from {run / 'checkpoints' / 'checkpoint-2'}" in message
+        assert all(line in message for line in named), (overrides, message)
+        assert "resume_allow_changes=true" in message
+        assert snapshot(run) == before, f"a refused resume ({overrides}) changed the run folder"
+
+    # What does not change the steps taken is no change: the same rows from another path, logging, saving.
+    moved = tmp_path / "moved.json"
+    shutil.copy(FIXTURES / "alpaca.json", moved)
+    quiet_train(tiny_config(tiny_model_dir, tmp_path, *SETTINGS, f"data.train={moved}", "training.save_steps=3",
+                            "report.compare=0", "resume=auto"))
+    assert_same_as(reference, run)
+
+
+def test_resume_allow_changes_goes_on_and_says_what_changed(tiny_model_dir, tmp_path):
+    from chatlora.recipes.train import train
+
+    quiet_train(tiny_config(tiny_model_dir, tmp_path, *SETTINGS, "training.max_steps=2"))
+    lines: list[str] = []
+    run = train(tiny_config(tiny_model_dir, tmp_path, *SETTINGS, "training.max_steps=4", "resume_allow_changes=true",
+                            f"resume={tmp_path / 'run'}"), echo=lines.append)
+    assert "warning: resuming with a change (resume_allow_changes=true): training.max_steps: 2 -> 4" in lines
+    assert [r["step"] for r in read_metrics(run.metrics) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_sigterm_to_the_cli_saves_exits_75_and_resumes_exactly(reference, tiny_model_dir, tmp_path, capsys):
+    from chatlora.cli import main
+
+    config = write_config(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-m", "chatlora", "train", str(config), f"output_dir={run}"], cwd=tmp_path,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in child.stdout:
+        if line.startswith("step 1/6"):
+            # Paused while the signal is sent, so it lands mid-training however fast the steps are.
+            child.send_signal(signal.SIGSTOP)
+            child.send_signal(signal.SIGTERM)
+            child.send_signal(signal.SIGCONT)
+            break
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == EXIT_PREEMPTED, err
+    assert "Traceback" not in err
+    assert "SIGTERM: saving a checkpoint at the end of this step" in err
+    stopped = [line for line in err.splitlines() if line.startswith("stopped: SIGTERM at step ")]
+    assert stopped and f"resume=auto output_dir={run}" in stopped[0], err
+    step = int(stopped[0].split()[4])
+    assert 1 <= step < 6
+    assert f"checkpoint-{step}" in [p.name for p in complete_checkpoints(run / "checkpoints")]
+    assert not (run / "adapter").exists()
+
+    assert main(["train", str(config), f"output_dir={run}", "resume=auto"]) == 0  # the CLI again, in this process
+    assert f"resuming from {run / 'checkpoints' / f'checkpoint-{step}'} (step {step})" in capsys.readouterr().out
+    assert_same_as(reference, run)
+
+
+# Run in a child: the real CLI, killed with SIGKILL (nothing can catch it) while it writes the
+# optimizer state of checkpoint-4, after the adapter of that checkpoint is already on disk.
+KILL_IN_SAVE = """
+import os, signal, sys
+import torch
+from chatlora.cli import main
+
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    if "checkpoint-4" in str(f) and str(f).endswith("optimizer.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _file_size_limit(limit: int):
+    def apply():  # in the child, before exec: writes past `limit` bytes fail with EFBIG instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return apply
+
+
+def test_a_kill_during_a_save_and_a_refused_write_lose_nothing(reference, tiny_model_dir, tmp_path):
+    config = write_config(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, "train", str(config), f"output_dir={run}"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    partial = checkpoints / STAGING / "checkpoint-4"
+    assert (partial / "adapter_model.safetensors").is_file() and not (partial / STAMP).exists()
+    assert not (checkpoints / "checkpoint-4").exists(), "a half-written checkpoint never carries a checkpoint's name"
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["checkpoint-2"]
+    kept = snapshot(checkpoints / "checkpoint-2")
+
+    # The disk now refuses files over 40 kB (as a full disk or a quota would refuse any): the resume
+    # starts from checkpoint-2, and the save of checkpoint-4 (its optimizer state is 56 kB) fails.
+    refused = subprocess.run([sys.executable, "-m", "chatlora", "train", str(config), f"output_dir={run}", "resume=auto"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                             preexec_fn=_file_size_limit(40_000))
+    assert refused.returncode == EXIT_STORAGE == 74, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert "resuming from" in refused.stdout and "checkpoint-2 (step 2)" in refused.stdout, "the partial folder is ignored"
+    assert "error: could not save the checkpoint of step 4" in refused.stderr
+    assert "The last complete checkpoint, checkpoint-2, is kept" in refused.stderr
+    assert not (checkpoints / STAGING).exists() and not (checkpoints / "checkpoint-4").exists()
+    assert snapshot(checkpoints / "checkpoint-2") == kept
+
+    quiet_train(tiny_config(tiny_model_dir, tmp_path, *SETTINGS, "resume=auto"))
+    assert_same_as(reference, run)
+
+
+def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, capsys):
+    from chatlora.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        name: tiny
+        model: {{name: {tiny_model_dir}}}
+        data: {{train: {FIXTURES / 'alpaca.json'}, max_length: 128}}
+        lora: {{r: 4, alpha: 8, dropout: 0.0}}
+        training: {{per_device_train_batch_size: 2, max_steps: 6, logging_steps: 1, save_strategy: steps, save_steps: 1,
+                    max_grad_norm: 0, learning_rate: 1.0e+30}}
+        """))
+    # A learning rate of 1e30 makes step 1's update overflow the weights: step 2's loss is NaN.
+    code = main(["train", str(config), f"output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "error: training stopped at step 2 of 6: the loss was NaN or inf. The weights were not updated with it." in err
+    assert "keeps its last complete checkpoint, checkpoint-1" in err
+    checkpoints = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in checkpoints] == ["checkpoint-1"]
+    weights = load_file(checkpoints[0] / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert not (tmp_path / "run" / "adapter").exists()
+
+    # on_nonfinite=skip: every later step is skipped and counted; the weights stay step 1's.
+    skip = tmp_path / "skip"
+    code = main(["train", str(config), f"output_dir={skip}", "on_nonfinite=skip"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "step 6: NaN or inf loss or gradient; step skipped (5 skipped so far, on_nonfinite=skip)" in err
+    assert [r["nonfinite_skipped_steps"] for r in read_metrics(skip / "metrics.jsonl") if "nonfinite_skipped_steps" in r] == [1, 2, 3, 4, 5]
+    final = adapter(skip)
+    for key, tensor in weights.items():
+        assert torch.equal(final[key], tensor), key
