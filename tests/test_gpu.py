@@ -79,6 +79,39 @@ def test_training_on_gpu_with_a_token_budget(tiny_model_dir, tmp_path):
     assert (run.adapter / "adapter_model.safetensors").is_file()
 
 
+def test_cuda_graph_decode_equals_the_same_steps_without_graphs(tiny_model_dir):
+    """The recorded graphs replay exactly what the static cache computes eagerly (same kernels, same
+    inputs), for rows that join and leave, across batch and length buckets."""
+    from transformers import AutoModelForCausalLM
+
+    from chatlora.model.decode import StaticDecoder, parity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, device_map="cuda").eval()
+    prompts = [[5, 6, 7, 8, 9], [100, 20, 30], list(range(40, 60))]
+
+    def run(mode: str) -> list[list[int]]:
+        decoder = StaticDecoder(model, slots=4, columns=160, mode=mode)
+        if mode == "graphs":
+            assert parity(decoder) < 0.1
+            assert decoder.warm_up() > 0
+        out, live = {}, []
+        for step in range(200):
+            if step < len(prompts):
+                out[step] = [int(decoder.add(prompts[step]).argmax())]
+                live.append(step)
+            if not live:
+                break
+            logits = decoder.step([out[i][-1] for i in live])
+            keep = []
+            for j, i in enumerate(live):
+                out[i].append(int(logits[j].argmax()))
+                if len(out[i]) < 60 + 20 * i:
+                    keep.append(j)
+            live = [live[k] for k in decoder.keep(keep)]
+        return [out[i] for i in range(len(prompts))]
+
+    assert run("graphs") == run("static")
+
 
 def test_training_on_a_4bit_base(wide_model_dir, tmp_path):
     """QLoRA on CUDA: the decoder layers in NF4, a few steps, the adapter saved (bitsandbytes needed)."""

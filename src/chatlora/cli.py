@@ -91,6 +91,13 @@ examples:
     g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0 = off)")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeating tokens (default 1.0 = off)")
     g.add_argument("--seed", type=int, help="make sampled replies repeatable")
+    _decode_arg(p)
+
+
+def _decode_arg(p: argparse.ArgumentParser) -> None:
+    from chatlora.model.decode import MODE_HELP, MODES
+
+    p.add_argument("--decode", choices=MODES, default="auto", help=MODE_HELP + " (default auto)")
 
 
 def _eval_parser(sub, fmt) -> None:
@@ -204,7 +211,11 @@ examples:
     p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens one request may ask for (default 1024)")
     p.add_argument("--max-batch", type=int, default=32, help="most requests generated together (default 32)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
+    p.add_argument("--max-context", type=int, default=4096,
+                   help="with the static decode cache: most tokens of one request, prompt and reply together; "
+                        "lowered to what fits in half the free GPU memory (default 4096)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    _decode_arg(p)
 
     p = sub.add_parser("web", help="the browser chat page (Streamlit)",
                        description="A chat page for the runs: streaming replies, system prompt, temperature, clear history.")
@@ -213,6 +224,7 @@ examples:
     p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
     p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens of one reply (default 1024)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    _decode_arg(p)
 
     cfg = sub.add_parser("config", help="show presets, a resolved config, or every config key")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND", required=True)
@@ -244,7 +256,8 @@ def use(args: argparse.Namespace) -> int:
 
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed)
         chat(args.run, model=args.model, base=args.base, prompt=args.prompt, prompts_file=args.prompts_file,
-             output=args.output, system=args.system, sampling=sampling, batch_size=args.batch_size, device=args.device)
+             output=args.output, system=args.system, sampling=sampling, batch_size=args.batch_size, device=args.device,
+             decode=args.decode)
     elif args.command == "eval":
         from chatlora.recipes.eval import evaluate
 
@@ -303,18 +316,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    for name in ("max_tokens", "max_batch", "max_body"):
+    for name in ("max_tokens", "max_batch", "max_body", "max_context"):
         if getattr(args, name, 1) < 1:
             raise ChatloraError(f"--{name.replace('_', '-')} must be at least 1")
     _quiet_libraries()
     if args.command == "serve":
         from chatlora.recipes.serve import serve
 
-        serve(args.runs, args.host, args.port, args.api_key, args.max_tokens, args.max_batch, args.max_body, args.device)
+        serve(args.runs, args.host, args.port, args.api_key, args.max_tokens, args.max_batch, args.max_body, args.device,
+              decode=args.decode, max_context=args.max_context)
     else:
         from chatlora.recipes.web import web
 
-        web(args.runs, args.host, args.port, args.max_tokens, args.device)
+        web(args.runs, args.host, args.port, args.max_tokens, args.device, decode=args.decode)
     return 0
 
 

@@ -32,6 +32,8 @@ class Loaded:
     run: RunDir | None
     adapters: list[str]
     """Adapter names loaded into the peft model (the first is active)."""
+    decoder: object | None = None
+    """The fast decode path over `model` (a chatlora.model.decode.StaticDecoder), when one was made."""
 
     @property
     def device(self) -> torch.device:

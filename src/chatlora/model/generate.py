@@ -50,13 +50,16 @@ def _reply(tokenizer, new: list[int], stops: set[int]) -> Reply:
 @torch.no_grad()
 def generate_replies(model, renderer: Renderer, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 8,
                      *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-                     seed: int | None = None, progress=None) -> list[Reply]:
+                     seed: int | None = None, progress=None, min_new_tokens: int = 0) -> list[Reply]:
     """Replies to conversations that end with a user turn, `batch_size` at a time (left-padded).
-    Greedy unless `temperature` > 0. `progress` (a tqdm bar, optional) is advanced per prompt."""
+    Greedy unless `temperature` > 0. `progress` (a tqdm bar, optional) is advanced per prompt.
+    `min_new_tokens` holds the stop tokens back that long (fixed-length replies for benchmarks)."""
     tokenizer = renderer.tokenizer
     stops = set(stop_ids(model.generation_config))
     device = next(model.parameters()).device
     options = _generate_options(temperature, top_p, top_k, repetition_penalty)
+    if min_new_tokens:
+        options["min_new_tokens"] = min_new_tokens
     if seed is not None:
         torch.manual_seed(seed)
     replies: list[Reply] = []
@@ -124,7 +127,8 @@ class ReplyStream:
     """
 
     def __init__(self, model, renderer: Renderer, messages: list[dict], max_new_tokens: int,
-                 temperature: float, top_p: float, top_k: int, repetition_penalty: float, seed: int | None):
+                 temperature: float, top_p: float, top_k: int, repetition_penalty: float, seed: int | None,
+                 decoder=None):
         from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                   TopKLogitsWarper, TopPLogitsWarper)
 
@@ -150,6 +154,8 @@ class ReplyStream:
             self.generator = torch.Generator(self.device).manual_seed(seed)
         self.ids: list[int] = []
         self.stopped = False
+        # The fast path (a StaticDecoder) when there is one and the reply fits its cache.
+        self.decoder = decoder if decoder is not None and decoder.room(len(self.prompt), max_new_tokens) else None
         self._text = IncrementalText(self.tokenizer)
         self._pieces = self._run()
 
@@ -191,7 +197,11 @@ class ReplyStream:
         self.model.eval()
         try:
             seen = torch.tensor([self.prompt], device=self.device)
-            logits, cache = self._step(seen, None)
+            if self.decoder is not None:
+                self.decoder.reset()
+                logits, cache = self.decoder.add(self.prompt)[None], None
+            else:
+                logits, cache = self._step(seen, None)
             for _ in range(self.max_new_tokens):
                 token = self._pick(logits, seen)
                 if token in self.stops:
@@ -205,7 +215,10 @@ class ReplyStream:
                     break  # no forward pass for a token that will never be used
                 step = torch.tensor([[token]], device=self.device)
                 seen = torch.cat([seen, step], dim=1)
-                logits, cache = self._step(step, cache)
+                if self.decoder is not None:
+                    logits = self.decoder.step(step[0])
+                else:
+                    logits, cache = self._step(step, cache)
             piece = self._text.flush()
             if piece:
                 yield piece
@@ -214,7 +227,8 @@ class ReplyStream:
 
 
 def stream_reply(model, renderer: Renderer, messages: list[dict], max_new_tokens: int = 512, *, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None) -> ReplyStream:
+                 top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 decoder=None) -> ReplyStream:
     """Stream the reply to `messages` (a conversation ending with a user turn) as text pieces.
 
         stream = stream_reply(model, renderer, [{"role": "user", "content": "Hi"}], temperature=0.7)
@@ -223,5 +237,8 @@ def stream_reply(model, renderer: Renderer, messages: list[dict], max_new_tokens
         stream.reply.stopped  # True when it ended on the end-of-turn token
 
     Greedy unless `temperature` > 0; `seed` makes sampling repeatable without touching torch's global RNG.
+    `decoder` (a chatlora.model.decode.StaticDecoder over `model`) is the fast path; a reply too long
+    for its cache is generated without it.
     """
-    return ReplyStream(model, renderer, messages, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    return ReplyStream(model, renderer, messages, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                       decoder)

@@ -1,9 +1,10 @@
 """`chatlora chat`: talk to a trained adapter in the terminal, answer one prompt, or a file of prompts.
 
 Loading: a single adapter is merged into the base weights in memory (one matmul per layer instead
-of three, so replies come faster). `--base` needs the base model too, so then the adapter stays
-unmerged and the base model's replies are generated with it switched off: merging and unmerging
-in bf16 would not give back the base weights exactly.
+of three, so replies come faster), and on CUDA replies are decoded from recorded CUDA graphs over a
+static KV cache (chatlora.model.decode; `--decode eager` turns that off). `--base` needs the base
+model too, so then the adapter stays unmerged and the base model's replies are generated with it
+switched off: merging and unmerging in bf16 would not give back the base weights exactly.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from chatlora.errors import ConfigError, DataError, Problem
-from chatlora.model.from_run import Loaded, load_target
+from chatlora.model.from_run import Loaded, default_device, load_target
 from chatlora.model.generate import Reply, generate_replies, stream_reply
 from chatlora.run import write_atomic
 
@@ -63,12 +64,18 @@ class Sampling:
         return asdict(self)
 
 
-def load_for_chat(target: str, base_model: str | None = None, compare: bool = False, device: str | None = None) -> Loaded:
-    """The run's model ready to chat: adapter merged in memory, or kept switchable for `compare`."""
+def load_for_chat(target: str, base_model: str | None = None, compare: bool = False, device: str | None = None,
+                  decode: str = "auto", echo: Callable[[str], None] = lambda line: None) -> Loaded:
+    """The run's model ready to chat: adapter merged in memory, or kept switchable for `compare`;
+    with the fast decode path of `decode` (see chatlora.model.decode.MODES) recorded and checked."""
+    from chatlora.model.decode import fast_decoder, resolve_mode
+
+    resolve_mode(decode, device or default_device())  # a mode this device cannot run fails before loading
     loaded = load_target(target, base_model, device)
     if not compare and len(loaded.adapters) == 1:
         loaded.model = loaded.model.merge_and_unload()
         loaded.model.eval()
+    loaded.decoder = fast_decoder(loaded.model, decode, slots=1, echo=echo)
     return loaded
 
 
@@ -108,8 +115,12 @@ class ChatSession:
                 write(f"{side}> ")
             started = time.perf_counter()
             # The base model's replies: the same peft model with its adapter switched off.
+            decoder = self.loaded.decoder
+            if decoder is not None:
+                decoder.variant = "base" if side == "base" else "default"  # each has its own recorded graphs
             with self.loaded.model.disable_adapter() if side == "base" else contextlib.nullcontext():
-                stream = stream_reply(self.loaded.model, self.loaded.renderer, messages, **self.sampling.kwargs())
+                stream = stream_reply(self.loaded.model, self.loaded.renderer, messages, decoder=decoder,
+                                      **self.sampling.kwargs())
                 try:
                     for piece in stream:
                         write(printable(piece))
@@ -270,7 +281,7 @@ def answer_file(loaded: Loaded, prompts_file: str, output: str | None, sampling:
 
 def chat(target: str, *, model: str | None = None, base: bool = False, prompt: str | None = None,
          prompts_file: str | None = None, output: str | None = None, system: str | None = None,
-         sampling: Sampling | None = None, batch_size: int = 8, device: str | None = None) -> None:
+         sampling: Sampling | None = None, batch_size: int = 8, device: str | None = None, decode: str = "auto") -> None:
     """`chatlora chat`: the terminal chat, or one reply (`prompt`), or a file of prompts (`prompts_file`).
 
     `system` None keeps the run's own system prompt; "none" (or "") means none at all.
@@ -285,7 +296,9 @@ def chat(target: str, *, model: str | None = None, base: bool = False, prompt: s
         read_prompts(prompts_file)  # a bad file fails before the model loads
     err = sys.stderr
     err.write(f"loading {target} ...\n")
-    loaded = load_for_chat(target, model, compare=base, device=device)
+    # Only conversations use the fast path; a prompts file is answered in batches by `generate`.
+    loaded = load_for_chat(target, model, compare=base, device=device, decode="eager" if prompts_file else decode,
+                           echo=lambda line: err.write(line + "\n"))
     if system is None:
         system = loaded.system_prompt
     elif system.strip() in ("", "none"):

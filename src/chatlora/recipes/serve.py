@@ -11,9 +11,11 @@ from chatlora.run import RunDir
 
 def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_tokens: int = 1024, max_batch: int = 32, max_body: int = 1 << 20, device: str | None = None,
-          echo: Callable[[str], None] = print) -> None:
+          echo: Callable[[str], None] = print, decode: str = "auto", max_context: int = 4096) -> None:
     """Serve until interrupted. Raises ChatloraError before loading anything for a bad run folder, an
-    address in use, or a non-loopback address without an API key."""
+    address in use, or a non-loopback address without an API key. `decode` picks the decode path
+    (chatlora.model.decode.MODES; on CUDA by default a static cache with CUDA graphs and continuous
+    batching), `max_context` the tokens of one request with it."""
     from chatlora.serve import server
     from chatlora.serve.app import create_app
     from chatlora.serve.engine import Engine
@@ -22,7 +24,7 @@ def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
     for run in runs:
         RunDir.open(run)
     sock = server.bind(host, port)
-    engine = Engine.from_runs(runs, device, max_tokens=max_tokens, max_batch=max_batch)
+    engine = Engine.from_runs(runs, device, decode, max_context, echo, max_tokens=max_tokens, max_batch=max_batch)
     try:
         def ready(url: str) -> None:
             echo(f"models: {', '.join(engine.names)} (on {engine.device})")

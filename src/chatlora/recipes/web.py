@@ -11,7 +11,7 @@ from chatlora.run import RunDir
 
 
 def web(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8501, max_tokens: int = 1024,
-        device: str | None = None, echo: Callable[[str], None] = print) -> None:
+        device: str | None = None, echo: Callable[[str], None] = print, decode: str = "auto") -> None:
     """Serve the chat page until interrupted. Raises ChatloraError for a bad run folder or a
     non-loopback address (the page has no login: put it behind a proxy with one)."""
     from chatlora.serve import page, server
@@ -24,7 +24,7 @@ def web(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8501, m
     server.bind(host, port).close()  # fail now, with our message, if the port is taken
     from chatlora.serve.engine import Engine
 
-    engine = Engine.from_runs(runs, device, max_tokens=max_tokens)
+    engine = Engine.from_runs(runs, device, decode, echo=echo, max_tokens=max_tokens)
     try:
         page.launch(engine, host, port, echo)
     finally:

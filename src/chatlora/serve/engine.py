@@ -3,7 +3,11 @@ model; requests wait in a queue and run in batches of the same model (adapter or
 
 Threads, not asyncio, because a forward pass holds the CPU or GPU for milliseconds at a time and
 must not stall the server's event loop. Callers get their reply as Events through a callback
-(`submit`) or an iterator (`stream`). A later engine with continuous batching keeps this interface.
+(`submit`) or an iterator (`stream`).
+
+With a `decoder` (the fast path: a static KV cache, CUDA graphs on a GPU) batching is continuous:
+requests join the running batch between two steps and leave it the step they finish
+(serve/continuous.py). Without one, a batch runs until its last row ends (serve/batch.py).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from chatlora.data.render import Renderer
 from chatlora.errors import ChatloraError
 from chatlora.model.load import stop_ids
 from chatlora.serve.batch import Row, run_batch
+from chatlora.serve.continuous import RunningBatch
 from chatlora.serve.params import Event, RequestError, SamplingParams
 from chatlora.serve.text import TextStream
 
@@ -83,10 +88,12 @@ class Engine:
     `adapters` are the adapter names inside `model` (a peft model), each served under its name;
     `base_name` serves the model with the adapters switched off. `max_tokens` caps one request's new
     tokens; `max_batch` the requests generated together; `max_queue` those waiting (more are refused).
+    `decoder` (a chatlora.model.decode.StaticDecoder over `model`, with `max_batch` slots) turns on
+    continuous batching; its graphs are recorded for every served name before the engine starts.
     """
 
     def __init__(self, model, renderer: Renderer, adapters: Sequence[str], base_name: str, *, max_tokens: int = 1024,
-                 max_batch: int = 32, max_queue: int = 256, batch_wait: float = 0.01):
+                 max_batch: int = 32, max_queue: int = 256, batch_wait: float = 0.01, decoder=None):
         if len(set(adapters)) != len(adapters):
             raise ChatloraError(f"two runs have the same folder name ({', '.join(adapters)}); each is served under its folder name")
         if base_name in adapters:
@@ -97,6 +104,14 @@ class Engine:
         """Served model names: one per adapter, then the base model."""
         self.max_tokens, self.max_batch, self.max_queue, self.batch_wait = max_tokens, max_batch, max_queue, batch_wait
         self.context = getattr(model.config, "max_position_embeddings", None)
+        self.decoder = decoder
+        if decoder is not None:
+            self.context = decoder.columns  # the static cache's row is the context now
+            self.max_batch = decoder.slots
+            for name in self.names:
+                with self._adapter(name):
+                    decoder.variant = name
+                    decoder.warm_up()
         self.stop_ids = set(stop_ids(model.generation_config))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.device = next(model.parameters()).device
@@ -104,21 +119,31 @@ class Engine:
         self._pending: deque[Ticket] = deque()
         self._cv = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._work, name="chatlora-engine", daemon=True)
+        work = self._work if decoder is None else self._work_continuous
+        self._thread = threading.Thread(target=work, name="chatlora-engine", daemon=True)
         self._thread.start()
 
     @classmethod
-    def from_runs(cls, runs: Sequence[str | Path], device: str | None = None, **options) -> "Engine":
-        """Load the runs' shared base model once, with every run's adapter. Raises ChatloraError."""
-        from chatlora.model.from_run import load_run
+    def from_runs(cls, runs: Sequence[str | Path], device: str | None = None, decode: str = "eager",
+                  max_context: int = 4096, echo: Callable[[str], None] = log.info, **options) -> "Engine":
+        """Load the runs' shared base model once, with every run's adapter, and the fast decode path of
+        `decode` (chatlora.model.decode.MODES) with `max_context` tokens per request. Raises ChatloraError."""
+        from chatlora.model.decode import fast_decoder, resolve_mode
+        from chatlora.model.from_run import default_device, load_run
 
         # Resolved paths: a run given as "." must still be served under its folder's name.
         paths = [Path(r).resolve() for r in runs]
         names = [p.name for p in paths]
         if len(set(names)) != len(names):
             raise ChatloraError(f"two runs have the same folder name ({', '.join(names)}); each is served under its folder name")
+        resolve_mode(decode, device or default_device())  # a mode this device cannot run fails before loading
         loaded = load_run(paths[0], device, extra_runs=paths[1:])
-        return cls(loaded.model, loaded.renderer, loaded.adapters, base_model_name(loaded.config.model.name), **options)
+        # Several adapters (and the base model) share the weights, so they stay unmerged; each served
+        # name gets its own recorded graphs.
+        decoder = fast_decoder(loaded.model, decode, slots=options.get("max_batch", 32), columns=max_context,
+                               echo=echo, warm=False)
+        return cls(loaded.model, loaded.renderer, loaded.adapters, base_model_name(loaded.config.model.name),
+                   decoder=decoder, **options)
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -141,7 +166,8 @@ class Engine:
         prompt = self.prompt(messages)
         room = self.context - len(prompt) if self.context else self.max_tokens
         if room < 1 or (params.max_tokens or 1) > room:
-            raise RequestError(f"this model's context is {self.context} tokens; the prompt has {len(prompt)} and "
+            what = "this model's context" if self.decoder is None else "this server's context (--max-context)"
+            raise RequestError(f"{what} is {self.context} tokens; the prompt has {len(prompt)} and "
                                f"max_tokens asks for {params.max_tokens or 1} more", code="context_length_exceeded", param="messages")
         if params.max_tokens is None:
             params = replace(params, max_tokens=min(self.max_tokens, room))
@@ -217,6 +243,70 @@ class Engine:
                 batch = self._take_batch()
             if batch:
                 self._run(batch)
+
+    def _work_continuous(self) -> None:
+        """The worker with a decoder: admit waiting requests of the running batch's model into free
+        rows, step the batch once, repeat. Requests of another model wait until the batch drains."""
+        batch = RunningBatch(self.decoder, self.stop_ids, self._count_tokens)
+        adapter = contextlib.ExitStack()
+        current: str | None = None
+        while True:
+            with self._cv:
+                while not self._pending and not batch.rows and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    for t in self._pending:
+                        t.deliver(Event(finish_reason="error", error="the server is shutting down"))
+                    batch.fail("the server is shutting down")
+                    adapter.close()
+                    return
+                live = [t for t in self._pending if not t.cancelled]
+                self.stats.cancelled += len(self._pending) - len(live)
+                if not batch.rows and live and live[0].model != current:
+                    current = None
+                if current is None and live:
+                    current = live[0].model
+                    adapter.close()
+                    adapter = contextlib.ExitStack()
+                    adapter.enter_context(self._adapter(current))
+                    self.decoder.variant = current
+                    self.stats.batches += 1
+                # Another model waits: let this batch drain so its turn comes.
+                others = batch.rows and any(t.model != current for t in live)
+                free = self.decoder.slots - len(batch.rows)
+                joining = [] if others else [t for t in live if t.model == current][:free]
+                chosen = {id(t) for t in joining}
+                self._pending = deque(t for t in live if id(t) not in chosen)
+            for t in joining:
+                row = self._row(t)
+                try:
+                    outcome = batch.join(row)
+                except Exception as e:  # a bug or out-of-memory in its prefill: fail this request alone
+                    log.exception("prefill failed")
+                    batch.decoder.keep(list(range(len(batch.rows))))
+                    row.fail(f"generation failed: {e.__class__.__name__}: {e}")
+                    self.stats.finished += 1
+                    continue
+                if outcome == "cancelled":
+                    self.stats.cancelled += 1
+                elif outcome == "finished":
+                    self.stats.finished += 1
+            self.stats.running = len(batch.rows)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch.rows))
+            if not batch.rows:
+                continue
+            try:
+                finished, cancelled = batch.step()
+                self.stats.finished += finished
+                self.stats.cancelled += cancelled
+            except Exception as e:
+                log.exception("generation failed")
+                self.stats.finished += len(batch.rows)
+                batch.fail(f"generation failed: {e.__class__.__name__}: {e}")
+            self.stats.running = len(batch.rows)
+
+    def _count_tokens(self, n: int) -> None:
+        self.stats.tokens += n
 
     def _adapter(self, name: str):
         if name == self.base_name:

@@ -1,0 +1,433 @@
+"""Fast decoding: a KV cache of fixed shape that rows join and leave, and one-token steps replayed
+from CUDA graphs.
+
+Eager `generate` on a 7B model spends most of each token in Python and kernel launches (about 30
+tokens/s on an H200 where the memory bandwidth allows about 300). Here the cache never changes shape:
+`slots` rows x `columns` positions per layer, allocated once. A decode step then has the same shapes
+every time, so it can be recorded once as a CUDA graph (per batch-size and length bucket) and
+replayed for a few microseconds of CPU time. `compile` mode records `torch.compile`'s fused kernels
+instead of the eager ones (fewer, faster kernels; minutes of compiling per bucket).
+
+How rows share the cache: every row writes its next token's key/value at the same column, `col`,
+which moves right by one per step. A row that joins has its prompt prefilled alone and written into
+the columns just left of `col`; its attention mask opens exactly its own columns, and its position
+ids count its own tokens, so its greedy reply is the one it gets alone. When `col` reaches the end,
+all rows shift left by the free space in front of the oldest row (every row ends at `col`, so one
+shift fits all).
+
+The model is transformers' own: this cache is handed to its forward in place of a `Cache` (it has
+the `update` method every attention layer calls) and the 4D mask is passed ready-made, which
+transformers uses as is. Works across transformers 5.17-5.24, whose cache classes differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from chatlora.errors import ChatloraError
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "graphs", "compile", "static", "eager")
+MODE_HELP = ("decoding: graphs = static KV cache with CUDA graphs (the default on CUDA), compile = the same "
+             "with torch.compile's fused kernels (faster per token, minutes of compiling at start-up), "
+             "static = static KV cache without graphs (CPU too), eager = transformers' plain forward with a "
+             "growing cache (the default on CPU), auto = graphs on CUDA, eager elsewhere")
+
+
+def resolve_mode(mode: str, device: torch.device | str) -> str:
+    """The decode mode to use on `device`; raises ChatloraError for a mode the device cannot run."""
+    device = torch.device(device)
+    if mode not in MODES:
+        raise ChatloraError(f"--decode {mode}: choose one of {', '.join(MODES)}")
+    if mode == "auto":
+        return "graphs" if device.type == "cuda" else "eager"
+    if mode == "graphs" and device.type != "cuda":
+        raise ChatloraError("--decode graphs needs a CUDA device (CUDA graphs); use --decode static on this device")
+    return mode
+
+
+def unsupported(model) -> str | None:
+    """Why the static cache cannot decode this model (None: it can). Sliding-window attention would
+    need its own mask; models that are not plain decoder stacks have no `num_hidden_layers`."""
+    config = _base(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not hasattr(config, "num_hidden_layers"):
+        return "the model config has no num_hidden_layers"
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        if any(t != "full_attention" for t in types):
+            return f"layers of type {sorted(set(types) - {'full_attention'})}"
+    elif getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    return None
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def cache_keyword(model) -> str:
+    """transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns); the GPU
+    image's 5.17 knows only the old one."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(_base(model)).forward).parameters else "past_key_values"
+
+
+class SlotCache:
+    """Keys and values of `slots` rows x `columns` positions per layer, written in place.
+
+    Quacks like a transformers Cache where the model's forward touches one: attention layers call
+    `update` (5.17 passes cache_kwargs positionally, 5.24 as `kwargs=`; neither is needed here).
+    """
+
+    is_compileable = True
+
+    def __init__(self, layers: int, slots: int, columns: int, kv_heads: int, head_dim: int, dtype, device):
+        shape = (slots, kv_heads, columns, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        """Where a decode step writes (a tensor, so a recorded graph reads the current value)."""
+        self.batch, self.width = slots, columns
+        """The rows and columns the next decode step attends over (the bucket)."""
+        self.prefill: tuple[int, int] | None = None
+        """(row, first column) while one row's prompt is prefilled."""
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.prefill is not None:
+            # A prompt attends only to itself: store it, hand the fresh keys back.
+            row, start = self.prefill
+            end = start + key_states.shape[2]
+            self.keys[layer_idx][row, :, start:end] = key_states[0]
+            self.values[layer_idx][row, :, start:end] = value_states[0]
+            return key_states, value_states
+        keys = self.keys[layer_idx][: self.batch, :, : self.width]
+        values = self.values[layer_idx][: self.batch, :, : self.width]
+        keys.index_copy_(2, self.column, key_states)
+        values.index_copy_(2, self.column, value_states)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # only asked when no position ids are given, and they always are
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def buckets(limit: int, start: int) -> list[int]:
+    """Powers of two from `start` below `limit`, then `limit`: each one is a recorded graph."""
+    out, size = [], start
+    while size < limit:
+        out.append(size)
+        size *= 2
+    return out + [limit]
+
+
+def plan_columns(model, slots: int, want: int, memory_share: float = 0.5) -> int:
+    """Cache columns per row: `want`, or fewer so that the cache takes at most `memory_share` of the
+    free GPU memory. Raises ChatloraError when not even 256 columns fit."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return want
+    shape = _shape(model)
+    per_column = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * shape["dtype"].itemsize * slots
+    free = torch.cuda.mem_get_info(device)[0]
+    fits = int(free * memory_share // per_column) // 64 * 64
+    if fits < min(want, 256):
+        raise ChatloraError(f"the KV cache for {slots} rows does not fit in the GPU's free memory ({free / 2**30:.1f} GiB): "
+                            f"lower --max-batch")
+    return min(want, fits)
+
+
+def _shape(model) -> dict:
+    config = _base(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    dtype = _base(model).get_input_embeddings().weight.dtype
+    return {"layers": config.num_hidden_layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": dtype}
+
+
+@dataclass
+class SlotState:
+    start: int
+    """First column of the row's prompt."""
+
+
+class StaticDecoder:
+    """Rows of greedy or sampled generation over a `SlotCache`; rows 0..live-1 are in use.
+
+        decoder = StaticDecoder(model, slots=32, columns=2048, mode="graphs")
+        logits = decoder.add(prompt_ids)        # [vocab]: the first new token's logits
+        logits = decoder.step([token, ...])     # [live, vocab]: one token per live row
+        decoder.keep([0, 2])                    # rows 1, 3, ... leave; returns the new row order
+
+    `variant` names what the model computes now (an adapter, or the base model with adapters off):
+    a recorded graph replays the computation it recorded, so each variant has its own graphs.
+    """
+
+    def __init__(self, model, slots: int, columns: int, mode: str = "graphs", batch_buckets: list[int] | None = None):
+        if mode not in ("graphs", "compile", "static"):
+            raise ValueError(f"StaticDecoder mode {mode!r}")
+        why = unsupported(model)
+        if why:
+            raise ChatloraError(f"the fast decode path does not support this model ({why}); use --decode eager")
+        self.model, self.mode, self.slots, self.columns = model, mode, slots, columns
+        self.device = next(model.parameters()).device
+        shape = _shape(model)
+        self.dtype = shape["dtype"]
+        self.cache = SlotCache(shape["layers"], slots, columns, shape["kv_heads"], shape["head_dim"], self.dtype, self.device)
+        self.cache_kw = cache_keyword(model)
+        self.ids = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
+        # Additive mask (0: attend, dtype min: not), which sdpa and eager attention both take.
+        self.blocked = torch.finfo(self.dtype).min
+        self.mask = torch.full((slots, 1, 1, columns), self.blocked, dtype=self.dtype, device=self.device)
+        self.batch_buckets = sorted(set(batch_buckets or buckets(slots, 1)))
+        if self.batch_buckets[-1] != slots:
+            self.batch_buckets.append(slots)
+        # Compile mode compiles each bucket (a minute each on a 7B model): fewer, wider ones.
+        self.length_buckets = buckets(columns, 512 if mode == "compile" else 128)
+        self.variant = "default"
+        self.rows: list[SlotState] = []
+        self.col = 0
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self._forward = self._eager_forward
+        if mode == "compile":
+            import torch._dynamo as dynamo
+
+            # One compiled graph per bucket: more than dynamo's default of 8 recompiles.
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 256)
+            self._forward = torch.compile(self._eager_forward, dynamic=False)
+
+    @property
+    def live(self) -> int:
+        return len(self.rows)
+
+    def reset(self) -> None:
+        self.rows, self.col = [], 0
+
+    # -- rows join -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def add(self, prompt: list[int]) -> torch.Tensor:
+        """Prefill a new row with `prompt`; returns the logits of its first new token (float32).
+        Raises ChatloraError when every slot is taken or the prompt leaves no column to generate in."""
+        length = len(prompt)
+        if self.live >= self.slots:
+            raise ChatloraError(f"all {self.slots} rows of the decode cache are in use")
+        if length >= self.columns:
+            raise ChatloraError(f"the prompt has {length} tokens; the decode cache holds {self.columns} per row")
+        if not self.rows:
+            self.col = 0
+        if self.col >= self.columns:
+            self._shift(min(r.start for r in self.rows))
+        if self.col < length:
+            # The prompt must end at `col`: move the rows already there right to make room (early,
+            # when they are short), so every row's columns stay one unbroken run.
+            if self.rows:
+                self._shift(self.col - length)
+            self.col = length
+        row, start = self.live, self.col - length
+        ids = torch.tensor([prompt], device=self.device)
+        positions = torch.arange(length, device=self.device)[None]
+        causal = torch.full((length, length), self.blocked, dtype=self.dtype, device=self.device).triu(1)[None, None]
+        self.cache.prefill = (row, start)
+        try:
+            out = self.model(input_ids=ids, position_ids=positions, attention_mask=causal, use_cache=True,
+                             logits_to_keep=1, **{self.cache_kw: self.cache})
+        finally:
+            self.cache.prefill = None
+        self.mask[row].fill_(self.blocked)
+        self.mask[row, :, :, start : self.col] = 0
+        self.positions[row] = length
+        self.rows.append(SlotState(start))
+        return out.logits[0, -1].float()
+
+    def room(self, prompt_tokens: int, new_tokens: int) -> bool:
+        """Whether a row of this prompt and reply length fits the cache at all."""
+        return prompt_tokens + new_tokens <= self.columns
+
+    # -- one token for every live row --------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
+        """Feed each live row its next token; returns the logits of the token after it, [live, vocab]
+        float32 (a copy: the graph's output buffer is overwritten by the next step)."""
+        n = self.live
+        if self.col >= self.columns:
+            self._shift(min(r.start for r in self.rows))
+        tokens = torch.as_tensor(tokens, device=self.device).view(n, 1)
+        self.ids[:n].copy_(tokens)
+        self.mask[:n, :, :, self.col] = 0  # the new token sees itself
+        self.cache.column.fill_(self.col)
+        batch = next(b for b in self.batch_buckets if b >= n)
+        width = next(w for w in self.length_buckets if w > self.col)
+        logits = self._run(batch, width)[:n].float()
+        self.positions[:n] += 1
+        self.col += 1
+        return logits
+
+    def _eager_forward(self, batch: int, width: int) -> torch.Tensor:
+        self.cache.batch, self.cache.width = batch, width
+        out = self.model(input_ids=self.ids[:batch], position_ids=self.positions[:batch],
+                         attention_mask=self.mask[:batch, :, :, :width], use_cache=True, logits_to_keep=1,
+                         **{self.cache_kw: self.cache})
+        return out.logits[:, -1]
+
+    def _run(self, batch: int, width: int) -> torch.Tensor:
+        if self.mode == "static" or self.device.type != "cuda":
+            return self._forward(batch, width)
+        key = (self.variant, batch, width)
+        if key not in self._graphs:
+            self._graphs[key] = self._record(batch, width)
+        graph, logits = self._graphs[key]
+        graph.replay()
+        return logits
+
+    def _record(self, batch: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Record one decode step. The warm-up runs really compute the coming step (same inputs, same
+        column), so recording in the middle of serving changes nothing but the time it takes."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # allocator, cuBLAS workspaces and (compile mode) compiling, outside the graph
+                self._forward(batch, width)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(batch, width)
+        return graph, logits
+
+    def warm_up(self, batches: list[int] | None = None) -> int:
+        """Record the graphs for these batch buckets (all by default) and every length now, for the
+        current variant, so no request waits for one. Returns how many were recorded."""
+        if self.mode == "static" or self.device.type != "cuda":
+            return 0
+        saved = self.rows, self.col
+        self.rows, self.col = [], 0
+        recorded = 0
+        try:
+            with torch.inference_mode():
+                self.cache.column.zero_()
+                # Largest first, as the graphs share one memory pool.
+                for batch in sorted(batches or self.batch_buckets, reverse=True):
+                    for width in (self.length_buckets if self.mode == "graphs" else self.length_buckets[:1]):
+                        key = (self.variant, batch, width)
+                        if key not in self._graphs:
+                            self._graphs[key] = self._record(batch, width)
+                            recorded += 1
+        finally:
+            self.rows, self.col = saved
+        return recorded
+
+    # -- rows leave ------------------------------------------------------------------------------
+
+    def keep(self, rows: list[int]) -> list[int]:
+        """Keep these live rows (ascending), drop the others. Rows are moved into the holes from the
+        end, as few as possible; returns the kept rows' old indices in their new order."""
+        order = list(range(self.live))
+        kept = set(rows)
+        n = len(rows)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [i for i in range(n, self.live) if i in kept]
+        with torch.inference_mode():
+            for hole, mover in zip(holes, movers):
+                self._move(mover, hole)
+                order[hole] = mover
+                self.rows[hole] = self.rows[mover]
+        self.rows = self.rows[:n]
+        if not self.rows:
+            self.col = 0
+        return order[:n]
+
+    def _move(self, src: int, dst: int) -> None:
+        start = self.rows[src].start
+        for keys, values in zip(self.cache.keys, self.cache.values):
+            keys[dst, :, start : self.col] = keys[src, :, start : self.col]
+            values[dst, :, start : self.col] = values[src, :, start : self.col]
+        self.mask[dst] = self.mask[src]
+        self.positions[dst] = self.positions[src]
+
+    def _shift(self, by: int) -> None:
+        """Move every live row's columns left by `by` (right when negative). Every row's columns run
+        unbroken up to `col`, so one move fits all; left, `by` is the free space before the oldest."""
+        if by == 0 or not self.rows:
+            raise ChatloraError(f"a row outgrew the decode cache ({self.columns} columns)")
+        n, lo, end = self.live, min(r.start for r in self.rows), self.col
+        with torch.inference_mode():
+            for keys, values in zip(self.cache.keys, self.cache.values):
+                keys[:n, :, lo - by : end - by] = keys[:n, :, lo:end].clone()
+                values[:n, :, lo - by : end - by] = values[:n, :, lo:end].clone()
+            mask = self.mask[:n, :, :, lo:end].clone()
+            self.mask[:n] = self.blocked
+            self.mask[:n, :, :, lo - by : end - by] = mask
+        for r in self.rows:
+            r.start -= by
+        self.col -= by
+
+
+@torch.inference_mode()
+def parity(decoder: StaticDecoder, steps: int = 8) -> float:
+    """Largest logit difference, relative to the largest logit, between the decoder and the model's
+    own forward with transformers' growing cache, on a probe prompt with the same tokens fed to both.
+    Runs with no live rows (it uses row 0)."""
+    from transformers import DynamicCache
+
+    model, vocab = decoder.model, _base(decoder.model).get_input_embeddings().weight.shape[0]
+    prompt = [(17 * i + 3) % vocab for i in range(16)]
+    cache = {decoder.cache_kw: DynamicCache()}
+    out = model(input_ids=torch.tensor([prompt], device=decoder.device), use_cache=True, **cache)
+    expected = [out.logits[0, -1].float()]
+    decoder.reset()
+    got = [decoder.add(prompt)]
+    for _ in range(steps):
+        token = int(expected[-1].argmax())
+        out = model(input_ids=torch.tensor([[token]], device=decoder.device), use_cache=True, **cache)
+        expected.append(out.logits[0, -1].float())
+        got.append(decoder.step([token])[0])
+    decoder.reset()
+    scale = max(float(e.abs().max()) for e in expected) or 1.0
+    return max(float((e - g).abs().max()) for e, g in zip(expected, got)) / scale
+
+
+def fast_decoder(model, mode: str, slots: int = 1, columns: int = 4096, echo=log.info, warm: bool = True) -> StaticDecoder | None:
+    """The fast path for `model` in `mode` (see MODES), checked against the model's own forward and
+    (`warm`) with its graphs recorded; None for eager mode, or (with a message through `echo`) when
+    the model or the check rules it out. Raises ChatloraError for a mode the device cannot run."""
+    import time
+
+    device = next(model.parameters()).device
+    mode = resolve_mode(mode, device)
+    if mode == "eager":
+        return None
+    why = unsupported(model)
+    if why:
+        echo(f"decode: eager (the static cache does not support {why})")
+        return None
+    context = getattr(_base(model).config, "max_position_embeddings", None) or columns
+    columns = plan_columns(model, slots, min(columns, context))
+    started = time.perf_counter()
+    decoder = StaticDecoder(model, slots, columns, mode)
+    # A wrong answer fast is worse than a right one slow: compare with the model's own forward first.
+    diff = parity(decoder)
+    # bf16 rounding over 30-odd layers moves logits by a few percent of their scale; a wrong mask or
+    # position moves them by all of it.
+    limit = 1e-3 if decoder.dtype == torch.float32 else 0.1
+    if not diff <= limit:
+        echo(f"decode: eager (the {mode} path's logits differ from the model's by {diff:.2g} of their scale, "
+             f"more than {limit:g})")
+        return None
+    recorded = decoder.warm_up() if warm else 0
+    echo(f"decode: {mode}, static cache of {slots} x {columns} tokens, checked"
+         + (f", {recorded} graphs recorded" if warm else "") + f" in {time.perf_counter() - started:.1f} s")
+    return decoder
