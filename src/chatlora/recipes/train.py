@@ -61,9 +61,16 @@ def training_arguments(cfg: Config, run: RunDir, processes: int = 1):
         kwargs["bf16"] = kwargs["fp16"] = False
     kwargs = evaluation_arguments(cfg, kwargs)  # best-checkpoint saving completed (save_strategy=best, keep 1)
     try:
-        return TrainingArguments(**kwargs)
+        args = TrainingArguments(**kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"training: {e}") from None
+    if processes == 1 and torch.cuda.device_count() > 1:
+        # One process that sees several GPUs: Trainer would wrap the model in nn.DataParallel, which
+        # splits every batch by rows (a packed batch is one row: the loss then fails) and is the slow
+        # way to use several GPUs anyway. Train on one; `--gpus N` (torchrun, DDP) uses them all.
+        _ = args.device  # Trainer's device setup counts the GPUs; the count is then set to one
+        args._n_gpu = 1
+    return args
 
 
 def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | None = None) -> RunDir:
@@ -119,6 +126,8 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         tokenizer.save_pretrained(run.tokenizer)
         distributed.write_record(run.path, split)
     echo(f"run folder: {run.path}")
+    if world.size == 1 and torch.cuda.device_count() > 1:
+        echo(f"training on 1 of the {torch.cuda.device_count()} GPUs here; `chatlora train --gpus {torch.cuda.device_count()} ...` uses them all")
 
     # 2. Model and adapter.
     seed = int(cfg.training.get("seed", TRAINING_DEFAULTS["seed"]))
@@ -162,10 +171,18 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     life.attach(trainer)  # stamped atomic checkpoints, the NaN guard, stop on SIGTERM / first Ctrl-C
-    before = life.eval_loss_before() if resume else trainer.evaluate()["eval_loss"] if data.validation else None
+    # FSDP2: accelerate must shard the model and its optimizer together, which train() does; an
+    # evaluate() before it is refused ("a model and optimizer must be passed together"). So the
+    # held-out loss before training is taken inside train(), at step 0, and read back from the log.
+    evaluate_in_train = bool(args.fsdp) and data.validation is not None and not resume
+    if evaluate_in_train:
+        args.eval_on_start = True
+    before = None if evaluate_in_train else life.eval_loss_before() if resume else trainer.evaluate()["eval_loss"] if data.validation else None
     distributed.undo_evaluation_prepare(trainer)  # else DDP would never wrap the model (see there)
     trainer.train(resume_from_checkpoint=resume)
     life.finished_training(trainer)  # raises Preempted when a signal stopped it early
+    if evaluate_in_train:
+        before = life.eval_loss_before()
     if args.load_best_model_at_end and trainer.state.best_model_checkpoint:
         echo(f"best checkpoint: {trainer.state.best_model_checkpoint} (eval_loss {trainer.state.best_metric:.4f}), "
              "kept as the run's adapter")
