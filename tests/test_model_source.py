@@ -32,7 +32,12 @@ def test_hub_ids_and_missing_paths():
 
 def test_hub_download_failure_is_a_clear_error(monkeypatch):
     """The real hub code path runs; with no network (or HF_HUB_OFFLINE) it fails with advice, no traceback."""
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: without this the hub is tried with retries
+    # (about 45 s on a machine with no network) before the same error comes.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cfg = ModelConfig(name="Qwen/Qwen1.5-7B-Chat")
     with pytest.raises(ModelError, match="from the Hugging Face hub.*local folder"):
         load_tokenizer(resolve(cfg), cfg)
