@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ class Progress(TrainerCallback):
 
     def __init__(self):
         self.bar = None
-        self.loss = math.nan
+        self.loss: float | None = None  # the last logged loss
         self.tokens_per_s = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -35,7 +34,9 @@ class Progress(TrainerCallback):
         self.tokens_per_s = (state.num_input_tokens_seen - self.tokens0) / max(elapsed, 1e-9)
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
-            self.bar.set_postfix_str(f"loss {self.loss:.4f}, {self.tokens_per_s:,.0f} tok/s", refresh=False)
+            # Until the first logged loss there is none to show ("loss nan" would read as a diverged run).
+            loss = "" if self.loss is None else f"loss {self.loss:.4f}, "
+            self.bar.set_postfix_str(f"{loss}{self.tokens_per_s:,.0f} tok/s", refresh=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
