@@ -21,6 +21,7 @@ from chatlora.errors import ChatloraError, Preempted, ResumeError, StorageError
 from chatlora.run import RunDir
 from chatlora.trainer import checkpoint as ckpt
 from chatlora.trainer.guard import NonFiniteGuard
+from chatlora.trainer.plot import read_metrics
 from chatlora.trainer.resume import Plan, check_unchanged, fingerprint, plan
 from chatlora.trainer.stop import StopOnSignal
 
@@ -87,14 +88,13 @@ class RunLifecycle:
         """What start() decided (kind, run folder, checkpoint), for the other processes' follow()."""
         return self.plan.kind, str(self.plan.run.path), str(self.plan.checkpoint) if self.plan.checkpoint else None
 
-    def follow(self, args, data_key: str, decision: tuple[str, str, str | None]) -> str | None:
+    def follow(self, args, data_key: str, decision: tuple[str, str, str | None]) -> None:
         """start() for every process but rank 0 of a multi-process run: take rank 0's decision
         without touching the folder (rank 0 alone makes, cleans and writes it)."""
         kind, path, checkpoint = decision
         self.plan = Plan(kind, RunDir(Path(path)), Path(checkpoint) if checkpoint else None)
         args.output_dir = str(self.plan.run.checkpoints)
         self.stamp = fingerprint(self.cfg, args, data_key)
-        return checkpoint if kind == "resume" else None
 
     def attach(self, trainer) -> None:
         """Stamped atomic checkpoints, the non-finite guard and stop-on-signal for this trainer. On a
@@ -111,7 +111,7 @@ class RunLifecycle:
     def eval_loss_before(self) -> float:
         """The held-out loss before training, as the interrupted run logged it (resumed runs do not
         evaluate it again)."""
-        rows = _rows(self.run.metrics) if self.run else []
+        rows = read_metrics(self.run.metrics) if self.run else []
         return next((r["eval_loss"] for r in rows if r.get("step") == 0 and "eval_loss" in r), float("nan"))
 
     def finished_training(self, trainer) -> None:
@@ -183,20 +183,6 @@ class RunLifecycle:
                 f"training.save_steps=N saves some); start it over with resume=auto output_dir={run.path}, or delete it.")
 
 
-def _rows(path: Path) -> list[dict]:
-    """One dict per line of metrics.jsonl. A line that does not parse (torn by a kill in mid-write, or
-    blank) reads as a row past every step, which truncation drops."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text("utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            rows.append({"step": float("inf")})
-    return rows
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the rows logged up to the checkpoint's step: the interrupted run may have logged a few
     steps past it, and the resumed run logs those again."""
@@ -204,5 +190,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     from chatlora.run import write_atomic
 
-    kept = [line for line, row in zip(path.read_text("utf-8").splitlines(), _rows(path)) if row.get("step", 0) <= step]
-    write_atomic(path, "".join(line + "\n" for line in kept))
+    # read_metrics drops a line torn by a kill in mid-write; rows are written back as MetricsLog wrote them.
+    kept = [row for row in read_metrics(path) if row.get("step", 0) <= step]
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
