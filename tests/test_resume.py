@@ -284,3 +284,13 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model
     final = adapter(skip)
     for key, tensor in weights.items():
         assert torch.equal(final[key], tensor), key
+
+
+def test_metrics_past_the_checkpoint_and_a_torn_line_are_dropped_on_resume(tmp_path):
+    from chatlora.trainer.lifecycle import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "eval_loss": 3.0}, {"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.4}, {"step": 3, "loss": 2.3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')  # killed in mid-write
+    _truncate_metrics(path, 2)
+    assert read_metrics(path) == rows[:3]
