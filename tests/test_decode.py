@@ -44,6 +44,31 @@ def greedy(decoder: StaticDecoder, prompt: list[int], tokens: int) -> list[int]:
     return out
 
 
+def greedy_rows(decoder, joins: dict[int, int], limits: dict[int, int], prompts=PROMPTS, steps: int = 200) -> tuple[dict[int, list[int]], bool]:
+    """Greedy replies of rows sharing `decoder`: prompt `joins[step]` joins at that step and leaves
+    after `limits[prompt]` tokens. Returns the tokens per prompt and whether the cache ever shifted left."""
+    out: dict[int, list[int]] = {}
+    live: list[int] = []
+    shifted = False
+    for step in range(steps):
+        if step in joins:
+            i = joins[step]
+            out[i] = [int(decoder.add(prompts[i]).argmax())]
+            live.append(i)
+        if not live:
+            break
+        before = decoder.col
+        logits = decoder.step([out[i][-1] for i in live])
+        shifted |= decoder.col <= before
+        keep = []
+        for j, i in enumerate(live):
+            out[i].append(int(logits[j].argmax()))
+            if len(out[i]) < limits[i]:
+                keep.append(j)
+        live = [live[k] for k in decoder.keep(keep)]
+    return out, shifted
+
+
 def test_greedy_alone_equals_generate(model, expected):
     decoder = StaticDecoder(model, slots=2, columns=256, mode="static")
     for prompt, want in zip(PROMPTS, expected):
@@ -55,25 +80,7 @@ def test_rows_that_join_leave_and_shift_equal_generate(model, expected):
     column, finished rows leave, the cache shifts when the column reaches the end."""
     decoder = StaticDecoder(model, slots=3, columns=52, mode="static")
     joins = {0: 0, 2: 1, 9: 2, 31: 3}  # step -> prompt; the fourth joins when a slot is free again
-    out: dict[int, list[int]] = {}
-    live: list[int] = []
-    shifted = False
-    for step in range(200):
-        if step in joins:
-            i = joins[step]
-            out[i] = [int(decoder.add(PROMPTS[i]).argmax())]
-            live.append(i)
-        if not live:
-            break
-        before = decoder.col
-        logits = decoder.step([out[i][-1] for i in live])
-        shifted |= decoder.col <= before
-        keep = []
-        for j, i in enumerate(live):
-            out[i].append(int(logits[j].argmax()))
-            if len(out[i]) < 30:
-                keep.append(j)
-        live = [live[k] for k in decoder.keep(keep)]
+    out, shifted = greedy_rows(decoder, joins, limits={i: 30 for i in range(4)})
     assert shifted, "the cache never shifted: the test did not test that"
     assert [out[i] for i in range(4)] == [e[:30] for e in expected]
 
@@ -147,21 +154,5 @@ def test_a_long_prompt_joining_early_moves_the_others_right(model):
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
         want[i] = gen[0, len(PROMPTS[i]):].tolist()
     decoder = StaticDecoder(model, slots=2, columns=52, mode="static")
-    out, live, limits, shifted = {}, [], {0: 45, 2: 30}, False
-    for step in range(100):
-        if step in (0, 3):
-            i = 0 if step == 0 else 2
-            out[i] = [int(decoder.add(PROMPTS[i]).argmax())]
-            live.append(i)
-        if not live:
-            break
-        before = decoder.col
-        logits = decoder.step([out[i][-1] for i in live])
-        shifted |= decoder.col <= before
-        keep = []
-        for j, i in enumerate(live):
-            out[i].append(int(logits[j].argmax()))
-            if len(out[i]) < limits[i]:
-                keep.append(j)
-        live = [live[k] for k in decoder.keep(keep)]
+    out, shifted = greedy_rows(decoder, joins={0: 0, 3: 2}, limits={0: 45, 2: 30}, steps=100)
     assert shifted and out == want

@@ -85,6 +85,7 @@ def test_cuda_graph_decode_equals_the_same_steps_without_graphs(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from chatlora.model.decode import StaticDecoder, parity
+    from test_decode import greedy_rows
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, device_map="cuda").eval()
     prompts = [[5, 6, 7, 8, 9], [100, 20, 30], list(range(40, 60))]
@@ -94,20 +95,8 @@ def test_cuda_graph_decode_equals_the_same_steps_without_graphs(tiny_model_dir):
         if mode == "graphs":
             assert parity(decoder) < 0.1
             assert decoder.warm_up() > 0
-        out, live = {}, []
-        for step in range(200):
-            if step < len(prompts):
-                out[step] = [int(decoder.add(prompts[step]).argmax())]
-                live.append(step)
-            if not live:
-                break
-            logits = decoder.step([out[i][-1] for i in live])
-            keep = []
-            for j, i in enumerate(live):
-                out[i].append(int(logits[j].argmax()))
-                if len(out[i]) < 60 + 20 * i:
-                    keep.append(j)
-            live = [live[k] for k in decoder.keep(keep)]
+        out, _ = greedy_rows(decoder, joins={i: i for i in range(len(prompts))}, limits={i: 60 + 20 * i for i in range(len(prompts))},
+                             prompts=prompts)
         return [out[i] for i in range(len(prompts))]
 
     assert run("graphs") == run("static")
