@@ -42,7 +42,7 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import QWEN15_7B, TINY, StepMeter, model_folder  # noqa: E402
+from train_speed import QWEN15_7B, TINY, StepMeter, model_folder, result_of, write_results  # noqa: E402
 
 VARIANTS = {
     "seed-ckpt": ["training.gradient_checkpointing=true"],
@@ -163,11 +163,9 @@ def main() -> None:
         start = next((i for i, line in enumerate(out_lines) if line.startswith("plan for")), len(out_lines))
         end = next((i for i in range(start + 1, len(out_lines)) if not out_lines[i].startswith("  ")), len(out_lines))
         plan_lines = out_lines[start:end]
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(f"{variant}: FAILED (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}", flush=True)
+        r = result_of(variant, proc)
+        if r is None:
             continue
-        r = json.loads(lines[-1][len("RESULT "):])
         r["wall_s"] = time.time() - started
         results.append(r)
         print("\n".join(plan_lines), flush=True)
@@ -176,9 +174,8 @@ def main() -> None:
               f"(predicted {r['predicted_peak_gib']:.2f}, at the largest pass seen {fmt(r['predicted_peak_at_seen_gib'], '.2f')}; "
               f"error {fmt(r.get('error_pct'), '+.1f')}%), {fmt(r['real_tok_s'], ',.0f')} real tok/s "
               f"(predicted {fmt(r['predicted_tok_s'], ',.0f')}), wall {r['wall_s']:.0f} s", flush=True)
+    write_results(a.out, results)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {a.out}")
 
 

@@ -32,7 +32,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from train_speed import CHATLORA_SETTINGS, FLOP_PER_TOKEN, PEAK_FLOPS, QWEN15_7B, ROOT, TINY, StepMeter, model_folder  # noqa: E402
+from train_speed import (  # noqa: E402
+    CHATLORA_SETTINGS, FLOP_PER_TOKEN, PEAK_FLOPS, QWEN15_7B, ROOT, TINY, StepMeter, model_folder, result_of, write_results)
 
 
 def worker(a) -> None:
@@ -78,12 +79,7 @@ def launch(a, gpus: int, strategy: str, work: Path, model: Path) -> dict | None:
            "--strategy", strategy, "--samples", str(samples), "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--work", str(work), "--model", str(model), "--data", a.data]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        print(f"{strategy} x{gpus}: FAILED (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}", flush=True)
-        return None
-    return json.loads(lines[-1][len("RESULT "):])
+    return result_of(f"{strategy} x{gpus}", subprocess.run(cmd, capture_output=True, text=True, env=env))
 
 
 def main() -> None:
@@ -126,9 +122,7 @@ def main() -> None:
                 results.append(r)
                 print(f"{strategy:6s} x{gpus}  {r['real_tok_s']:10,.0f} real tok/s  {r['s_per_step']:.3f} s/step  "
                       f"efficiency {100 * r['scaling_efficiency']:5.1f}%  peak {r['peak_gib_max']:.1f} GiB", flush=True)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
+    write_results(a.out, results)
     print("\nstrategy  GPUs  samples/step  s/step  real tok/s  efficiency  MFU/GPU  peak GiB")
     for r in results:
         print(f"{r['strategy']:8s} {r['gpus']:5d} {r['samples_per_step']:13d} {r['s_per_step']:7.3f} {r['real_tok_s']:11,.0f} "

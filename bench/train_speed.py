@@ -255,6 +255,22 @@ def worker(a) -> dict:
             "extra": a.extra, "losses": losses, "torch": torch.__version__}
 
 
+def result_of(label: str, proc: subprocess.CompletedProcess) -> dict | None:
+    """The JSON a worker process printed on its last `RESULT ` line; None (with the worker's output
+    tails printed) when it failed or printed none."""
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        print(f"{label}: FAILED (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}", flush=True)
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def write_results(path: str | None, results: list[dict]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/qwen-tokenizer"))
@@ -286,21 +302,17 @@ def main() -> None:
         if a.profile and "PROFILE" in proc.stdout:
             tail = proc.stdout[proc.stdout.index("PROFILE"):]
             print("\n".join(line for line in tail.splitlines() if not line.startswith(("RESULT ", "training:"))), flush=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(f"{variant}: FAILED (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}", flush=True)
+        r = result_of(variant, proc)
+        if r is None:
             continue
-        results.append(json.loads(lines[-1][len("RESULT "):]))
-        r = results[-1]
+        results.append(r)
         print(f"{variant:15s} {r['s_per_step']:.3f} s/step  {r['real_tok_s']:8,.0f} real tok/s  {r['trained_tok_s']:8,.0f} trained tok/s  "
               f"MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:.1f} GiB  wall {r['train_wall_s']:.0f} s  losses {[round(x, 3) for x in r['losses'][:8]]}", flush=True)
     base = next((r for r in results if r["variant"] == "tutorial"), None)
     for r in results:
         if base:
             r["speedup_vs_tutorial"] = r["real_tok_s"] / base["real_tok_s"]
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    write_results(a.out, results)
     print("\nvariant          s/step  real tok/s  trained tok/s   MFU  peak GiB  x tutorial")
     for r in results:
         print(f"{r['variant']:15s} {r['s_per_step']:7.3f} {r['real_tok_s']:11,.0f} {r['trained_tok_s']:13,.0f} {100 * r['mfu']:5.1f}% "
