@@ -63,7 +63,7 @@ def build(args):
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = Qwen2Config(**(TINY if args.tiny else QWEN15_7B), eos_token_id=im_end, pad_token_id=tokenizer.pad_token_id)
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.float32 if args.device == "cpu" else torch.bfloat16
     torch.manual_seed(0)
     with torch.device(args.device):
         model = Qwen2ForCausalLM(config).to(dtype).eval()
@@ -118,6 +118,41 @@ def timed_decoder(decoder, prompt: list[int], tokens: int) -> tuple[list[int], f
     return out, time.perf_counter() - started, first
 
 
+def profile(decoder, prompt: list[int], steps: int = 64) -> dict:
+    """Where a decode step's time goes: the recorded graphs replayed back to back (GPU time, no host
+    sync between tokens), and the kernels of the same step run eagerly (no graph), largest first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    decoder.reset()
+    token = int(decoder.add(prompt).argmax())
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        decoder.step([token])
+    end.record()
+    sync()
+    graph_ms = start.elapsed_time(end) / steps
+    mode, decoder.mode = decoder.mode, "static"  # the same step without its graph: kernels one by one
+    try:
+        decoder.step([token])
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(4):
+                decoder.step([token])
+            sync()
+    finally:
+        decoder.mode = mode
+        decoder.reset()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.self_device_time_total for e in events) / 4
+    kernels = sum(e.count for e in events) / 4
+    print(f"profile: graph replay {graph_ms:.2f} ms/step on the GPU; eager step: {kernels:.0f} kernels, "
+          f"{total_us / 1000:.2f} ms of kernel time", flush=True)
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15), flush=True)
+    return {"graph_replay_ms": round(graph_ms, 3), "eager_step_kernels": int(kernels),
+            "eager_step_kernel_ms": round(total_us / 1000, 3)}
+
+
 def divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
@@ -130,8 +165,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256, help="new tokens per reply (default 256)")
     p.add_argument("--variants", default=None, help="comma-separated (default: tutorial,eager,graphs,compile on CUDA; "
                                                      "tutorial,eager,static on CPU)")
+    p.add_argument("--dtype", default=None, help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU); "
+                   "float32 on the GPU checks that the fast paths equal eager token for token, where bf16's "
+                   "rounding lets near-tied logits of a random-weight model part them")
     p.add_argument("--columns", type=int, default=4096, help="static cache length, as chat uses (default 4096)")
     p.add_argument("--ttft-tokens", type=int, default=200, help="prompt length for the time-to-first-token figure")
+    p.add_argument("--profile", action="store_true", help="also time the graphs' GPU work per step (no host sync "
+                   "per token) and list the kernels of one un-graphed step (CUDA): where a token's time goes")
     p.add_argument("--out", required=True, help="JSON file to write (a list of records)")
     args = p.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -146,7 +186,7 @@ def main() -> None:
     weight_bytes = None
     records, reference = [], None
     common = {"gpu": gpu, "batch": 1, "new_tokens": args.tokens, "prompt_tokens": len(prompt),
-              "model": "qwen2-tiny" if args.tiny else "qwen1.5-7b-architecture (random bf16)",
+              "model": "qwen2-tiny" if args.tiny else f"qwen1.5-7b-architecture (random {args.dtype or 'bfloat16'})",
               "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "transformers": __import__("transformers").__version__}
 
@@ -185,8 +225,6 @@ def main() -> None:
             decoder = fast_decoder(merged, mode, slots=1, columns=args.columns, echo=print)
             if decoder is None:
                 raise RuntimeError("fast_decoder refused (see the line above)")
-            if mode == "compile":  # compile mode records one length bucket at start-up: warm the others
-                timed_decoder(decoder, prompt, args.tokens)
             warmup = time.perf_counter() - started
             tokens, seconds, _ = timed_decoder(decoder, prompt, args.tokens)
             long_prompt = (prompt * (args.ttft_tokens // len(prompt) + 1))[: args.ttft_tokens]
@@ -197,9 +235,10 @@ def main() -> None:
             print(f"{mode}: FAILED {e.__class__.__name__}: {e}", flush=True)
             Path(args.out).write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n")
             continue
+        extra = profile(decoder, prompt) if args.profile and cuda and mode != "static" else {}
         record(mode, tokens, seconds, warmup_s=round(warmup, 1), columns=decoder.columns,
                ttft_s=round(ttft, 4), ttft_prompt_tokens=len(long_prompt),
-               what=f"chatlora fast path: static cache, {mode}")
+               what=f"chatlora fast path: static cache, {mode}", **extra)
         del decoder
         if cuda:
             torch.cuda.empty_cache()

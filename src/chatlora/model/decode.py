@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from chatlora.errors import ChatloraError
+from chatlora.model.fuse import fuse_projections
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,7 @@ class StaticDecoder:
         self.batch_buckets = sorted(set(batch_buckets or buckets(slots, 1)))
         if self.batch_buckets[-1] != slots:
             self.batch_buckets.append(slots)
-        # Compile mode compiles each bucket (a minute each on a 7B model): fewer, wider ones.
-        self.length_buckets = buckets(columns, 512 if mode == "compile" else 128)
+        self.length_buckets = buckets(columns, 128)
         self.variant = "default"
         self.rows: list[SlotState] = []
         self.col = 0
@@ -203,9 +203,10 @@ class StaticDecoder:
         if mode == "compile":
             import torch._dynamo as dynamo
 
-            # One compiled graph per bucket: more than dynamo's default of 8 recompiles.
-            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 256)
-            self._forward = torch.compile(self._eager_forward, dynamic=False)
+            # Sizes symbolic: one compile (half a minute on a 7B model) serves every length bucket and
+            # batch size above 1; batch 1 is compiled on its own (dynamo specialises sizes of 1).
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+            self._forward = torch.compile(self._eager_forward, dynamic=True)
 
     @property
     def live(self) -> int:
@@ -321,7 +322,7 @@ class StaticDecoder:
                 self.cache.column.zero_()
                 # Largest first, as the graphs share one memory pool.
                 for batch in sorted(batches or self.batch_buckets, reverse=True):
-                    for width in (self.length_buckets if self.mode == "graphs" else self.length_buckets[:1]):
+                    for width in self.length_buckets:
                         key = (self.variant, batch, width)
                         if key not in self._graphs:
                             self._graphs[key] = self._record(batch, width)
@@ -377,27 +378,35 @@ class StaticDecoder:
 
 
 @torch.inference_mode()
-def parity(decoder: StaticDecoder, steps: int = 8) -> float:
-    """Largest logit difference, relative to the largest logit, between the decoder and the model's
-    own forward with transformers' growing cache, on a probe prompt with the same tokens fed to both.
-    Runs with no live rows (it uses row 0)."""
+def reference(model, steps: int = 8) -> tuple[list[int], list[int], list[torch.Tensor]]:
+    """The model's own forward, with transformers' growing cache, on a probe prompt and `steps` greedy
+    tokens: (prompt, tokens fed, float32 logits after the prompt and after each token)."""
     from transformers import DynamicCache
 
-    model, vocab = decoder.model, _base(decoder.model).get_input_embeddings().weight.shape[0]
+    device = next(model.parameters()).device
+    vocab = _base(model).get_input_embeddings().weight.shape[0]
     prompt = [(17 * i + 3) % vocab for i in range(16)]
-    cache = {decoder.cache_kw: DynamicCache()}
-    out = model(input_ids=torch.tensor([prompt], device=decoder.device), use_cache=True, **cache)
-    expected = [out.logits[0, -1].float()]
-    decoder.reset()
-    got = [decoder.add(prompt)]
+    cache = {cache_keyword(model): DynamicCache()}
+    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, **cache)
+    expected, tokens = [out.logits[0, -1].float()], []
     for _ in range(steps):
-        token = int(expected[-1].argmax())
-        out = model(input_ids=torch.tensor([[token]], device=decoder.device), use_cache=True, **cache)
+        tokens.append(int(expected[-1].argmax()))
+        out = model(input_ids=torch.tensor([tokens[-1:]], device=device), use_cache=True, **cache)
         expected.append(out.logits[0, -1].float())
-        got.append(decoder.step([token])[0])
+    return prompt, tokens, expected
+
+
+@torch.inference_mode()
+def parity(decoder: StaticDecoder, expected: tuple | None = None) -> float:
+    """Largest logit difference, relative to the largest logit, between the decoder and `expected`
+    (`reference(model)`, by default of the decoder's model as it is now), the same tokens fed to
+    both. Runs with no live rows (it uses row 0)."""
+    prompt, tokens, logits = expected or reference(decoder.model)
     decoder.reset()
-    scale = max(float(e.abs().max()) for e in expected) or 1.0
-    return max(float((e - g).abs().max()) for e, g in zip(expected, got)) / scale
+    got = [decoder.add(prompt)] + [decoder.step([token])[0] for token in tokens]
+    decoder.reset()
+    scale = max(float(e.abs().max()) for e in logits) or 1.0
+    return max(float((e - g).abs().max()) for e, g in zip(logits, got)) / scale
 
 
 def fast_decoder(model, mode: str, slots: int = 1, columns: int = 4096, echo=log.info, warm: bool = True) -> StaticDecoder | None:
@@ -417,17 +426,25 @@ def fast_decoder(model, mode: str, slots: int = 1, columns: int = 4096, echo=log
     context = getattr(_base(model).config, "max_position_embeddings", None) or columns
     columns = plan_columns(model, slots, min(columns, context))
     started = time.perf_counter()
+    # A wrong answer fast is worse than a right one slow: the fast path is compared with the model's
+    # own forward as loaded, before projections are fused (fusing relies on the forward's call order).
+    expected = reference(model)
+    fused, undo = fuse_projections(model)
     decoder = StaticDecoder(model, slots, columns, mode)
-    # A wrong answer fast is worse than a right one slow: compare with the model's own forward first.
-    diff = parity(decoder)
+    diff = parity(decoder, expected)
     # bf16 rounding over 30-odd layers moves logits by a few percent of their scale; a wrong mask or
     # position moves them by all of it.
     limit = 1e-3 if decoder.dtype == torch.float32 else 0.1
+    if fused and not diff <= limit:
+        undo()  # perhaps the fusing: try once more without it
+        fused, decoder = 0, StaticDecoder(model, slots, columns, mode)
+        diff = parity(decoder, expected)
     if not diff <= limit:
         echo(f"decode: eager (the {mode} path's logits differ from the model's by {diff:.2g} of their scale, "
              f"more than {limit:g})")
         return None
     recorded = decoder.warm_up() if warm else 0
     echo(f"decode: {mode}, static cache of {slots} x {columns} tokens, checked"
+         + (f", {fused} projection groups fused" if fused else "")
          + (f", {recorded} graphs recorded" if warm else "") + f" in {time.perf_counter() - started:.1f} s")
     return decoder
