@@ -70,17 +70,30 @@ def env_for(cache: Path) -> dict[str, str]:
     return {"OMP_NUM_THREADS": "1", "CHATLORA_CACHE": str(cache)}
 
 
+def assert_split_by_tokens(run: Path, reference: Path) -> None:
+    """Each step's samples were split over the 2 processes by tokens: their input tokens (metrics'
+    tokens_per_process) differ by at most the longest sample, and add up to the tokens the
+    one-process run trained at that step (the same samples)."""
+    longest = json.loads((run / "data_report.json").read_text())["train"]["longest"]
+    split = [r["tokens_per_process"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert len(split) == 6 and all(len(t) == 2 and min(t) > 0 and max(t) - min(t) <= longest for t in split), split
+    seen = [0] + [r["tokens_seen"] for r in read_metrics(reference / "metrics.jsonl") if "loss" in r]
+    assert [sum(t) for t in split] == [b - a for a, b in zip(seen, seen[1:])]
+
+
 def test_two_processes_train_as_one(tiny_model_dir, tmp_path, one_process):
     """`chatlora train --gpus 2` (torchrun under the hood; gloo on the CPU): the same losses and adapter
-    as one process, the data tokenized once, every line, bar and file written once."""
+    as one process, each step's samples split by tokens, the data tokenized once, every line, bar and
+    file written once."""
     out = tmp_path / "run"
     result = run_cli("train", "--gpus", "2", str(config_file(tiny_model_dir, tmp_path)), *COMMON, f"output_dir={out}",
                      cwd=tmp_path, env=env_for(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_training(out, one_process)
+    assert_split_by_tokens(out, one_process)
     stdout, stderr = result.stdout, result.stderr
     assert "no GPU here: training on 2 CPU processes (gloo)" in stdout
-    assert "batches: 4 samples per optimizer step (2 on each of 2 processes), 2 per forward pass, packed" in stdout
+    assert "batches: 4 samples per optimizer step (2 on each of 2 processes, balanced by tokens), 2 per forward pass, packed" in stdout
     for line in ("pre-flight: ok", "run folder: ", "step 6/6  loss ", "held-out loss: ", "adapter saved: ", "── "):
         assert stdout.count(line) == 1, line
     assert stderr.count("tokenizing train:   0%") == 1, "only rank 0 tokenizes; the other loads the cache"
@@ -90,6 +103,19 @@ def test_two_processes_train_as_one(tiny_model_dir, tmp_path, one_process):
         "gradient_accumulation_steps": 1}
     assert sum("eval_loss" in r for r in read_metrics(out / "metrics.jsonl")) == 2  # one line per evaluation, not two
     assert (out / "compare.txt").is_file() and (out / "loss.png").is_file()
+
+
+def test_two_processes_with_accumulation_and_padding(tiny_model_dir, tmp_path, one_process):
+    """1-sample padded micro-batches: each process takes its 2 samples of a step in 2 passes (gradient
+    accumulation under DDP's no_sync): the same training, each step still split by tokens."""
+    out = tmp_path / "run"
+    result = run_cli("train", "--gpus", "2", str(config_file(tiny_model_dir, tmp_path)), *COMMON, "distributed.samples_per_step=4",
+                     "training.per_device_train_batch_size=1", "data.packing=false", f"output_dir={out}",
+                     cwd=tmp_path, env=env_for(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batches: 4 samples per optimizer step (2 on each of 2 processes, balanced by tokens), 1 per forward pass, padded" in result.stdout
+    assert_same_training(out, one_process)
+    assert_split_by_tokens(out, one_process)
 
 
 def cut_after_first_checkpoint(run: Path) -> None:
@@ -130,8 +156,8 @@ def free_port() -> int:
 
 def test_two_nodes_on_loopback(tiny_model_dir, tmp_path, one_process):
     """Two torchrun launchers, one process each, meeting through the c10d rendezvous as two nodes
-    would. Here each process takes 1-sample micro-batches, packed into token-budget passes: the
-    same training still."""
+    would. Here each process takes its share of a step as one batch, packed into token-budget passes,
+    so the processes may take different numbers of samples: the same training still."""
     port, out = free_port(), tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "chatlora-test", "-m", "chatlora", "train",
@@ -143,8 +169,9 @@ def test_two_nodes_on_loopback(tiny_model_dir, tmp_path, one_process):
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[1][-2000:] for o in outputs)
     assert_same_training(out, one_process)
+    assert_split_by_tokens(out, one_process)
     stdout, stderr = "".join(o[0] for o in outputs), "".join(o[1] for o in outputs)
-    assert "batches: 4 samples per optimizer step (2 on each of 2 processes), packed into forward passes of at most 120 tokens" in stdout
+    assert "batches: 4 samples per optimizer step (split over 2 processes by tokens), packed into forward passes of at most 120 tokens" in stdout
     assert stdout.count("step 6/6  loss ") == 1
     # The second node's first process finds rank 0's tokens in the cache (one machine, one cache).
     assert stderr.count("tokenizing train:   0%") == 1

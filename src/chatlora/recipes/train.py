@@ -98,7 +98,8 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     tokenizer, data = checked.tokenizer, checked.data
     # The memory plan, before any weight loads: an out-of-memory found now costs seconds, not minutes.
     # data.batch_tokens=auto / training.gradient_checkpointing=auto are decided here.
-    cfg = plan_for(cfg, checked.source, samples_of(data), echo)[0]
+    samples = samples_of(data)  # token counts, also for splitting each step's samples over several processes
+    cfg = plan_for(cfg, checked.source, samples, echo)[0]
     if cfg.model.quantize != "none":
         quant.require_cuda_for_training()
     run = RunDir(world.share(str(RunDir.for_config(cfg).path)))  # rank 0's name: it holds the time
@@ -147,8 +148,11 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
             collator = PackCollator(cfg.data.batch_tokens)
         else:
             echo("warning: this model lets packed samples attend to each other; padding instead (data.packing=false)")
-    echo(f"batches: {distributed.describe(args, world.size)}, "
-         + (f"packed into forward passes of at most {cfg.data.batch_tokens} tokens" if cfg.data.batch_tokens and isinstance(collator, PackCollator)
+    # A step's samples packed into passes by a token budget: memory depends on the budget, not on the
+    # number of samples, so several processes may take different numbers (trainer/balance.py).
+    token_passes = bool(cfg.data.batch_tokens) and isinstance(collator, PackCollator)
+    echo(f"batches: {distributed.describe(args, world.size, token_passes)}, "
+         + (f"packed into forward passes of at most {cfg.data.batch_tokens} tokens" if token_passes
             else f"{args.per_device_train_batch_size} per forward pass, " + ("packed" if isinstance(collator, PackCollator) else "padded"))
          + f"; attention: {model.config._attn_implementation}")
     progress = Progress()
@@ -161,6 +165,8 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         train_dataset=data.train.dataset.select_columns(columns),
         eval_dataset=data.validation.dataset.select_columns(columns) if data.validation else None,
         data_collator=collator,
+        lengths=samples.lengths,
+        uneven_shares=token_passes,
         processing_class=tokenizer,
         callbacks=[*([ShardedModel(isinstance(collator, PackCollator))] if args.fsdp else []),  # before the monitor
                    progress, MetricsLog(run.metrics, run.plot, progress), *([monitor] if monitor else []), *(callbacks or [])],

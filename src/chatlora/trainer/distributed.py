@@ -2,10 +2,11 @@
 TrainingArguments, and the record of how a run was split (for resuming it).
 
 The global batch (distributed.samples_per_step) stays what the config says whatever the number of
-processes N. Each process takes samples_per_step / N samples per optimizer step. accelerate hands
-process r the batches r, r + N, r + 2N ... of the one sampler every process shares, so the samples of
-step k are the same k-th slice of the shuffled data as with one process: the loss curve and the
-trained adapter do not depend on N (tests/test_distributed.py checks it on 2 processes).
+processes N. Every process draws the same shuffled order as one process would, and step k takes its
+k-th slice of samples_per_step samples; the slice is split over the processes by tokens
+(trainer/balance.py): samples_per_step / N samples each, or, where a process's share is packed into
+passes by a token budget (data.batch_tokens), as many as even out the tokens. So the loss curve and
+the trained adapter do not depend on N (tests/test_distributed.py checks it on 2 processes).
 """
 
 from __future__ import annotations
@@ -79,12 +80,15 @@ def distributed_arguments(cfg: Config, kwargs: dict[str, Any], processes: int) -
     return out
 
 
-def describe(args, processes: int) -> str:
-    """How a step's samples are split, for the `batches:` line."""
+def describe(args, processes: int, uneven: bool = False) -> str:
+    """How a step's samples are split, for the `batches:` line. `uneven`: the processes' shares may
+    hold different numbers of samples (trainer/balance.py)."""
     per = args.per_device_train_batch_size * args.gradient_accumulation_steps
     if processes == 1:
         return f"{per} samples per optimizer step"
-    return f"{per * processes} samples per optimizer step ({per} on each of {processes} processes)"
+    if uneven:
+        return f"{per * processes} samples per optimizer step (split over {processes} processes by tokens)"
+    return f"{per * processes} samples per optimizer step ({per} on each of {processes} processes, balanced by tokens)"
 
 
 def record(cfg: Config, args, processes: int, nodes: int) -> dict[str, Any]:

@@ -3,19 +3,30 @@ the output layer run only where a token is trained, and token-budget chunks with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
 
 from peft.helpers import disable_input_dtype_casting
 
+from chatlora.trainer.balance import train_dataloader
 from chatlora.trainer.loss import trained_token_loss
 from chatlora.trainer.safe_trainer import SafeTrainer
 
 
 class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; losses noted for the NaN guard
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, lengths: Sequence[int] | None = None, uneven_shares: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.lengths = lengths
+        """Tokens of each training sample. On several processes each step's samples are split over
+        them by tokens (trainer/balance.py); None: counted from the dataset's input_ids then."""
+        self.uneven_shares = uneven_shares
+        """The collator splits a process's share of a step into passes by a token budget, so the
+        processes may take different numbers of samples; else each takes the same number."""
+        self.process_tokens: torch.Tensor | int = 0
+        """Input tokens this process trained since the last logged loss (logged, on several
+        processes, as tokens_per_process: how evenly the steps were split)."""
         # Our loss is divided by num_items_in_batch, the trained tokens of the whole optimizer step
         # (all micro-batches, all ranks), so Trainer must not divide it by the accumulation steps
         # again; this is the flag it reads for that.
@@ -38,7 +49,23 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         return int(most)
 
+    def get_train_dataloader(self):
+        # Several processes: each step's samples split over them by tokens (see trainer/balance.py).
+        loader = train_dataloader(self, self.lengths, self.uneven_shares) if self.accelerator.num_processes > 1 else None
+        return loader if loader is not None else super().get_train_dataloader()
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self.accelerator.num_processes > 1:
+            # Every process logs the training loss at the same step (Trainer gathers it), so all meet here.
+            mine = torch.as_tensor(self.process_tokens, device=self.args.device).reshape(1)
+            logs["tokens_per_process"] = self.accelerator.gather(mine).tolist()
+            self.process_tokens = 0
+        super().log(logs, start_time)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.accelerator.num_processes > 1:  # padded batches count their mask; packed ones have no padding
+            self.process_tokens = self.process_tokens + (inputs["attention_mask"].sum() if "attention_mask" in inputs
+                                                         else inputs["input_ids"].numel())
         chunks = inputs.get("chunks")
         if chunks is None:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -69,7 +96,8 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         else:
             loss = total / num_items_in_batch
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                # num_items_in_batch counts every rank's tokens and DDP averages gradients over ranks.
+                # num_items_in_batch counts every rank's tokens and DDP averages gradients over ranks
+                # (so it holds whatever number of samples each rank took: trainer/balance.py).
                 loss = loss * self.accelerator.num_processes
         if self.loss_weight != 1.0:
             loss = loss * self.loss_weight
