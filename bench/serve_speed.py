@@ -76,7 +76,8 @@ def build_engine(args):
         config = Qwen2Config(**shape, eos_token_id=im_end, pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(0)
         with torch.device(args.device):
-            model = Qwen2ForCausalLM(config).to(torch.float32 if args.device == "cpu" else torch.bfloat16)
+            default = torch.float32 if args.device == "cpu" else torch.bfloat16
+            model = Qwen2ForCausalLM(config).to(default if args.dtype == "auto" else getattr(torch, args.dtype))
         model.generation_config = GenerationConfig(eos_token_id=im_end, pad_token_id=tokenizer.pad_token_id)
         base_name = f"{args.arch}-random"
     else:
@@ -204,7 +205,9 @@ def main() -> None:
                    help="qwen2-tiny: 2 layers of the Qwen architecture, a CPU smoke check of this script")
     p.add_argument("--run", help="a run folder to serve instead of a base model with a random adapter")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", help="SmolLM2's dtype (the 7B architecture is always bfloat16)")
+    p.add_argument("--dtype", default="auto", help="the weights' dtype (auto: SmolLM2's own; for the Qwen "
+                   "architectures bfloat16 on CUDA, float32 on CPU). float32 on a GPU checks --check-equal where "
+                   "bf16 rounding, which differs between batch sizes, parts near-tied logits of random weights")
     p.add_argument("--tokenizer", default=QWEN_TOKENIZER, help="Qwen tokenizer folder for --arch qwen1.5-7b")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     p.add_argument("--concurrency", default="1,8,32")

@@ -271,7 +271,8 @@ class StaticDecoder:
         self.cache.column.fill_(self.col)
         batch = next(b for b in self.batch_buckets if b >= n)
         width = next(w for w in self.length_buckets if w > self.col)
-        logits = self._run(batch, width)[:n].float()
+        # A copy also in float32 (where .float() would hand out the graph's output buffer itself).
+        logits = self._run(batch, width)[:n].to(torch.float32, copy=True)
         self.positions[:n] += 1
         self.col += 1
         return logits

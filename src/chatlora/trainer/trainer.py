@@ -34,6 +34,11 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         self.loss_weight = 1.0
         """0 during a pass that only keeps the processes of a sharded model in step (see passes())."""
 
+    @property
+    def lockstep(self) -> bool:
+        """Whether every process must make as many forward passes as every other (see passes())."""
+        return self.is_fsdp_enabled and self.accelerator.num_processes > 1
+
     def passes(self, count: int) -> int:
         """How many forward passes to make for `count` chunks: `count`, or under FSDP on several
         processes the most any process has. FSDP gathers each layer's weights in every forward and
@@ -41,7 +46,7 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         collective for ever: a hang, not an error (token-budget chunks differ between processes). The
         extra passes repeat the last chunk with its loss weighted zero. DDP needs none of this: it
         communicates once per step, after the last pass."""
-        if not self.is_fsdp_enabled or self.accelerator.num_processes == 1:
+        if not self.lockstep:
             return count
         import torch.distributed as dist
 
@@ -68,7 +73,11 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
                                                          else inputs["input_ids"].numel())
         chunks = inputs.get("chunks")
         if chunks is None:
-            return super().training_step(model, inputs, num_items_in_batch)
+            if not self.lockstep:
+                return super().training_step(model, inputs, num_items_in_batch)
+            # One pass here, perhaps several on another process: this one must still take part in
+            # counting them, or it leaves the others waiting.
+            chunks = [inputs]
         # One optimizer step's samples in several forward/backward passes (PackCollator's token
         # budget). Gradients add up; each chunk's loss is already divided by the step's token count.
         total, passes = 0.0, self.passes(len(chunks))
