@@ -110,6 +110,8 @@ def main() -> None:
         base = launch(a, 1, "ddp", Path(tmp) / "x1", model)
         if base is None:
             sys.exit(1)
+        print(f"one GPU  {base['real_tok_s']:10,.0f} real tok/s  {base['s_per_step']:.3f} s/step  "
+              f"peak {base['peak_gib_max']:.1f} GiB", flush=True)
         for strategy in a.strategies.split(","):
             # One GPU is the same run for both strategies (no wrapper): recorded once for each.
             results.append({**base, "strategy": strategy, "scaling_efficiency": 1.0,
@@ -120,6 +122,7 @@ def main() -> None:
                     continue
                 r["scaling_efficiency"] = r["real_tok_s"] / (gpus * base["real_tok_s"])
                 results.append(r)
+                write_results(a.out, results)  # after every point: a run stopped by a timeout keeps what it measured
                 print(f"{strategy:6s} x{gpus}  {r['real_tok_s']:10,.0f} real tok/s  {r['s_per_step']:.3f} s/step  "
                       f"efficiency {100 * r['scaling_efficiency']:5.1f}%  peak {r['peak_gib_max']:.1f} GiB", flush=True)
     write_results(a.out, results)
