@@ -230,6 +230,11 @@ CHATLORA_SETTINGS = {
     # The preset exactly as shipped (gradient checkpointing on, as in the tutorial).
     "seed-24gib": [],
     "seed-compile": ["data.batch_tokens=16384", "training.gradient_checkpointing=false", "training.torch_compile=true"],
+    # Each decoder layer compiled once with symbolic sizes (model.compile=layers), not the whole model.
+    "seed-compile-layers": ["data.batch_tokens=16384", "training.gradient_checkpointing=false", "model.compile=layers"],
+    "throughput-compile-layers": ["training.per_device_train_batch_size=128", "training.gradient_accumulation_steps=1",
+                                  "data.batch_tokens=8192", "training.gradient_checkpointing=false", "lora.dropout=0.0",
+                                  "model.compile=layers"],
     "throughput-compile": ["training.per_device_train_batch_size=128", "training.gradient_accumulation_steps=1",
                            "data.batch_tokens=8192", "training.gradient_checkpointing=false", "lora.dropout=0.0",
                            "training.torch_compile=true"],

@@ -45,11 +45,16 @@ class ModelConfig:
     NormalFloat with double quantization through bitsandbytes (`pip install 'chatlora[qlora]'`),
     computing in bfloat16; embeddings, norms and the output layer stay in `dtype`. About a third of
     the bf16 weights' memory. `none`: the weights as `dtype` says."""
+    compile: str = "none"
+    """Training only: `layers` compiles each decoder layer with torch.compile (once, with symbolic
+    sizes: every layer and every packed length reuse it), fusing the many small kernels of LoRA,
+    RMSNorm, RoPE and SwiGLU; the first steps wait for the compiler. `none`: eager."""
 
     def __post_init__(self) -> None:
         _choice("model", "source", self.source, ("auto", "local", "gguf", "hf", "modelscope"))
         _choice("model", "dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
         _choice("model", "quantize", self.quantize, ("none", "nf4"))
+        _choice("model", "compile", self.compile, ("none", "layers"))
 
 
 @dataclass

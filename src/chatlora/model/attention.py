@@ -57,7 +57,11 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     q, k, v = (t.transpose(1, 2).reshape(batch * length, heads, dim) for t in (query, key, value))
-    max_len = int(kwargs["max_length_q"])
+    max_len = kwargs["max_length_q"]
+    if torch.is_tensor(max_len):
+        max_len = int(max_len)
+    # (A plain int is passed on as it is: under torch.compile it is a symbolic size, where int() would
+    # make every new longest sample a recompile.)
     out = _varlen()(q, k, v, cu.to(torch.int32), cu.to(torch.int32), max_len, max_len, scale=scaling, **_causal_kwargs())
     return out.reshape(batch, length, heads, dim), None
 

@@ -15,6 +15,7 @@ from chatlora.config.schema import Config
 from chatlora.data.collate import PackCollator, PadCollator
 from chatlora.errors import ConfigError
 from chatlora.model.generate import generate_replies
+from chatlora.model.layers import compile_layers
 from chatlora.model import quant
 from chatlora.model.load import load_model
 from chatlora.model.lora import add_lora, count_parameters
@@ -140,6 +141,10 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     model = add_lora(model, cfg.lora, args.gradient_checkpointing)
     trainable, total = count_parameters(model)
     echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    if cfg.model.compile == "layers":
+        layers = compile_layers(model)
+        echo(f"compile: {layers} decoder layers, compiled at the first steps" if layers
+             else "compile: no decoder layer stack found; training eagerly")
 
     # 3. Train.
     collator = PadCollator(tokenizer.pad_token_id)

@@ -1,0 +1,47 @@
+"""The decoder layers of a model, and compiling them for training (`model.compile=layers`).
+
+A LoRA training step on a 7B model is bound by the CPU issuing small kernels (about 15,000 a step):
+per projection peft runs dropout, two small matmuls, a scale and an add; RMSNorm, RoPE and SwiGLU are
+several elementwise kernels each. torch.compile fuses those. Compiling the whole model recompiles for
+every new packed length and takes minutes (measured: 385 s of compiling in a 30-step run); compiling
+one decoder layer with symbolic sizes compiles once, and every layer and every length reuses it
+(the layers share their code; their weights are inputs of the compiled graph, not constants).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def decoder_layers(model) -> nn.ModuleList | None:
+    """The model's stack of decoder layers: the longest ModuleList of modules of one class (found in
+    any wrapper: peft, DDP), or None."""
+    best = None
+    for _name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best):
+                best = module
+    return best
+
+
+def compile_layers(model) -> int:
+    """Compile each decoder layer in place (lazily: the first forward pass compiles). Returns how many
+    layers; 0 when the model has no recognisable layer stack (it then runs as it is)."""
+    layers = decoder_layers(model)
+    if layers is None:
+        return 0
+    import torch._dynamo as dynamo
+
+    # Sizes that change (the packed length, the number of samples in a pass) are symbolic from the
+    # start, so they do not each cost a compile; a few specialisations (sizes 0 and 1) remain.
+    dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def compiled(model) -> bool:
+    """Whether the decoder layers were compiled by compile_layers."""
+    layers = decoder_layers(model)
+    return layers is not None and all(getattr(m, "_compiled_call_impl", None) is not None for m in layers)
+
