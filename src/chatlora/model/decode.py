@@ -432,6 +432,9 @@ def fast_decoder(model, mode: str, slots: int = 1, columns: int = 4096, echo=log
     # A wrong answer fast is worse than a right one slow: the fast path is compared with the model's
     # own forward as loaded, before projections are fused (fusing relies on the forward's call order).
     expected = reference(model)
+    if mode == "compile":  # the check below runs the compiled step first: tell why nothing happens for a while
+        echo("decode: compiling the decode step with torch.compile (about 1.5 minutes for a 7B model on a GPU; "
+             "later starts are faster: inductor keeps its kernels in a cache on disk)")
     fused, undo = fuse_projections(model)
     decoder = StaticDecoder(model, slots, columns, mode)
     diff = parity(decoder, expected)
