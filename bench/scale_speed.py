@@ -33,7 +33,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from train_speed import (  # noqa: E402
-    CHATLORA_SETTINGS, FLOP_PER_TOKEN, PEAK_FLOPS, QWEN15_7B, ROOT, TINY, StepMeter, model_folder, result_of, write_results)
+    CHATLORA_SETTINGS, FLOP_PER_TOKEN, PEAK_FLOPS, QWEN15_7B, ROOT, TINY, Profile, StepMeter, model_folder, print_profile, result_of,
+    write_results)
 
 
 def worker(a) -> None:
@@ -50,9 +51,14 @@ def worker(a) -> None:
                  "training.per_device_train_batch_size=128"]  # the micro-batch limit; batch_tokens packs the share
     cfg = load_config("qwen1.5-7b-chat-huanhuan", overrides)
     meter = StepMeter(per_step_batches=1)  # data.batch_tokens: one collated batch per optimizer step
+    # --profile: the last 3 steps of rank 0 under torch.profiler (left out of the timing); the time it
+    # spends in NCCL kernels is the time it waits for the others.
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    profile = [Profile(start=a.steps - 3)] if a.profile and rank0 else []
+    meter.untimed_tail = 3 if a.profile else 0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    train(cfg, echo=print if int(os.environ.get("RANK", "0")) == 0 else (lambda _line: None), callbacks=[meter])
+    train(cfg, echo=print if rank0 else (lambda _line: None), callbacks=[meter, *profile])
     mine = meter.summary(a.warmup)
     mine["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     everyone = [mine]
@@ -77,9 +83,13 @@ def launch(a, gpus: int, strategy: str, work: Path, model: Path) -> dict | None:
     samples = a.global_batch or a.per_gpu * gpus
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus), __file__, "--worker",
            "--strategy", strategy, "--samples", str(samples), "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--work", str(work), "--model", str(model), "--data", a.data]
+           "--work", str(work), "--model", str(model), "--data", a.data, *(["--profile"] if a.profile else [])]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    return result_of(f"{strategy} x{gpus}", subprocess.run(cmd, capture_output=True, text=True, env=env))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if a.profile:
+        print(f"--- {strategy} x{gpus}, rank 0:")
+        print_profile(proc)
+    return result_of(f"{strategy} x{gpus}", proc)
 
 
 def main() -> None:
@@ -94,6 +104,8 @@ def main() -> None:
     p.add_argument("--global-batch", type=int, help="samples per optimizer step whatever the GPUs (strong scaling)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model: check the script, on CPU processes too")
     p.add_argument("--out", help="JSON file for the results")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of rank 0's last 3 steps "
+                   "(where a second process's per-step cost goes: NCCL waits, host syncs)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--strategy", help=argparse.SUPPRESS)
     p.add_argument("--samples", type=int, help=argparse.SUPPRESS)

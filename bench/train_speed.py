@@ -260,6 +260,13 @@ def worker(a) -> dict:
             "extra": a.extra, "losses": losses, "torch": torch.__version__}
 
 
+def print_profile(proc: subprocess.CompletedProcess) -> None:
+    """The tables a worker's Profile callback printed, if any."""
+    if "PROFILE" in proc.stdout:
+        tail = proc.stdout[proc.stdout.index("PROFILE"):]
+        print("\n".join(line for line in tail.splitlines() if not line.startswith(("RESULT ", "training:"))), flush=True)
+
+
 def result_of(label: str, proc: subprocess.CompletedProcess) -> dict | None:
     """The JSON a worker process printed on its last `RESULT ` line; None (with the worker's output
     tails printed) when it failed or printed none."""
@@ -304,9 +311,8 @@ def main() -> None:
                    "--steps", str(steps), "--warmup", str(a.warmup), *(["--tiny"] if a.tiny else []), "--extra", *a.extra]
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"BENCH_PROFILE": "1"} if a.profile else {})}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if a.profile and "PROFILE" in proc.stdout:
-            tail = proc.stdout[proc.stdout.index("PROFILE"):]
-            print("\n".join(line for line in tail.splitlines() if not line.startswith(("RESULT ", "training:"))), flush=True)
+        if a.profile:
+            print_profile(proc)
         r = result_of(variant, proc)
         if r is None:
             continue
