@@ -205,7 +205,7 @@ class StaticDecoder:
         if mode == "compile":
             import torch._dynamo as dynamo
 
-            # Sizes symbolic: one compile (half a minute on a 7B model) serves every length bucket and
+            # Sizes symbolic: one compile (about a minute on a 7B model) serves every length bucket and
             # batch size above 1; batch 1 is compiled on its own (dynamo specialises sizes of 1).
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
             self._forward = torch.compile(self._eager_forward, dynamic=True)
