@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +40,7 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import QWEN15_7B, TINY, StepMeter, model_folder, result_of, write_results  # noqa: E402
+from train_speed import QWEN15_7B, TINY, StepMeter, model_folder, result_of, run_worker, write_results  # noqa: E402
 
 VARIANTS = {
     "seed-ckpt": ["training.gradient_checkpointing=true"],
@@ -155,10 +153,7 @@ def main() -> None:
         if variant not in VARIANTS:
             sys.exit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
         started = time.time()
-        with tempfile.TemporaryDirectory() as work:
-            cmd = [sys.executable, __file__, "--variant", variant, "--work", work, "--tokenizer", a.tokenizer, "--data", a.data,
-                   "--steps", str(a.steps), "--warmup", str(a.warmup), *(["--tiny"] if a.tiny else []), "--extra", *a.extra]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = run_worker(__file__, variant, a, a.steps)
         out_lines = proc.stdout.splitlines()
         start = next((i for i, line in enumerate(out_lines) if line.startswith("plan for")), len(out_lines))
         end = next((i for i in range(start + 1, len(out_lines)) if not out_lines[i].startswith("  ")), len(out_lines))

@@ -260,6 +260,15 @@ def worker(a) -> dict:
             "extra": a.extra, "losses": losses, "torch": torch.__version__}
 
 
+def run_worker(script: str, variant: str, a, steps: int, **env: str) -> subprocess.CompletedProcess:
+    """`script --variant VARIANT` (its worker mode) in a fresh work folder, with the bench's common
+    arguments from `a`; its output captured for result_of."""
+    with tempfile.TemporaryDirectory() as work:
+        cmd = [sys.executable, script, "--variant", variant, "--work", work, "--tokenizer", a.tokenizer, "--data", a.data,
+               "--steps", str(steps), "--warmup", str(a.warmup), *(["--tiny"] if a.tiny else []), "--extra", *a.extra]
+        return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+
+
 def print_profile(proc: subprocess.CompletedProcess) -> None:
     """The tables a worker's Profile callback printed, if any."""
     if "PROFILE" in proc.stdout:
@@ -306,11 +315,7 @@ def main() -> None:
         # The tutorial's steps are slow: a third as many, unless the loss curves are to be compared
         # (the learning-rate schedule depends on max_steps, so curves need equal step counts).
         steps = max(a.warmup + 5, a.steps // 3) if variant == "tutorial" and not a.same_steps else a.steps
-        with tempfile.TemporaryDirectory() as work:
-            cmd = [sys.executable, __file__, "--variant", variant, "--work", work, "--tokenizer", a.tokenizer, "--data", a.data,
-                   "--steps", str(steps), "--warmup", str(a.warmup), *(["--tiny"] if a.tiny else []), "--extra", *a.extra]
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"BENCH_PROFILE": "1"} if a.profile else {})}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = run_worker(__file__, variant, a, steps, **({"BENCH_PROFILE": "1"} if a.profile else {}))
         if a.profile:
             print_profile(proc)
         r = result_of(variant, proc)

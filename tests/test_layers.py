@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatlora.model.layers import compile_layers, compiled, decoder_layers
+from chatlora.model.layers import compile_layers, decoder_layers
 from chatlora.trainer.plot import read_metrics
 from conftest import tiny_config
 from test_train import train_quietly
@@ -21,8 +21,9 @@ def test_decoder_layers_are_found_through_wrappers(tiny_model_dir):
     assert layers is model.model.layers and len(layers) == model.config.num_hidden_layers
     wrapped = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert decoder_layers(wrapped) is layers
-    assert not compiled(wrapped)
-    assert compile_layers(wrapped) == len(layers) and compiled(wrapped)
+    assert not any(m._compiled_call_impl for m in layers)
+    assert compile_layers(wrapped) == len(layers)
+    assert all(m._compiled_call_impl is not None for m in layers)  # nn.Module.compile's compiled forward
     assert compile_layers(torch.nn.Linear(2, 2)) == 0  # nothing to compile: runs as it is
 
 

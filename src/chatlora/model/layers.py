@@ -38,10 +38,3 @@ def compile_layers(model) -> int:
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
-
-
-def compiled(model) -> bool:
-    """Whether the decoder layers were compiled by compile_layers."""
-    layers = decoder_layers(model)
-    return layers is not None and all(getattr(m, "_compiled_call_impl", None) is not None for m in layers)
-

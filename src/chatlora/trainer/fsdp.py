@@ -80,30 +80,20 @@ class ShardedModel(TrainerCallback):
         from torch.distributed.fsdp import FSDPModule
 
         from chatlora.trainer.loss import packing_is_exact
+        from chatlora.trainer.stop import any_rank
 
         _register_generate(model)
         if not self.check_packing:
             return
-        exact = _everywhere(packing_is_exact(model))
+        # A check that failed on one process only (kernel rounding) must stop them all, or the others
+        # wait for it in a collective for ever.
+        exact = not any_rank(not packing_is_exact(model), args.device)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()  # as Trainer leaves it before the first step
         if not exact:
             raise ConfigError("this model lets packed samples attend to each other; with distributed.strategy=fsdp2 "
                               "set data.packing=false (padded batches)")
-
-
-def _everywhere(flag: bool) -> bool:
-    """True only where every process found it true: a check that passed on one process and failed on
-    another (kernel rounding) must stop all of them, or the others wait for it in a collective for ever."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    agreed = torch.tensor(int(flag), device=device)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-    return bool(agreed)
 
 
 def _register_generate(model) -> None:
