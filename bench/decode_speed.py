@@ -35,11 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-QWEN15_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
-                 rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu")
-TINY = dict(QWEN15_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
+from architectures import QWEN15_7B, QWEN2_TINY  # noqa: E402
+
 # Memory bandwidth in bytes/s by card name (datasheet figures).
 BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.04e12}
 PROMPT = [{"role": "system", "content": "现在你要扮演皇帝身边的女人--甄嬛"},
@@ -62,7 +59,7 @@ def build(args):
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = Qwen2Config(**(TINY if args.tiny else QWEN15_7B), eos_token_id=im_end, pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2Config(**(QWEN2_TINY if args.tiny else QWEN15_7B), eos_token_id=im_end, pad_token_id=tokenizer.pad_token_id)
     dtype = getattr(torch, args.dtype) if args.dtype else torch.float32 if args.device == "cpu" else torch.bfloat16
     torch.manual_seed(0)
     with torch.device(args.device):

@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from architectures import QWEN15_7B, QWEN2_TINY
+
 PROMPTS = [
     "Why do we see lightning before we hear thunder?", "Give me three tips for keeping basil alive.",
     "What is the capital of Australia, and why not Sydney?", "Explain a hash map to a ten-year-old.",
@@ -37,13 +39,6 @@ PROMPTS = [
     "What does a compiler do?", "Name a good first book about astronomy.",
 ]
 
-# Qwen1.5-7B-Chat's architecture (its config.json), built with random weights: no download needed.
-QWEN15_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
-                 rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu")
-# The same architecture shrunk to 2 layers: a CPU smoke check of this script.
-QWEN2_TINY = dict(QWEN15_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2)
 QWEN_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "qwen-tokenizer")
 
 

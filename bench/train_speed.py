@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import architectures
 import torch
 from transformers import TrainerCallback
 
@@ -37,9 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
 FLOP_PER_TOKEN = 4 * 7.1e9
 PEAK_FLOPS = 989e12
-QWEN15_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                 intermediate_size=11008, vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768,
-                 tie_word_embeddings=False, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645)
+QWEN15_7B = dict(architectures.QWEN15_7B, bos_token_id=151643, eos_token_id=151645)
 VARIANTS = ("tutorial", "seed-semantics", "seed-24gib", "throughput", "trl")
 # --tiny: the same code on a 2-layer model, to check the script on a CPU before spending GPU time.
 TINY = dict(QWEN15_7B, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128)
