@@ -85,6 +85,10 @@ def launch(a, gpus: int, strategy: str, work: Path, model: Path) -> dict | None:
            "--strategy", strategy, "--samples", str(samples), "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--work", str(work), "--model", str(model), "--data", a.data, *(["--profile"] if a.profile else [])]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    # torchrun gives each of several processes one CPU thread (OMP_NUM_THREADS=1) and one process all
+    # of them: the host's cores shared out instead, so 1 and N processes differ only in N (the CPU-side
+    # random initialisation of FSDP2's copies also needs them).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if a.profile:
         print(f"--- {strategy} x{gpus}, rank 0:")

@@ -231,6 +231,8 @@ CHATLORA_SETTINGS = {
     "seed-compile": ["data.batch_tokens=16384", "training.gradient_checkpointing=false", "training.torch_compile=true"],
     # Each decoder layer compiled once with symbolic sizes (model.compile=layers), not the whole model.
     "seed-compile-layers": ["data.batch_tokens=16384", "training.gradient_checkpointing=false", "model.compile=layers"],
+    # The preset as shipped (gradient checkpointing, for a 24 GB card) with compiled layers.
+    "seed-24gib-compile-layers": ["model.compile=layers"],
     "throughput-compile-layers": ["training.per_device_train_batch_size=128", "training.gradient_accumulation_steps=1",
                                   "data.batch_tokens=8192", "training.gradient_checkpointing=false", "lora.dropout=0.0",
                                   "model.compile=layers"],
@@ -321,6 +323,7 @@ def main() -> None:
         if r is None:
             continue
         results.append(r)
+        write_results(a.out, results)  # after every variant: a run stopped by a timeout keeps what it measured
         print(f"{variant:15s} {r['s_per_step']:.3f} s/step  {r['real_tok_s']:8,.0f} real tok/s  {r['trained_tok_s']:8,.0f} trained tok/s  "
               f"MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:.1f} GiB  wall {r['train_wall_s']:.0f} s  losses {[round(x, 3) for x in r['losses'][:8]]}", flush=True)
     base = next((r for r in results if r["variant"] == "tutorial"), None)

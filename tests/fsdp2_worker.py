@@ -52,6 +52,7 @@ def main(model_dir: str, out: Path) -> None:
     from chatlora.data.render import Renderer
     from chatlora.model.generate import generate_replies
     from chatlora.trainer.fsdp import full_adapter_state, sharded
+    from chatlora.trainer.grads import all_finite, clip_sharded, local_grads, sharded_grads
     from chatlora.trainer.loss import separable_head, trained_token_loss
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # a rank left waiting fails the test soon
@@ -87,6 +88,22 @@ def main(model_dir: str, out: Path) -> None:
             ref_optimizer.step()
             ref_optimizer.zero_grad()
             result["reference_losses"].append((ref_total / ref_count).item())
+
+    # Clipping and the finite check on the local shards (trainer/grads.py) against torch on the whole
+    # gradients: one more backward, clipped to half its norm, and no optimizer step after it.
+    total, count = trained_token_loss(model, PackCollator()(STEPS[0][2 * rank : 2 * rank + 2]))
+    total.backward()
+    whole = [p.grad.full_tensor().clone() for p in trainable]
+    expected = torch.stack([g.float().norm() for g in whole]).norm()
+    group = sharded_grads(trainable)
+    norm = clip_sharded(trainable, 0.5 * expected.item(), group)
+    clipped = [p.grad.full_tensor() for p in trainable]
+    result["clip"] = {"grouped": group is not None, "norm": norm.item(), "expected": expected.item(),
+                      "scaled": max(((c - 0.5 * w).norm() / w.norm().clamp_min(1e-12)).item() for c, w in zip(clipped, whole)),
+                      "finite": bool(all_finite(local_grads(trainable)))}
+    next(p for p in trainable).grad.to_local().view(-1)[0] = float("nan")
+    result["clip"]["finite_with_nan"] = bool(all_finite(local_grads(trainable)))
+    optimizer.zero_grad()
 
     # The known failure: each process's own LoRA weights are shards (half of each weight's rows here).
     local = {n: list(p.to_local().shape) for n, p in model.named_parameters() if p.requires_grad}

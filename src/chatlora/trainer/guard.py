@@ -14,6 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from chatlora.errors import NonFiniteError
+from chatlora.trainer.grads import all_finite, local_grads
 from chatlora.trainer.stop import any_rank
 
 
@@ -27,8 +28,8 @@ class NonFiniteGuard(TrainerCallback):
         trainer = self.trainer
         params = [p for p in trainer.model.parameters() if p.grad is not None]
         losses_finite, trainer.losses_finite = trainer.losses_finite, None
-        # A gradient with a NaN or inf has a NaN or inf norm; one fused kernel for all of them.
-        flags = [n.isfinite() for n in torch._foreach_norm([p.grad for p in params])] if params else []
+        # This process's gradients (its shards under FSDP2: any_rank below covers the others).
+        flags = [all_finite(local_grads(params))] if params else []
         if losses_finite is not None:
             flags.append(losses_finite)
         # One device-to-host sync per optimizer step.

@@ -1,0 +1,64 @@
+"""Gradient checks and clipping in a few fused kernels, on each process's own shards.
+
+Why: a LoRA model has hundreds of small trainable tensors (448 on a 7B model). Done tensor by tensor
+(an isfinite per gradient), a check costs hundreds of kernel launches per optimizer step. Under FSDP2
+the gradients are DTensors and it is far worse: every per-tensor op goes through DTensor's Python
+dispatch, and a norm of a sharded tensor is a partial value that costs an all-reduce of its own when
+read. torch's clip_grad_norm_ on them took about 1 s of CPU per step on the Qwen1.5-7B architecture
+(2 x H200, 2026-11-28: profile in docs/benchmarks.md). Here every process reduces the shards it holds
+with plain tensors, and the processes add up one number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def local(grad: torch.Tensor) -> torch.Tensor:
+    """The part of `grad` this process holds: a DTensor's local shard, a plain tensor itself."""
+    to_local = getattr(grad, "to_local", None)  # DTensor; plain tensors have no to_local
+    return to_local() if to_local is not None else grad
+
+
+def local_grads(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [local(p.grad) for p in params if p.grad is not None]
+
+
+def all_finite(grads: list[torch.Tensor]) -> torch.Tensor:
+    """A boolean tensor: every element of `grads` is finite (a NaN or inf makes its tensor's norm
+    NaN or inf). Two kernels for any number of tensors; no host sync."""
+    norms = torch._foreach_norm(grads)
+    return torch.stack([n.float() for n in norms]).isfinite().all()
+
+
+def sharded_grads(params: list[torch.nn.Parameter]):
+    """The process group the gradients of `params` are sharded over (FSDP2: all are DTensors with
+    one placement, Shard(0), on one 1-D mesh), or None when they are not all sharded that way."""
+    grads = [p.grad for p in params if p.grad is not None]
+    meshes = {getattr(g, "device_mesh", None) for g in grads}
+    if not grads or len(meshes) != 1 or None in meshes:
+        return None
+    (mesh,) = meshes
+    if mesh.ndim != 1 or any(len(g.placements) != 1 or not g.placements[0].is_shard() for g in grads):
+        return None
+    return mesh.get_group()
+
+
+def clip_sharded(params: list[torch.nn.Parameter], max_norm: float, group) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_(params, max_norm) for gradients sharded over `group` (each
+    element held by one process): the 2-norm of all gradients as one vector, from the squared norms
+    of each process's shards summed by one all-reduce; every shard scaled by the same factor.
+    Returns the total norm (a plain float32 tensor, the same on every process)."""
+    import torch.distributed as dist
+
+    grads = local_grads(params)
+    norms = torch._foreach_norm(grads)
+    squares = torch.stack([n.float() for n in norms]).square().sum()
+    dist.all_reduce(squares, group=group)
+    total = squares.sqrt()
+    # As torch.nn.utils.clip_grads_with_norm_: scale only down, never up.
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, scale)
+    return total
