@@ -36,7 +36,7 @@ def main() -> None:
 
     from chatlora.config import load_config
     from chatlora.recipes.data_check import load_data
-    from chatlora.trainer.balance import split
+    from chatlora.data.groups import split
 
     with tempfile.TemporaryDirectory() as tmp:
         model = model_folder(Path(a.tokenizer), Path(tmp) / "model", TINY)  # the tokenizer is all that is read

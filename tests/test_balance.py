@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from chatlora.trainer.balance import BalancedSteps, split
+from chatlora.data.groups import split
+from chatlora.trainer.balance import BalancedSteps
 
 
 def totals(groups: list[list[int]], lengths: list[int]) -> list[int]:

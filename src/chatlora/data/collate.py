@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from chatlora.data.groups import passes
 from chatlora.data.render import IGNORE
 
 
@@ -36,7 +37,8 @@ class PackCollator:
     sample lengths (`cu_seq_lens_*`) let varlen/flash kernels do the same with no mask at all. The
     first token of each sample is never a target, so no sample learns to predict the next one.
 
-    With `max_tokens`, a batch that does not fit one row comes back as {"chunks": [row, ...]} plus
+    With `max_tokens`, a batch that does not fit one row comes back as {"chunks": [row, ...]} (rows of
+    about equal tokens: data/groups.py says why) plus
     the concatenated input_ids and labels, which Trainer uses to count tokens; ChatTrainer runs one
     forward and backward pass per chunk within the same optimizer step.
     """
@@ -45,16 +47,8 @@ class PackCollator:
         self.max_tokens = max_tokens
 
     def __call__(self, features: list[dict]) -> dict:
-        groups: list[list[dict]] = [[]]
-        used = 0
-        for f in features:
-            n = len(f["input_ids"])
-            if self.max_tokens and groups[-1] and used + n > self.max_tokens:
-                groups.append([])
-                used = 0
-            groups[-1].append(f)
-            used += n
-        rows = [self.pack(g) for g in groups]
+        groups = passes([len(f["input_ids"]) for f in features], self.max_tokens)
+        rows = [self.pack([features[i] for i in g]) for g in groups]
         if len(rows) == 1:
             return rows[0]
         return {"chunks": rows,

@@ -13,6 +13,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from chatlora.data.groups import passes
+
 
 @dataclass(frozen=True)
 class Samples:
@@ -64,17 +66,9 @@ class PassStats:
 
 
 def pack(group: list[int], lengths: list[int], budget: int | None) -> list[list[int]]:
-    """PackCollator's rule on sample indices: a new pass when the next sample would overflow the budget."""
-    passes: list[list[int]] = [[]]
-    used = 0
-    for i in group:
-        n = lengths[i]
-        if budget and passes[-1] and used + n > budget:
-            passes.append([])
-            used = 0
-        passes[-1].append(i)
-        used += n
-    return passes
+    """PackCollator's rule on sample indices: the step's samples in passes of at most `budget`
+    tokens, evened out (data/groups.py)."""
+    return [[group[k] for k in g] for g in passes([lengths[i] for i in group], budget)]
 
 
 def simulate(samples: Samples, batching: Batching, seed: int = 42, max_steps: int = 2000) -> PassStats:

@@ -14,45 +14,12 @@ trained adapter do not change. With one process nothing here is used.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterator, Sequence
 from functools import partial
 
 from torch.utils.data import DataLoader, Sampler
 
-
-def split(indices: Sequence[int], lengths: Sequence[int], parts: int, equal_counts: bool = False) -> list[list[int]]:
-    """`indices` (one step's samples) in `parts` groups whose token totals (`lengths[i]` per index)
-    are as equal as a greedy split makes them: longest first, each onto the group with the fewest
-    tokens so far (ties: the lower group). The token totals of any two groups then differ by at most
-    the longest sample. Each group keeps its samples in their order in `indices`; the result depends
-    on nothing but the arguments.
-
-    equal_counts: every group takes len(indices) / parts samples (for steps that come in micro-batches
-    of a fixed number of samples): the samples are dealt in rounds of `parts`, longest to the group
-    with the fewest tokens; the same bound holds.
-
-    Raises ValueError when there are fewer samples than groups (a group would be empty), or with
-    equal_counts when they do not divide evenly.
-    """
-    if len(indices) < parts or (equal_counts and len(indices) % parts):
-        raise ValueError(f"cannot split {len(indices)} samples into {parts} {'equal ' if equal_counts else ''}non-empty groups")
-    longest_first = sorted(range(len(indices)), key=lambda k: (-lengths[indices[k]], k))
-    groups: list[list[int]] = [[] for _ in range(parts)]
-    if equal_counts:
-        loads = [0] * parts
-        for start in range(0, len(longest_first), parts):
-            lightest = sorted(range(parts), key=lambda g: (loads[g], g))
-            for g, k in zip(lightest, longest_first[start:start + parts]):
-                groups[g].append(k)
-                loads[g] += lengths[indices[k]]
-    else:
-        heap = [(0, g) for g in range(parts)]  # (tokens, group): the lightest group on top
-        for k in longest_first:
-            load, g = heapq.heappop(heap)
-            groups[g].append(k)
-            heapq.heappush(heap, (load + lengths[indices[k]], g))
-    return [[indices[k] for k in sorted(group)] for group in groups]
+from chatlora.data.groups import split
 
 
 class BalancedSteps(Sampler[list[int]]):

@@ -96,7 +96,12 @@ def trained_token_loss(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Te
         hidden = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits
     hidden, targets = hidden.flatten(0, 1), targets.flatten()
     trained = targets != IGNORE
-    return chunked_cross_entropy(hidden[trained], head, targets[trained]), trained.sum()
+    if labels.shape[0] > 1:
+        # Padded rows: a position kept for one row may be untrained in another. One packed row
+        # needs no mask (every kept position is trained), and selecting with one would make the
+        # host wait for the whole forward pass before it could queue the output layer and backward.
+        hidden, targets = hidden[trained], targets[trained]
+    return chunked_cross_entropy(hidden, head, targets), trained.sum()
 
 
 @torch.no_grad()
