@@ -43,6 +43,36 @@ def build(model_dir: str):
     return add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
 
 
+def uneven_clip(mesh) -> dict:
+    """Clipping on shards of rows that do not split evenly over 2 processes (3 rows; 1 row: one
+    process holds an empty shard), against the whole gradients."""
+    from torch.distributed.fsdp import fully_shard
+
+    from chatlora.trainer.grads import clip_sharded, sharded_grads
+
+    class Uneven(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Parameter(torch.randn(*shape)) for shape in ((3, 5), (1, 4), (5,)))
+
+        def forward(self, x):  # FSDP gathers the weights around forward and backward only
+            return (self.a @ x).pow(2).sum() + (self.b @ x[:4]).pow(3).sum() + (self.c * x).sum()
+
+    torch.manual_seed(0)
+    module = Uneven()
+    fully_shard(module, mesh=mesh)
+    module(torch.randn(5)).backward()
+    params = list(module.parameters())
+    whole = [p.grad.full_tensor().clone() for p in params]
+    expected = torch.stack([g.norm() for g in whole]).norm()
+    norm = clip_sharded(params, 0.5 * expected.item(), sharded_grads(params))
+    clipped = [p.grad.full_tensor() for p in params]
+    empty = torch.tensor(float(any(p.grad.to_local().numel() == 0 for p in params)))
+    dist.all_reduce(empty, op=dist.ReduceOp.MAX)  # on some process
+    return {"empty_shard": bool(empty), "norm": norm.item(), "expected": expected.item(),
+            "scaled": max(((c - 0.5 * w).norm() / w.norm()).item() for c, w in zip(clipped, whole))}
+
+
 def main(model_dir: str, out: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -104,6 +134,7 @@ def main(model_dir: str, out: Path) -> None:
     next(p for p in trainable).grad.to_local().view(-1)[0] = float("nan")
     result["clip"]["finite_with_nan"] = bool(all_finite(local_grads(trainable)))
     optimizer.zero_grad()
+    result["uneven_clip"] = uneven_clip(mesh)
 
     # The known failure: each process's own LoRA weights are shards (half of each weight's rows here).
     local = {n: list(p.to_local().shape) for n, p in model.named_parameters() if p.requires_grad}

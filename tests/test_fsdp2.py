@@ -75,3 +75,6 @@ def test_clipping_and_the_finite_check_on_local_shards_equal_torch_on_whole_grad
     assert clip["norm"] == pytest.approx(clip["expected"], rel=1e-5)
     assert clip["scaled"] < 1e-5  # every gradient scaled to half: clipped to half the norm
     assert clip["finite"] and not clip["finite_with_nan"]
+    uneven = json.loads((fsdp2 / "result.json").read_text())["uneven_clip"]
+    assert uneven["empty_shard"]  # 1 row over 2 processes: one holds nothing of it
+    assert uneven["norm"] == pytest.approx(uneven["expected"], rel=1e-5) and uneven["scaled"] < 1e-5

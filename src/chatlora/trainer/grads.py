@@ -26,16 +26,21 @@ def local_grads(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
     return [local(p.grad) for p in params if p.grad is not None]
 
 
+def norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of each tensor, in float32 (bf16 gradients too), as one tensor: one fused kernel."""
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+
+
 def all_finite(grads: list[torch.Tensor]) -> torch.Tensor:
     """A boolean tensor: every element of `grads` is finite (a NaN or inf makes its tensor's norm
     NaN or inf). Two kernels for any number of tensors; no host sync."""
-    norms = torch._foreach_norm(grads)
-    return torch.stack([n.float() for n in norms]).isfinite().all()
+    return norms(grads).isfinite().all()
 
 
 def sharded_grads(params: list[torch.nn.Parameter]):
     """The process group the gradients of `params` are sharded over (FSDP2: all are DTensors with
-    one placement, Shard(0), on one 1-D mesh), or None when they are not all sharded that way."""
+    one placement, Shard(0), on one 1-D mesh, held on the mesh's device), or None when they are not
+    all sharded that way (torch's own clipping then applies: gradients offloaded to the CPU, say)."""
     grads = [p.grad for p in params if p.grad is not None]
     meshes = {getattr(g, "device_mesh", None) for g in grads}
     if not grads or len(meshes) != 1 or None in meshes:
@@ -43,22 +48,27 @@ def sharded_grads(params: list[torch.nn.Parameter]):
     (mesh,) = meshes
     if mesh.ndim != 1 or any(len(g.placements) != 1 or not g.placements[0].is_shard() for g in grads):
         return None
+    if any(g.to_local().device.type != mesh.device_type for g in grads):
+        return None
     return mesh.get_group()
 
 
-def clip_sharded(params: list[torch.nn.Parameter], max_norm: float, group) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_(params, max_norm) for gradients sharded over `group` (each
-    element held by one process): the 2-norm of all gradients as one vector, from the squared norms
-    of each process's shards summed by one all-reduce; every shard scaled by the same factor.
-    Returns the total norm (a plain float32 tensor, the same on every process)."""
+def sharded_norm(params: list[torch.nn.Parameter], group) -> torch.Tensor:
+    """The 2-norm of all gradients of `params` as one vector, for gradients sharded over `group`
+    (each element held by one process): the squared norms of each process's shards, summed by one
+    all-reduce. A float32 tensor, the same on every process."""
     import torch.distributed as dist
 
-    grads = local_grads(params)
-    norms = torch._foreach_norm(grads)
-    squares = torch.stack([n.float() for n in norms]).square().sum()
+    squares = norms(local_grads(params)).square().sum()
     dist.all_reduce(squares, group=group)
-    total = squares.sqrt()
+    return squares.sqrt()
+
+
+def clip_sharded(params: list[torch.nn.Parameter], max_norm: float, group) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_(params, max_norm) for gradients sharded over `group`: every
+    shard scaled by the same factor. Returns the total norm before clipping (sharded_norm)."""
+    total = sharded_norm(params, group)
     # As torch.nn.utils.clip_grads_with_norm_: scale only down, never up.
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, scale)
+    torch._foreach_mul_(local_grads(params), scale)
     return total

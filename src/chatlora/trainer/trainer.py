@@ -11,7 +11,7 @@ import torch
 from peft.helpers import disable_input_dtype_casting
 
 from chatlora.trainer.balance import train_dataloader
-from chatlora.trainer.grads import clip_sharded, sharded_grads
+from chatlora.trainer.grads import clip_sharded, sharded_grads, sharded_norm
 from chatlora.trainer.loss import trained_token_loss
 from chatlora.trainer.safe_trainer import SafeTrainer
 
@@ -55,16 +55,32 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         return int(most)
 
+    def sharded(self, model):
+        """(gradients, process group) under FSDP2 when the gradients are shards on the GPUs, else None.
+        torch's clipping and norm take DTensor shards tensor by tensor through DTensor's dispatch
+        (about 1 s of CPU per step on a 7B model); trainer/grads.py does the same from the local
+        shards and one all-reduce."""
+        if not self.is_fsdp_enabled:
+            return None
+        params = [p for p in model.parameters() if p.grad is not None]
+        group = sharded_grads(params)
+        return None if group is None else (params, group)
+
     def _clip_grad_norm(self, model):
-        # FSDP2: the LoRA gradients are DTensor shards; torch's clipping handles them tensor by tensor
-        # through DTensor's dispatch (about 1 s of CPU per step on a 7B model). The same norm and
-        # scaling from the local shards and one all-reduce (trainer/grads.py).
-        if self.is_fsdp_enabled:
-            params = [p for p in model.parameters() if p.grad is not None]
-            group = sharded_grads(params)
-            if group is not None:
-                return clip_sharded(params, self.args.max_grad_norm, group)
-        return super()._clip_grad_norm(model)
+        shards = self.sharded(model)
+        if shards is None:
+            return super()._clip_grad_norm(model)
+        params, group = shards
+        self.accelerator.unscale_gradients()  # fp16: as accelerate does before it clips (nothing otherwise)
+        return clip_sharded(params, self.args.max_grad_norm, group)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Without clipping (max_grad_norm <= 0) Trainer takes the norm by clipping to infinity.
+        shards = self.sharded(model) if grad_norm is None else None
+        if shards is None:
+            return super()._get_grad_norm(model, grad_norm)
+        self.accelerator.unscale_gradients()
+        return sharded_norm(*shards)
 
     def get_train_dataloader(self):
         # Several processes: each step's samples split over them by tokens (see trainer/balance.py).
