@@ -39,6 +39,7 @@ from train_speed import (  # noqa: E402
 
 def worker(a) -> None:
     """One process of a torchrun launch: train, then rank 0 prints the summed numbers."""
+    started = time.perf_counter()
     import torch
     import torch.distributed as dist
 
@@ -60,6 +61,9 @@ def worker(a) -> None:
         torch.cuda.reset_peak_memory_stats()
     train(cfg, echo=print if rank0 else (lambda _line: None), callbacks=[meter, *profile])
     mine = meter.summary(a.warmup)
+    # Where a point's wall time goes: loading and wrapping the model (random weights; FSDP2 builds each
+    # process's copy on the CPU) against the training itself.
+    mine["setup_s"] = meter.times[0] - started
     mine["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     everyone = [mine]
     if dist.is_initialized():
@@ -76,6 +80,7 @@ def worker(a) -> None:
             "trained_tok_s": sum(r["trained_tok_s"] for r in everyone),
             "mfu_per_gpu": real / seconds / gpus * FLOP_PER_TOKEN / PEAK_FLOPS,
             "peak_gib_max": max(r["peak_gib"] for r in everyone), "steps": a.steps, "warmup": a.warmup,
+            "setup_s_max": max(r["setup_s"] for r in everyone), "train_wall_s": mine["train_wall_s"],
             "torch": torch.__version__}), flush=True)
 
 
@@ -140,7 +145,8 @@ def main() -> None:
                 results.append(r)
                 write_results(a.out, results)  # after every point: a run stopped by a timeout keeps what it measured
                 print(f"{strategy:6s} x{gpus}  {r['real_tok_s']:10,.0f} real tok/s  {r['s_per_step']:.3f} s/step  "
-                      f"efficiency {100 * r['scaling_efficiency']:5.1f}%  peak {r['peak_gib_max']:.1f} GiB", flush=True)
+                      f"efficiency {100 * r['scaling_efficiency']:5.1f}%  peak {r['peak_gib_max']:.1f} GiB  "
+                      f"set-up {r['setup_s_max']:.0f} s, training {r['train_wall_s']:.0f} s", flush=True)
     write_results(a.out, results)
     print("\nstrategy  GPUs  samples/step  s/step  real tok/s  efficiency  MFU/GPU  peak GiB")
     for r in results:
