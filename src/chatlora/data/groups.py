@@ -69,11 +69,11 @@ def passes(lengths: Sequence[int], budget: int | None) -> list[list[int]]:
     4,233 tokens each do the same work with no such idle pass. The step's loss and gradients are sums over
     its tokens whatever pass holds them.
     """
-    indices = list(range(len(lengths)))
-    if not budget or sum(lengths) <= budget:
+    indices, total = list(range(len(lengths))), sum(lengths)
+    if not budget or total <= budget:
         return [indices]
     ordered = fill(lengths, budget)
-    for count in range(math.ceil(sum(lengths) / budget), len(ordered) + 1):
+    for count in range(math.ceil(total / budget), len(ordered) + 1):
         groups = split(indices, lengths, count)
         if max(sum(lengths[i] for i in g) for g in groups) <= budget:
             return sorted(groups)  # the pass with the first sample first

@@ -55,20 +55,25 @@ def sharded_grads(params: list[torch.nn.Parameter]):
 
 def sharded_norm(params: list[torch.nn.Parameter], group) -> torch.Tensor:
     """The 2-norm of all gradients of `params` as one vector, for gradients sharded over `group`
-    (each element held by one process): the squared norms of each process's shards, summed by one
-    all-reduce. A float32 tensor, the same on every process."""
-    import torch.distributed as dist
-
-    squares = norms(local_grads(params)).square().sum()
-    dist.all_reduce(squares, group=group)
-    return squares.sqrt()
+    (each element held by one process). A float32 tensor, the same on every process."""
+    return _total_norm(local_grads(params), group)
 
 
 def clip_sharded(params: list[torch.nn.Parameter], max_norm: float, group) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_(params, max_norm) for gradients sharded over `group`: every
     shard scaled by the same factor. Returns the total norm before clipping (sharded_norm)."""
-    total = sharded_norm(params, group)
+    grads = local_grads(params)
+    total = _total_norm(grads, group)
     # As torch.nn.utils.clip_grads_with_norm_: scale only down, never up.
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(local_grads(params), scale)
+    torch._foreach_mul_(grads, scale)
     return total
+
+
+def _total_norm(shards: list[torch.Tensor], group) -> torch.Tensor:
+    """The squared norms of this process's shards, summed over `group` by one all-reduce."""
+    import torch.distributed as dist
+
+    squares = norms(shards).square().sum()
+    dist.all_reduce(squares, group=group)
+    return squares.sqrt()
