@@ -49,7 +49,7 @@ def worker(a) -> None:
     overrides = [*CHATLORA_SETTINGS["throughput"], f"model.name={a.model}", "model.random_init=true", f"data.train={a.data}",
                  f"training.max_steps={a.steps}", "training.logging_steps=1", "training.save_strategy=no",
                  f"output_dir={a.work}/run", f"distributed.strategy={a.strategy}", f"distributed.samples_per_step={a.samples}",
-                 "training.per_device_train_batch_size=128"]  # the micro-batch limit; batch_tokens packs the share
+                 "training.per_device_train_batch_size=128", *a.extra]  # the micro-batch limit; batch_tokens packs the share
     cfg = load_config("qwen1.5-7b-chat-huanhuan", overrides)
     meter = StepMeter(per_step_batches=1)  # data.batch_tokens: one collated batch per optimizer step
     # --profile: the last 3 steps of rank 0 under torch.profiler (left out of the timing); the time it
@@ -80,7 +80,7 @@ def worker(a) -> None:
             "trained_tok_s": sum(r["trained_tok_s"] for r in everyone),
             "mfu_per_gpu": real / seconds / gpus * FLOP_PER_TOKEN / PEAK_FLOPS,
             "peak_gib_max": max(r["peak_gib"] for r in everyone), "steps": a.steps, "warmup": a.warmup,
-            "setup_s_max": max(r["setup_s"] for r in everyone), "train_wall_s": mine["train_wall_s"],
+            "setup_s_max": max(r["setup_s"] for r in everyone), "train_wall_s": mine["train_wall_s"], "extra": a.extra,
             "torch": torch.__version__}), flush=True)
 
 
@@ -88,7 +88,8 @@ def launch(a, gpus: int, strategy: str, work: Path, model: Path) -> dict | None:
     samples = a.global_batch or a.per_gpu * gpus
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus), __file__, "--worker",
            "--strategy", strategy, "--samples", str(samples), "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--work", str(work), "--model", str(model), "--data", a.data, *(["--profile"] if a.profile else [])]
+           "--work", str(work), "--model", str(model), "--data", a.data, *(["--profile"] if a.profile else []),
+           "--extra", *a.extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     # torchrun gives each of several processes one CPU thread (OMP_NUM_THREADS=1) and one process all
     # of them: the host's cores shared out instead, so 1 and N processes differ only in N (the CPU-side
@@ -115,6 +116,8 @@ def main() -> None:
     p.add_argument("--out", help="JSON file for the results")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of rank 0's last 3 steps "
                    "(where a second process's per-step cost goes: NCCL waits, host syncs)")
+    p.add_argument("--extra", nargs="*", default=[], help="chatlora overrides for every point (recorded in the JSON), "
+                   "e.g. training.fsdp_config.reshard_after_forward=false")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--strategy", help=argparse.SUPPRESS)
     p.add_argument("--samples", type=int, help=argparse.SUPPRESS)

@@ -22,6 +22,7 @@ of an H100 SXM or H200).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -120,6 +121,40 @@ class Profile(TrainerCallback):
             self.prof = None
 
 
+class SyncDebug(TrainerCallback):
+    """BENCH_SYNC_DEBUG=1: where step `step` makes the host wait for the GPU. Each such wait lets the
+    GPU run dry while the host then queues the next kernels; listed by call stack, with counts."""
+
+    def __init__(self, step: int):
+        self.step, self.seen, self.original = step, {}, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step and DEVICE == "cuda":
+            import traceback
+            import warnings
+
+            def note(message, category, filename, lineno, file=None, line=None):
+                if "synchronizing" not in str(message):
+                    return self.original(message, category, filename, lineno, file, line)
+                frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename][-6:]
+                where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+                self.seen[where] = self.seen.get(where, 0) + 1
+
+            self.original, warnings.showwarning = warnings.showwarning, note
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.original is not None and state.global_step == self.step + 1:
+            import warnings
+
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning, self.original = self.original, None
+            print(f"SYNCS in step {self.step + 1}: {sum(self.seen.values())}")
+            for where, n in sorted(self.seen.items(), key=lambda kv: -kv[1]):
+                print(f"  {n:4d}x {where}")
+
+
 def model_folder(tokenizer: Path, out: Path, dims: dict) -> Path:
     """Config + tokenizer of Qwen1.5-7B-Chat, no weights (chatlora builds them with model.random_init)."""
     import shutil
@@ -191,10 +226,12 @@ def run_chatlora(folder: Path, data: Path, steps: int, work: Path, overrides: li
                                                     "training.save_strategy=no", f"output_dir={work / 'run'}", *overrides])
     per_step = 1 if cfg.data.batch_tokens else cfg.training.get("gradient_accumulation_steps", 1)
     meter = StepMeter(per_step_batches=per_step)
-    # Profiled steps (the last 3) run slower under the profiler: StepMeter leaves them out.
+    # Profiled steps (the last 3) and the step whose syncs are listed (the one before) run slower:
+    # StepMeter leaves them out.
     profile = [Profile(start=steps - 3)] if os.environ.get("BENCH_PROFILE") else []
-    meter.untimed_tail = 3 if profile else 0
-    run = train(cfg, echo=print, callbacks=[meter] + profile)
+    syncs = [SyncDebug(step=steps - 4 if profile else steps - 1)] if os.environ.get("BENCH_SYNC_DEBUG") else []
+    meter.untimed_tail = (3 if profile else 0) + (1 if syncs else 0)
+    run = train(cfg, echo=print, callbacks=[meter] + profile + syncs)
     return meter, [r["loss"] for r in read_metrics(run.metrics) if "loss" in r]
 
 
@@ -269,6 +306,15 @@ def run_worker(script: str, variant: str, a, steps: int, **env: str) -> subproce
         return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
 
 
+def print_syncs(proc: subprocess.CompletedProcess) -> None:
+    """The list a worker's SyncDebug callback printed, if any."""
+    lines = proc.stdout.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("SYNCS"):
+            rows = list(itertools.takewhile(lambda x: x.startswith("  "), lines[i + 1 :]))
+            print("\n".join([line, *rows[:40]]), flush=True)
+
+
 def print_profile(proc: subprocess.CompletedProcess) -> None:
     """The tables a worker's Profile callback printed, if any."""
     if "PROFILE" in proc.stdout:
@@ -306,6 +352,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="a 2-layer model: check the script itself, on a CPU too")
     p.add_argument("--same-steps", action="store_true", help="the tutorial runs --steps too (to compare loss curves)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of 3 steps (chatlora variants)")
+    p.add_argument("--sync-debug", action="store_true", help="list where one step makes the host wait for the GPU "
+                   "(chatlora variants; the step is left out of the timing)")
     a = p.parse_args()
     if a.variant:
         print("RESULT " + json.dumps(worker(a)), flush=True)
@@ -315,7 +363,9 @@ def main() -> None:
         # The tutorial's steps are slow: a third as many, unless the loss curves are to be compared
         # (the learning-rate schedule depends on max_steps, so curves need equal step counts).
         steps = max(a.warmup + 5, a.steps // 3) if variant == "tutorial" and not a.same_steps else a.steps
-        proc = run_worker(__file__, variant, a, steps, **({"BENCH_PROFILE": "1"} if a.profile else {}))
+        env = {**({"BENCH_PROFILE": "1"} if a.profile else {}), **({"BENCH_SYNC_DEBUG": "1"} if a.sync_debug else {})}
+        proc = run_worker(__file__, variant, a, steps, **env)
+        print_syncs(proc)
         if a.profile:
             print_profile(proc)
         r = result_of(variant, proc)

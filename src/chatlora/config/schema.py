@@ -36,7 +36,8 @@ class ModelConfig:
     """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`); None = its default."""
     random_init: bool = False
     """Build the architecture from the model folder's config.json with random weights instead of
-    loading weights: for benchmarks and dry runs (speed and memory equal the real model's)."""
+    loading weights: for benchmarks and dry runs (speed and memory equal the real model's). Built on
+    the GPU, also under FSDP2, so the whole model must fit one GPU."""
     stop_tokens: list[str] = field(default_factory=list)
     """Extra tokens generation stops on, added to the model's generation config (for models whose
     generation config misses the chat template's end-of-turn token)."""

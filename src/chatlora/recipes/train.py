@@ -135,7 +135,10 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     seed = int(cfg.training.get("seed", TRAINING_DEFAULTS["seed"]))
     set_seed(seed)
     # FSDP2 loads on the CPU (the model need not fit one GPU); fully_shard moves each shard to its GPU.
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() and not args.fsdp else None
+    # Random weights (benchmarks, dry runs) are built on the GPU even then: drawing 7 B of them on the
+    # CPU takes each process over a minute, and fully_shard keeps each GPU's shard where it is.
+    on_gpu = torch.cuda.is_available() and (not args.fsdp or cfg.model.random_init)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if on_gpu else None
     model = load_model(checked.source, cfg.model, tokenizer, checked.generation_config, device)
     set_seed(seed)  # the adapter's initial weights depend on the seed alone, not on what loading drew
     model = add_lora(model, cfg.lora, args.gradient_checkpointing)
