@@ -10,6 +10,8 @@ Variants, each in its own process (so peak memory is its own):
   seed-24gib      the preset as shipped: seed semantics with gradient checkpointing, for a 24 GB card
   throughput      chatlora with 128 samples per step in passes of at most 8k tokens, LoRA dropout 0
   trl             TRL's SFTTrainer: packing (bfd, padding-free), Liger kernels, one 8k-token row per step
+and more chatlora settings in CHATLORA_SETTINGS (compiled layers: *-compile-layers; probes of the
+compiler's CPU overhead: *-compile-layers-cpp, *-compile-layers-noguards).
 
 All on the Qwen1.5-7B architecture with random bf16 weights (no model hub is reachable; speed and
 memory equal the real model's) and the real Qwen tokenizer and huanhuan.json. Every variant logs its
@@ -216,7 +218,7 @@ def run_tutorial(folder: Path, data: Path, steps: int, work: Path, meter_steps: 
     return meter, [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def run_chatlora(folder: Path, data: Path, steps: int, work: Path, overrides: list[str]):
+def run_chatlora(folder: Path, data: Path, steps: int, work: Path, overrides: list[str], probe: dict, warmup: int):
     from chatlora.config import load_config
     from chatlora.recipes.train import train
     from chatlora.trainer.plot import read_metrics
@@ -231,7 +233,12 @@ def run_chatlora(folder: Path, data: Path, steps: int, work: Path, overrides: li
     profile = [Profile(start=steps - 3)] if os.environ.get("BENCH_PROFILE") else []
     syncs = [SyncDebug(step=steps - 4 if profile else steps - 1)] if os.environ.get("BENCH_SYNC_DEBUG") else []
     meter.untimed_tail = (3 if profile else 0) + (1 if syncs else 0)
-    run = train(cfg, echo=print, callbacks=[meter] + profile + syncs)
+    if probe.get("cpp_wrapper"):
+        import torch._inductor.config as inductor
+
+        inductor.cpp_wrapper = True
+    guards = [SkipGuards(after=warmup)] if probe.get("skip_guards") else []
+    run = train(cfg, echo=print, callbacks=[meter] + profile + syncs + guards)
     return meter, [r["loss"] for r in read_metrics(run.metrics) if "loss" in r]
 
 
@@ -278,6 +285,27 @@ CHATLORA_SETTINGS = {
     "throughput-compile": [*THROUGHPUT, "training.torch_compile=true"],
     "throughput-compile-layers": [*THROUGHPUT, *LAYERS],
 }
+for _name in ("seed-compile-layers", "throughput-compile-layers"):
+    CHATLORA_SETTINGS[f"{_name}-cpp"] = CHATLORA_SETTINGS[f"{_name}-noguards"] = CHATLORA_SETTINGS[_name]
+# Probes of torch.compile's CPU overhead per compiled layer call (about 2.2 ms per direction on a 7B
+# layer, which bounds the seed step), bench-only until they measure faster:
+#   -cpp       inductor's generated wrapper in C++ instead of Python (inductor config cpp_wrapper)
+#   -noguards  after the untimed steps, dynamo checks only the guards that tell its compiled entries
+#              apart (set_stance skip_guard_eval_unsafe: unsafe if a new kind of input came later)
+PROBES = {"cpp": {"cpp_wrapper": True}, "noguards": {"skip_guards": True}}
+
+
+def probe_of(variant: str) -> dict:
+    return PROBES.get(variant.rsplit("-", 1)[-1], {})
+
+
+class SkipGuards(TrainerCallback):
+    def __init__(self, after: int):
+        self.after = after
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.after:
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 
 def worker(a) -> dict:
@@ -289,7 +317,8 @@ def worker(a) -> dict:
     elif a.variant == "trl":
         meter, losses = run_trl(folder, Path(a.data), a.steps, Path(a.work))
     else:
-        meter, losses = run_chatlora(folder, Path(a.data), a.steps, Path(a.work), CHATLORA_SETTINGS[a.variant] + a.extra)
+        meter, losses = run_chatlora(folder, Path(a.data), a.steps, Path(a.work), CHATLORA_SETTINGS[a.variant] + a.extra,
+                                     probe_of(a.variant), a.warmup)
     cuda = DEVICE == "cuda"
     return {"variant": a.variant, "gpu": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d"),
             **meter.summary(a.warmup), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
