@@ -61,8 +61,8 @@ def worker(a) -> None:
         torch.cuda.reset_peak_memory_stats()
     train(cfg, echo=print if rank0 else (lambda _line: None), callbacks=[meter, *profile])
     mine = meter.summary(a.warmup)
-    # Where a point's wall time goes: loading and wrapping the model (random weights; FSDP2 builds each
-    # process's copy on the CPU) against the training itself.
+    # Where a point's wall time goes: loading and wrapping the model (random weights, built on each GPU)
+    # against the training itself.
     mine["setup_s"] = meter.times[0] - started
     mine["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     everyone = [mine]
@@ -92,8 +92,7 @@ def launch(a, gpus: int, strategy: str, work: Path, model: Path) -> dict | None:
            "--extra", *a.extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     # torchrun gives each of several processes one CPU thread (OMP_NUM_THREADS=1) and one process all
-    # of them: the host's cores shared out instead, so 1 and N processes differ only in N (the CPU-side
-    # random initialisation of FSDP2's copies also needs them).
+    # of them: the host's cores shared out instead, so 1 and N processes differ only in N.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if a.profile:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import architectures
 import torch
+from torch.autograd import DeviceType
 from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,8 +117,11 @@ class Profile(TrainerCallback):
             sync()
             self.prof.__exit__(None, None, None)
             events = self.prof.key_averages()
-            gpu = sum(e.self_device_time_total for e in events) / 1e3 / self.count
-            print(f"PROFILE per step: GPU kernel time {gpu:.1f} ms, kernels {sum(e.count for e in events if e.self_device_time_total > 0) // self.count}")
+            # Only the kernels themselves: an aten op's self device time is its kernels' time again, and
+            # a user annotation (DDP's forward, say) spans kernels already counted.
+            kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+            gpu = sum(e.self_device_time_total for e in kernels) / 1e3 / self.count
+            print(f"PROFILE per step: GPU kernel time {gpu:.1f} ms, kernels {sum(e.count for e in kernels) // self.count}")
             print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
             print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
             self.prof = None
@@ -125,33 +129,38 @@ class Profile(TrainerCallback):
 
 class SyncDebug(TrainerCallback):
     """BENCH_SYNC_DEBUG=1: where step `step` makes the host wait for the GPU. Each such wait lets the
-    GPU run dry while the host then queues the next kernels; listed by call stack, with counts."""
+    GPU run dry while the host then queues the next kernels; listed by call stack, with counts. The
+    window is on_step_begin to on_step_end: Trainer's logging after the step (loss.item()) is outside."""
 
     def __init__(self, step: int):
-        self.step, self.seen, self.original = step, {}, None
+        self.step, self.seen, self.caught, self.mode = step, {}, None, 0
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.step and DEVICE == "cuda":
             import traceback
             import warnings
 
+            self.caught = warnings.catch_warnings()  # restores filters and showwarning at the step's end
+            self.caught.__enter__()
+            original = warnings.showwarning
+
             def note(message, category, filename, lineno, file=None, line=None):
-                if "synchronizing" not in str(message):
-                    return self.original(message, category, filename, lineno, file, line)
+                if "called a synchronizing CUDA operation" not in str(message):
+                    return original(message, category, filename, lineno, file, line)
                 frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename][-6:]
                 where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
                 self.seen[where] = self.seen.get(where, 0) + 1
 
-            self.original, warnings.showwarning = warnings.showwarning, note
+            warnings.showwarning = note
             warnings.simplefilter("always")
+            self.mode = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("warn")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.original is not None and state.global_step == self.step + 1:
-            import warnings
-
-            torch.cuda.set_sync_debug_mode(0)
-            warnings.showwarning, self.original = self.original, None
+        if self.caught is not None and state.global_step == self.step + 1:
+            torch.cuda.set_sync_debug_mode(self.mode)
+            self.caught.__exit__(None, None, None)
+            self.caught = None
             print(f"SYNCS in step {self.step + 1}: {sum(self.seen.values())}")
             for where, n in sorted(self.seen.items(), key=lambda kv: -kv[1]):
                 print(f"  {n:4d}x {where}")
@@ -285,18 +294,15 @@ CHATLORA_SETTINGS = {
     "throughput-compile": [*THROUGHPUT, "training.torch_compile=true"],
     "throughput-compile-layers": [*THROUGHPUT, *LAYERS],
 }
-for _name in ("seed-compile-layers", "throughput-compile-layers"):
-    CHATLORA_SETTINGS[f"{_name}-cpp"] = CHATLORA_SETTINGS[f"{_name}-noguards"] = CHATLORA_SETTINGS[_name]
 # Probes of torch.compile's CPU overhead per compiled layer call (about 2.2 ms per direction on a 7B
 # layer, which bounds the seed step), bench-only until they measure faster:
 #   -cpp       inductor's generated wrapper in C++ instead of Python (inductor config cpp_wrapper)
 #   -noguards  after the untimed steps, dynamo checks only the guards that tell its compiled entries
 #              apart (set_stance skip_guard_eval_unsafe: unsafe if a new kind of input came later)
-PROBES = {"cpp": {"cpp_wrapper": True}, "noguards": {"skip_guards": True}}
-
-
-def probe_of(variant: str) -> dict:
-    return PROBES.get(variant.rsplit("-", 1)[-1], {})
+# Probe variants train as their base variant does.
+PROBES = {f"{name}-{suffix}": probe for name in ("seed-compile-layers", "throughput-compile-layers")
+          for suffix, probe in (("cpp", {"cpp_wrapper": True}), ("noguards", {"skip_guards": True}))}
+CHATLORA_SETTINGS.update({variant: CHATLORA_SETTINGS[variant.rsplit("-", 1)[0]] for variant in PROBES})
 
 
 class SkipGuards(TrainerCallback):
@@ -306,6 +312,9 @@ class SkipGuards(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.after:
             torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        torch.compiler.set_stance("default")  # whatever runs after training checks its guards again
 
 
 def worker(a) -> dict:
@@ -318,7 +327,7 @@ def worker(a) -> dict:
         meter, losses = run_trl(folder, Path(a.data), a.steps, Path(a.work))
     else:
         meter, losses = run_chatlora(folder, Path(a.data), a.steps, Path(a.work), CHATLORA_SETTINGS[a.variant] + a.extra,
-                                     probe_of(a.variant), a.warmup)
+                                     PROBES.get(a.variant, {}), a.warmup)
     cuda = DEVICE == "cuda"
     return {"variant": a.variant, "gpu": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d"),
             **meter.summary(a.warmup), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,

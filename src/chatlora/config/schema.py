@@ -37,7 +37,7 @@ class ModelConfig:
     random_init: bool = False
     """Build the architecture from the model folder's config.json with random weights instead of
     loading weights: for benchmarks and dry runs (speed and memory equal the real model's). Built on
-    the GPU, also under FSDP2, so the whole model must fit one GPU."""
+    the GPU, also under FSDP2 when the whole model fits one GPU's free memory (else on the CPU)."""
     stop_tokens: list[str] = field(default_factory=list)
     """Extra tokens generation stops on, added to the model's generation config (for models whose
     generation config misses the chat template's end-of-turn token)."""
