@@ -69,7 +69,7 @@ def worker(a) -> None:
     if dist.is_initialized():
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank0:
         gpus = len(everyone)
         seconds = mine["s_per_step"] * mine["steps_timed"]  # steps end together: DDP/FSDP synchronize them
         real = sum(r["real_tokens_per_step"] for r in everyone) * mine["steps_timed"]

@@ -345,11 +345,7 @@ def run_worker(script: str, variant: str, a, steps: int, **env: str) -> subproce
 
 
 def print_syncs(proc: subprocess.CompletedProcess) -> None:
-    """The list a worker's SyncDebug callback printed, if any, and the worker's log lines about CUDA
-    graphs (with TORCH_LOGS=perf_hints: why torch.compile skipped them)."""
-    hints = [line for line in proc.stderr.splitlines() if "cudagraph" in line.lower()]
-    if hints:
-        print("\n".join(hints[:20]), flush=True)
+    """The list a worker's SyncDebug callback printed, if any."""
     lines = proc.stdout.splitlines()
     for i, line in enumerate(lines):
         if line.startswith("SYNCS"):

@@ -13,7 +13,7 @@ import torch
 from chatlora.config.load import to_dict
 from chatlora.config.schema import Config
 from chatlora.data.collate import PackCollator, PadCollator
-from chatlora.errors import ConfigError, ModelError
+from chatlora.errors import ConfigError
 from chatlora.model.generate import generate_replies
 from chatlora.model.layers import compile_layers
 from chatlora.model import quant
@@ -74,24 +74,21 @@ def training_arguments(cfg: Config, run: RunDir, processes: int = 1):
     return args
 
 
-def _builds_on_gpu(cfg: Config, fsdp, source) -> bool:
+def _builds_on_gpu(cfg: Config, fsdp, plan) -> bool:
     """Where the base model is built. FSDP2 loads on the CPU (the model need not fit one GPU) and
     fully_shard moves each shard to its GPU. Random weights (benchmarks, dry runs) are built on the GPU
     even then when they fit in its free memory: drawing 7 B of them on the CPU takes each process over
-    a minute, and fully_shard keeps each GPU's shard where it is."""
+    a minute, and fully_shard keeps each GPU's shard where it is. `plan`: the memory plan (its
+    architecture's size), None for an architecture it does not know (the CPU then, as for loaded weights)."""
     if not torch.cuda.is_available():
         return False
     if not fsdp:
         return True
-    if not cfg.model.random_init:
+    if not cfg.model.random_init or plan is None:
         return False
     from chatlora.model.load import resolve_dtype
-    from chatlora.plan.arch import read_arch
 
-    try:
-        weights = read_arch(source, cfg.model, cfg.lora).params * resolve_dtype(cfg.model.dtype).itemsize
-    except ModelError:
-        return False  # an architecture the memory plan does not know: the CPU, as for loaded weights
+    weights = plan.arch.params * resolve_dtype(cfg.model.dtype).itemsize
     free, _total = torch.cuda.mem_get_info()
     return weights < 0.8 * free  # room left for the shard and the buffers sharding takes
 
@@ -122,7 +119,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     # The memory plan, before any weight loads: an out-of-memory found now costs seconds, not minutes.
     # data.batch_tokens=auto / training.gradient_checkpointing=auto are decided here.
     samples = samples_of(data)  # token counts, also for splitting each step's samples over several processes
-    cfg = plan_for(cfg, checked.source, samples, echo)[0]
+    cfg, plan = plan_for(cfg, checked.source, samples, echo)
     if cfg.model.quantize != "none":
         quant.require_cuda_for_training()
     run = RunDir(world.share(str(RunDir.for_config(cfg).path)))  # rank 0's name: it holds the time
@@ -156,7 +153,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     # 2. Model and adapter.
     seed = int(cfg.training.get("seed", TRAINING_DEFAULTS["seed"]))
     set_seed(seed)
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if _builds_on_gpu(cfg, args.fsdp, checked.source) else None
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if _builds_on_gpu(cfg, args.fsdp, plan) else None
     model = load_model(checked.source, cfg.model, tokenizer, checked.generation_config, device)
     set_seed(seed)  # the adapter's initial weights depend on the seed alone, not on what loading drew
     model = add_lora(model, cfg.lora, args.gradient_checkpointing)
