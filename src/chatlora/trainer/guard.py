@@ -26,7 +26,7 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
-        params = [p for p in trainer.model.parameters() if p.grad is not None]
+        params = [p for p in trainer.trainable() if p.grad is not None]
         losses_finite, trainer.losses_finite = trainer.losses_finite, None
         # This process's gradients (its shards under FSDP2: any_rank below covers the others).
         flags = [all_finite(local_grads(params))] if params else []

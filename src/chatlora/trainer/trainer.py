@@ -8,8 +8,7 @@ from contextlib import nullcontext
 
 import torch
 
-from peft.helpers import disable_input_dtype_casting
-
+from chatlora.trainer import walks
 from chatlora.trainer.balance import train_dataloader
 from chatlora.trainer.grads import clip_sharded, sharded_grads, sharded_norm
 from chatlora.trainer.loss import trained_token_loss
@@ -34,6 +33,34 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         self.model_accepts_loss_kwargs = True
         self.loss_weight = 1.0
         """0 during a pass that only keeps the processes of a sharded model in step (see passes())."""
+        # What Trainer's per-step bookkeeping looks for in the whole model, found once (trainer/walks.py).
+        self._trainable: list[torch.nn.Parameter] | None = None
+        self._tuner_layers: list[torch.nn.Module] | None = None
+        self._flops_per_token: int | None = None
+        self._local_clipping: bool | None = None
+        self._train_walk_checked = False
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The parameters being trained, listed at the first call. Called during training only:
+        preparing the model for FSDP2 replaces its parameters."""
+        if self._trainable is None:
+            self._trainable = walks.trainable(self.model)
+        return self._trainable
+
+    def floating_point_ops(self, inputs) -> int:
+        # Trainer's count (6 x parameters x input tokens) with the parameters counted once.
+        if self._flops_per_token is None:
+            self._flops_per_token = walks.flops_per_token(self.model)
+        main = getattr(self.model, "main_input_name", "input_ids")
+        return self._flops_per_token * inputs[main].numel() if main in inputs else 0
+
+    def local_clipping(self) -> bool:
+        """Whether the gradients are plain tensors on this process (one GPU, DDP), which accelerate
+        clips as torch does from any list of them: the trained parameters listed once then do."""
+        if self._local_clipping is None:
+            self._local_clipping = not (self.is_fsdp_enabled or self.is_deepspeed_enabled) and not any(
+                hasattr(p, "device_mesh") for p in self.trainable())  # DTensors (tensor parallelism): Trainer's own path
+        return self._local_clipping
 
     @property
     def lockstep(self) -> bool:
@@ -62,11 +89,13 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         shards and one all-reduce."""
         if not self.is_fsdp_enabled:
             return None
-        params = [p for p in model.parameters() if p.grad is not None]
+        params = [p for p in self.trainable() if p.grad is not None]
         group = sharded_grads(params)
         return None if group is None else (params, group)
 
     def _clip_grad_norm(self, model):
+        if self.local_clipping():
+            return self.accelerator.clip_grad_norm_(self.trainable(), self.args.max_grad_norm)
         shards = self.sharded(model)
         if shards is None:
             return super()._clip_grad_norm(model)
@@ -76,6 +105,8 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
 
     def _get_grad_norm(self, model, grad_norm=None):
         # Without clipping (max_grad_norm <= 0) Trainer takes the norm by clipping to infinity.
+        if grad_norm is None and self.local_clipping():
+            return self.accelerator.clip_grad_norm_(self.trainable(), float("inf"))
         shards = self.sharded(model) if grad_norm is None else None
         if shards is None:
             return super()._get_grad_norm(model, grad_norm)
@@ -96,6 +127,9 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._train_walk_checked:  # Trainer calls model.train() at every step (trainer/walks.py)
+            walks.skip_unchanged_train(self.model)
+            self._train_walk_checked = True
         if self.accelerator.num_processes > 1:  # padded batches count their mask; packed ones have no padding
             self.process_tokens = self.process_tokens + (inputs["attention_mask"].sum() if "attention_mask" in inputs
                                                          else inputs["input_ids"].numel())
@@ -122,7 +156,9 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         # peft casts every LoRA layer's input to the adapter's float32: a copy of each activation,
         # kept for backward. Under bf16/fp16 autocast the LoRA matmuls run in half precision anyway,
         # so the copies are pure cost (a third of the step's memory on a 7B model).
-        with disable_input_dtype_casting(model, active=self.args.bf16 or self.args.fp16):
+        if self._tuner_layers is None:
+            self._tuner_layers = walks.tuner_layers(self.model)
+        with walks.no_input_casting(self._tuner_layers, active=self.args.bf16 or self.args.fp16):
             sums = [trained_token_loss(model, part) for part in parts]
             if not model.training:  # evaluation: as many passes as every other process (see passes())
                 for _ in range(self.passes(len(parts)) - len(parts)):
