@@ -83,3 +83,79 @@ def test_trainer_bookkeeping_equals_the_full_walks(tiny_model_dir, tmp_path, byt
     scale = min(1.0, 0.5 / (float(expected) + 1e-6))
     for p, g in zip(trainer.trainable(), grads):
         torch.testing.assert_close(p.grad, g * scale)
+
+
+def test_zero_grad_drops_the_trained_gradients(tiny_model_dir):
+    model = lora_model(tiny_model_dir)
+    trained = walks.trainable(model)
+    walks.zero_trained_grads_only(model, trained)
+    ids = torch.randint(0, 200, (1, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in trained)
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=False)  # the other way: the full walk, gradients zeroed in place
+    assert all(p.grad is not None and not p.grad.any() for p in trained)
+
+
+@pytest.mark.parametrize("clipped", [True, False])
+def test_guard_reads_the_norm_trainer_took(tiny_model_dir, tmp_path, clipped):
+    from transformers import TrainerState, TrainingArguments
+
+    from chatlora.errors import NonFiniteError
+    from chatlora.trainer.guard import NonFiniteGuard
+    from chatlora.trainer.trainer import ChatTrainer
+
+    model = lora_model(tiny_model_dir)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_grad_norm=1.0 if clipped else 0.0)
+    trainer = ChatTrainer(model=model, args=args)
+    trainer.losses_finite = None
+    guard = NonFiniteGuard(trainer, "stop", print)
+    state = TrainerState(global_step=3, max_steps=10)
+    ids = torch.randint(0, 200, (1, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    take = trainer._clip_grad_norm if clipped else trainer._get_grad_norm
+    take(model)
+    assert torch.is_tensor(trainer.step_grad_norm)
+    guard.on_pre_optimizer_step(args, state, None)  # finite: goes on, and the norm is used up
+    assert trainer.step_grad_norm is None
+
+    trainer.trainable()[0].grad[0, 0] = float("inf")  # the loss was finite; one gradient is not
+    take(model)
+    with pytest.raises(NonFiniteError, match="step 4 of 10: the gradient norm was NaN or inf"):
+        guard.on_pre_optimizer_step(args, state, None)
+    trainer.step_grad_norm = None  # no norm taken this step: the guard checks the gradients itself
+    trainer.trainable()[0].grad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError):
+        guard.on_pre_optimizer_step(args, state, None)
+
+
+def test_the_model_gets_its_own_methods_back_after_training(tiny_model_dir, tmp_path, monkeypatch):
+    import copy
+
+    from transformers import TrainingArguments
+
+    from chatlora.data.collate import PadCollator
+    from chatlora.trainer.trainer import ChatTrainer
+
+    model = lora_model(tiny_model_dir)
+    rows = [{"input_ids": list(range(3, 12)), "labels": list(range(3, 12))} for _ in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=2,
+                             per_device_train_batch_size=2, save_strategy="no", remove_unused_columns=False)
+    trainer = ChatTrainer(model=model, args=args, train_dataset=rows, data_collator=PadCollator(0))
+    seen = []
+    original = ChatTrainer.training_step
+
+    def spy(self, model_, inputs, num_items_in_batch=None):
+        loss = original(self, model_, inputs, num_items_in_batch)
+        seen.append({"train", "zero_grad"} <= set(vars(model)))
+        return loss
+
+    monkeypatch.setattr(ChatTrainer, "training_step", spy)
+    trainer.train()
+    assert seen == [True, True]  # the shortcuts were on while it trained
+    assert "train" not in vars(model) and "zero_grad" not in vars(model)
+    twin = copy.deepcopy(model)
+    twin.eval()
+    assert model.training and not twin.training

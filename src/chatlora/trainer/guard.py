@@ -28,8 +28,14 @@ class NonFiniteGuard(TrainerCallback):
         trainer = self.trainer
         params = [p for p in trainer.trainable() if p.grad is not None]
         losses_finite, trainer.losses_finite = trainer.losses_finite, None
-        # This process's gradients (its shards under FSDP2: any_rank below covers the others).
-        flags = [all_finite(local_grads(params))] if params else []
+        norm, trainer.step_grad_norm = trainer.step_grad_norm, None
+        if torch.is_tensor(norm):
+            # The norm Trainer took of the step's gradients (to clip or to log) is NaN or inf exactly
+            # when one of them is: no second pass over them.
+            flags = [norm.isfinite()]
+        else:
+            # This process's gradients (its shards under FSDP2: any_rank below covers the others).
+            flags = [all_finite(local_grads(params))] if params else []
         if losses_finite is not None:
             flags.append(losses_finite)
         # One device-to-host sync per optimizer step.

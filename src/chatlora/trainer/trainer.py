@@ -33,12 +33,27 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         self.model_accepts_loss_kwargs = True
         self.loss_weight = 1.0
         """0 during a pass that only keeps the processes of a sharded model in step (see passes())."""
-        # What Trainer's per-step bookkeeping looks for in the whole model, found once (trainer/walks.py).
+        # What Trainer's per-step bookkeeping looks for in the whole model, found once per run (trainer/walks.py).
         self._trainable: list[torch.nn.Parameter] | None = None
         self._tuner_layers: list[torch.nn.Module] | None = None
         self._flops_per_token: int | None = None
         self._local_clipping: bool | None = None
-        self._train_walk_checked = False
+        self._shortcuts_on: torch.nn.Module | None = None
+        self.step_grad_norm: torch.Tensor | None = None
+        """The norm of the step's gradients once Trainer has taken it (to clip, to log), until the
+        non-finite guard takes it (trainer/guard.py): one norm serves both."""
+
+    def train(self, *args, **kwargs):
+        # Found again for each run (preparing the model again gives it other parameters), and the
+        # model gets its own train() and zero_grad() back when the run ends, however it ends.
+        self._trainable = self._tuner_layers = self._flops_per_token = self._local_clipping = None
+        self.step_grad_norm = None
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self._shortcuts_on is not None:
+                walks.remove_shortcuts(self._shortcuts_on)
+                self._shortcuts_on = None
 
     def trainable(self) -> list[torch.nn.Parameter]:
         """The parameters being trained, listed at the first call. Called during training only:
@@ -94,6 +109,10 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         return None if group is None else (params, group)
 
     def _clip_grad_norm(self, model):
+        self.step_grad_norm = norm = self._clipped_norm(model)
+        return norm
+
+    def _clipped_norm(self, model):
         if self.local_clipping():
             return self.accelerator.clip_grad_norm_(self.trainable(), self.args.max_grad_norm)
         shards = self.sharded(model)
@@ -104,12 +123,16 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         return clip_sharded(params, self.args.max_grad_norm, group)
 
     def _get_grad_norm(self, model, grad_norm=None):
-        # Without clipping (max_grad_norm <= 0) Trainer takes the norm by clipping to infinity.
-        if grad_norm is None and self.local_clipping():
-            return self.accelerator.clip_grad_norm_(self.trainable(), float("inf"))
-        shards = self.sharded(model) if grad_norm is None else None
+        if grad_norm is None:  # no clipping (max_grad_norm <= 0): the norm alone
+            self.step_grad_norm = grad_norm = self._norm(model)
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _norm(self, model):
+        if self.local_clipping():
+            return self.accelerator.clip_grad_norm_(self.trainable(), float("inf"))  # Trainer's way: clip to infinity
+        shards = self.sharded(model)
         if shards is None:
-            return super()._get_grad_norm(model, grad_norm)
+            return super()._get_grad_norm(model)
         self.accelerator.unscale_gradients()
         return sharded_norm(*shards)
 
@@ -127,9 +150,10 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if not self._train_walk_checked:  # Trainer calls model.train() at every step (trainer/walks.py)
+        if self._shortcuts_on is None:  # Trainer calls these at every step (trainer/walks.py)
             walks.skip_unchanged_train(self.model)
-            self._train_walk_checked = True
+            walks.zero_trained_grads_only(self.model, self.trainable())
+            self._shortcuts_on = self.model
         if self.accelerator.num_processes > 1:  # padded batches count their mask; packed ones have no padding
             self.process_tokens = self.process_tokens + (inputs["attention_mask"].sum() if "attention_mask" in inputs
                                                          else inputs["input_ids"].numel())
