@@ -330,9 +330,21 @@ def worker(a) -> dict:
                                      PROBES.get(a.variant, {}), a.warmup)
     cuda = DEVICE == "cuda"
     return {"variant": a.variant, "gpu": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d"),
+            "dynamo": compiled_graphs(),
             **meter.summary(a.warmup), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0, "steps": a.steps, "warmup": a.warmup,
             "extra": a.extra, "losses": losses, "torch": torch.__version__}
+
+
+def compiled_graphs() -> dict:
+    """What torch.compile did in this worker: forward graphs compiled and why each recompile happened.
+    Every cached version of a compiled layer is a guard check per layer call until one matches, so
+    many versions cost CPU time at every step, not only while compiling."""
+    from torch._dynamo.utils import counters, guard_failures
+
+    reasons = sorted({str(r).split("  #")[0][:160] for failures in guard_failures.values() for r in failures})
+    return {"graphs": counters["stats"]["unique_graphs"], "frames": counters["frames"]["total"],
+            "recompiles": sum(len(failures) for failures in guard_failures.values()), "reasons": reasons[:20]}
 
 
 def run_worker(script: str, variant: str, a, steps: int, **env: str) -> subprocess.CompletedProcess:
@@ -413,6 +425,8 @@ def main() -> None:
         write_results(a.out, results)  # after every variant: a run stopped by a timeout keeps what it measured
         print(f"{variant:15s} {r['s_per_step']:.3f} s/step  {r['real_tok_s']:8,.0f} real tok/s  {r['trained_tok_s']:8,.0f} trained tok/s  "
               f"MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:.1f} GiB  wall {r['train_wall_s']:.0f} s  losses {[round(x, 3) for x in r['losses'][:8]]}", flush=True)
+        if r["dynamo"]["graphs"]:
+            print(f"  compiled: {r['dynamo']['graphs']} graphs, {r['dynamo']['recompiles']} recompiles: {r['dynamo']['reasons'][:5]}", flush=True)
     base = next((r for r in results if r["variant"] == "tutorial"), None)
     for r in results:
         if base:

@@ -159,10 +159,6 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     model = add_lora(model, cfg.lora, args.gradient_checkpointing)
     trainable, total = count_parameters(model)
     echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    if cfg.model.compile == "layers":
-        layers = compile_layers(model)
-        echo(f"compile: {layers} decoder layers, compiled at the first steps" if layers
-             else "compile: no decoder layer stack found; training eagerly")
 
     # 3. Train.
     collator = PadCollator(tokenizer.pad_token_id)
@@ -171,6 +167,12 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
             collator = PackCollator(cfg.data.batch_tokens)
         else:
             echo("warning: this model lets packed samples attend to each other; padding instead (data.packing=false)")
+    if cfg.model.compile == "layers":
+        # After the packing check: run on compiled layers, its inference passes would each compile a
+        # version of the layer that training never uses (and that every layer call checks first).
+        layers = compile_layers(model)
+        echo(f"compile: {layers} decoder layers, compiled at the first steps" if layers
+             else "compile: no decoder layer stack found; training eagerly")
     # A step's samples packed into passes by a token budget: memory depends on the budget, not on the
     # number of samples, so several processes may take different numbers (trainer/balance.py).
     token_passes = bool(cfg.data.batch_tokens) and isinstance(collator, PackCollator)
