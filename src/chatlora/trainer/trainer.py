@@ -109,32 +109,25 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         return None if group is None else (params, group)
 
     def _clip_grad_norm(self, model):
-        self.step_grad_norm = norm = self._clipped_norm(model)
+        self.step_grad_norm = norm = self._norm(model, self.args.max_grad_norm)
         return norm
-
-    def _clipped_norm(self, model):
-        if self.local_clipping():
-            return self.accelerator.clip_grad_norm_(self.trainable(), self.args.max_grad_norm)
-        shards = self.sharded(model)
-        if shards is None:
-            return super()._clip_grad_norm(model)
-        params, group = shards
-        self.accelerator.unscale_gradients()  # fp16: as accelerate does before it clips (nothing otherwise)
-        return clip_sharded(params, self.args.max_grad_norm, group)
 
     def _get_grad_norm(self, model, grad_norm=None):
         if grad_norm is None:  # no clipping (max_grad_norm <= 0): the norm alone
-            self.step_grad_norm = grad_norm = self._norm(model)
+            self.step_grad_norm = grad_norm = self._norm(model, None)
         return super()._get_grad_norm(model, grad_norm)
 
-    def _norm(self, model):
-        if self.local_clipping():
-            return self.accelerator.clip_grad_norm_(self.trainable(), float("inf"))  # Trainer's way: clip to infinity
+    def _norm(self, model, max_norm: float | None):
+        """The gradients' norm before clipping, the gradients clipped to `max_norm` (None: left as
+        they are), the cheapest way their kind allows."""
+        if self.local_clipping():  # unclipped: Trainer's way, clipping to infinity
+            return self.accelerator.clip_grad_norm_(self.trainable(), float("inf") if max_norm is None else max_norm)
         shards = self.sharded(model)
         if shards is None:
-            return super()._get_grad_norm(model)
-        self.accelerator.unscale_gradients()
-        return sharded_norm(*shards)
+            return super()._get_grad_norm(model) if max_norm is None else super()._clip_grad_norm(model)
+        params, group = shards
+        self.accelerator.unscale_gradients()  # fp16: as accelerate does before it clips (nothing otherwise)
+        return sharded_norm(params, group) if max_norm is None else clip_sharded(params, max_norm, group)
 
     def get_train_dataloader(self):
         # Several processes: each step's samples split over them by tokens (see trainer/balance.py).
