@@ -73,6 +73,75 @@ def uneven_clip(mesh) -> dict:
             "scaled": max(((c - 0.5 * w).norm() / w.norm()).item() for c, w in zip(clipped, whole))}
 
 
+def passes_of_a_step(model_dir: str, mesh) -> dict:
+    """One optimizer step in two forward/backward passes (as ChatTrainer makes them from a token
+    budget), on a model whose layers keep their weights gathered through backward
+    (reshard_after_forward=False): the weight gathers counted with and without
+    fsdp.kept_between_passes, and the gradients of both against the step in one pass."""
+    from contextlib import nullcontext
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from chatlora.data.collate import PackCollator
+    from chatlora.trainer.fsdp import gathered_through_backward, kept_between_passes
+    from chatlora.trainer.loss import trained_token_loss
+
+    model = build(model_dir)
+    layers = model.base_model.model.model.layers
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)  # the root: torch's own choice, which keeps it gathered too
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    samples = STEPS[0][2 * dist.get_rank() : 2 * dist.get_rank() + 2]
+    gathers = [0]
+
+    def counted(gather):  # FSDP2's weight gathers (the collective's name differs between torch releases)
+        def call(*args, **kwargs):
+            gathers[0] += 1
+            return gather(*args, **kwargs)
+        return call
+
+    originals = {name: getattr(dist, name) for name in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, name)}
+
+    def step(batches, keep: bool) -> dict:
+        gathers[0] = 0
+        for name, gather in originals.items():
+            setattr(dist, name, counted(gather))
+        try:
+            sharded_between = []
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                model.set_requires_gradient_sync(last)  # Accelerator.no_sync, FSDP2's way
+                with kept_between_passes(gathered_through_backward(model)) if keep and not last else nullcontext():
+                    total, _ = trained_token_loss(model, PackCollator()(batch))
+                    total.backward()
+                sharded_between.append(isinstance(layers[0].mlp.up_proj.base_layer.weight, DTensor))
+            counted_gathers = gathers[0]
+        finally:
+            for name, gather in originals.items():
+                setattr(dist, name, gather)
+        grads = [p.grad.full_tensor().clone() for p in trainable]
+        for p in trainable:
+            p.grad = None
+        return {"gathers": counted_gathers, "sharded_after_each_pass": sharded_between, "grads": grads}
+
+    one = step([samples], keep=False)
+    plain = step([samples[:1], samples[1:]], keep=False)
+    kept = step([samples[:1], samples[1:]], keep=True)
+    return {"units": len(gathered_through_backward(model)), "layers": len(layers),
+            **{f"{name}_gathers": r["gathers"] for name, r in (("one_pass", one), ("plain", plain), ("kept", kept))},
+            "plain_sharded_after_each_pass": plain["sharded_after_each_pass"],
+            "kept_sharded_after_each_pass": kept["sharded_after_each_pass"],
+            "kept_vs_one_pass": difference(kept["grads"], one["grads"]), "plain_vs_one_pass": difference(plain["grads"], one["grads"])}
+
+
+def difference(grads: list, reference: list) -> float:
+    """The norm of the difference over all gradients, relative to the reference's norm (LoRA's B
+    starts at zero, so A's gradients are all zero at the first step: no per-tensor ratio)."""
+    return (torch.stack([(g - r).norm() for g, r in zip(grads, reference)]).norm() / torch.stack([r.norm() for r in reference]).norm()).item()
+
+
 def main(model_dir: str, out: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -81,7 +150,7 @@ def main(model_dir: str, out: Path) -> None:
     from chatlora.data.collate import PackCollator
     from chatlora.data.render import Renderer
     from chatlora.model.generate import generate_replies
-    from chatlora.trainer.fsdp import full_adapter_state, sharded
+    from chatlora.trainer.fsdp import full_adapter_state, gathered_through_backward, sharded
     from chatlora.trainer.grads import all_finite, clip_sharded, local_grads, sharded_grads
     from chatlora.trainer.loss import separable_head, trained_token_loss
 
@@ -135,6 +204,8 @@ def main(model_dir: str, out: Path) -> None:
     result["clip"]["finite_with_nan"] = bool(all_finite(local_grads(trainable)))
     optimizer.zero_grad()
     result["uneven_clip"] = uneven_clip(mesh)
+    result["passes"] = passes_of_a_step(model_dir, mesh)
+    result["passes"]["units_resharded_after_forward"] = len(gathered_through_backward(model))  # the root only
 
     # The known failure: each process's own LoRA weights are shards (half of each weight's rows here).
     local = {n: list(p.to_local().shape) for n, p in model.named_parameters() if p.requires_grad}

@@ -78,3 +78,20 @@ def test_clipping_and_the_finite_check_on_local_shards_equal_torch_on_whole_grad
     uneven = json.loads((fsdp2 / "result.json").read_text())["uneven_clip"]
     assert uneven["empty_shard"]  # 1 row over 2 processes: one holds nothing of it
     assert uneven["norm"] == pytest.approx(uneven["expected"], rel=1e-5) and uneven["scaled"] < 1e-5
+
+
+def test_a_step_of_several_passes_gathers_the_weights_once(fsdp2):
+    """Units that keep their weights gathered through backward (reshard_after_forward=false) keep
+    them from one pass of a step to the next (trainer/fsdp.py): a step of 2 passes gathers each
+    unit's weights once, not twice, shards them after its last pass, and computes the gradients of
+    the step in one pass."""
+    passes = json.loads((fsdp2 / "result.json").read_text())["passes"]
+    units = passes["layers"] + 1  # each decoder layer and the root
+    assert passes["units"] == units
+    assert passes["units_resharded_after_forward"] == 1  # layers sharded again after forward (the default): the root alone
+    assert passes["one_pass_gathers"] == units
+    assert passes["plain_gathers"] == 2 * units
+    assert passes["kept_gathers"] == units
+    assert passes["plain_sharded_after_each_pass"] == [True, True]
+    assert passes["kept_sharded_after_each_pass"] == [False, True]
+    assert passes["kept_vs_one_pass"] < 1e-5 and passes["plain_vs_one_pass"] < 1e-5

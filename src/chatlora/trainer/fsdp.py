@@ -6,6 +6,10 @@
 - The packing check runs once the model is sharded (the first training step's set-up), on the GPUs,
   because the model is loaded on the CPU (it need not fit one GPU) where a GPU attention kernel
   cannot run.
+- A unit that keeps its gathered weights from forward to backward (reshard_after_forward=false) also
+  keeps them from one pass to the next within an optimizer step (kept_between_passes), so a step
+  made of several passes gathers them once: they are already resident during each pass, so the peak
+  memory does not grow.
 - generate() must keep every rank stepping until all are done (each forward gathers weights from
   all): transformers does it for modules that fully_shard marks as FSDP-managed (synced_gpus), and
   generate() runs FSDP's gather hooks once registered as a forward method (ShardedModel below).
@@ -15,6 +19,8 @@ pass (trainer.loss.separable_head).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -56,6 +62,39 @@ def full_adapter_state(model) -> dict[str, torch.Tensor] | None:
             full = p.full_tensor() if isinstance(p, DTensor) else p
             state[name] = full.detach().to("cpu", copy=True)
     return state
+
+
+def gathered_through_backward(model) -> list:
+    """The FSDP2 units of `model` that keep their gathered weights from forward to backward
+    (reshard_after_forward=False: set by the config, or torch's choice for the root unit)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    units = []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            groups = module._get_fsdp_state()._fsdp_param_groups
+            # torch's own record of the unit's setting (FSDPParamGroup._reshard_after_forward reads it);
+            # a torch without it: the unit is left as it is.
+            if groups and all(getattr(g, "post_forward_mesh_info", True) is None for g in groups):
+                units.append(module)
+    return units
+
+
+@contextmanager
+def kept_between_passes(units: list) -> Iterator[None]:
+    """Within the block (a pass of an optimizer step that more passes follow) `units` keep their
+    gathered weights after backward, so the next pass need not gather them again; FSDP2 gathers
+    them once per step instead of once per pass. Their gradients must not be reduced in the block
+    either (Accelerator.no_sync): the units stay unsharded, and the last pass reduces them."""
+    for unit in units:
+        unit.set_reshard_after_backward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:  # torch's default, which the last pass's backward uses to shard them again
+            unit.set_reshard_after_backward(True, recurse=False)
 
 
 class ShardedModel(TrainerCallback):

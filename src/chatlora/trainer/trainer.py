@@ -8,7 +8,7 @@ from contextlib import nullcontext
 
 import torch
 
-from chatlora.trainer import walks
+from chatlora.trainer import fsdp, walks
 from chatlora.trainer.balance import train_dataloader
 from chatlora.trainer.grads import clip_sharded, sharded_grads, sharded_norm
 from chatlora.trainer.loss import trained_token_loss
@@ -39,6 +39,7 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         self._flops_per_token: int | None = None
         self._local_clipping: bool | None = None
         self._shortcuts_on: torch.nn.Module | None = None
+        self._gathered_units: list | None = None
         self.step_grad_norm: torch.Tensor | None = None
         """The norm of the step's gradients once Trainer has taken it (to clip, to log), until the
         non-finite guard takes it (trainer/guard.py): one norm serves both."""
@@ -46,7 +47,7 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
     def train(self, *args, **kwargs):
         # Found again for each run (preparing the model again gives it other parameters), and the
         # model gets its own train() and zero_grad() back when the run ends, however it ends.
-        self._trainable = self._tuner_layers = self._flops_per_token = self._local_clipping = None
+        self._trainable = self._tuner_layers = self._flops_per_token = self._local_clipping = self._gathered_units = None
         self.step_grad_norm = None
         try:
             return super().train(*args, **kwargs)
@@ -96,6 +97,16 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         most = torch.tensor(count, device=self.accelerator.device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         return int(most)
+
+    def kept_gathered(self, model, more_passes: bool):
+        """The context of a forward/backward pass: under FSDP2 on several processes, when more passes
+        of the same optimizer step follow, the units that gather their weights for the whole pass
+        keep them for the next one (trainer/fsdp.py: one gather per step instead of one per pass)."""
+        if not (more_passes and self.lockstep):
+            return nullcontext()
+        if self._gathered_units is None:
+            self._gathered_units = fsdp.gathered_through_backward(model)
+        return fsdp.kept_between_passes(self._gathered_units)
 
     def sharded(self, model):
         """(gradients, process group) under FSDP2 when the gradients are shards on the GPUs, else None.
@@ -160,10 +171,11 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         # One optimizer step's samples in several forward/backward passes (PackCollator's token
         # budget). Gradients add up; each chunk's loss is already divided by the step's token count.
         total, passes = 0.0, self.passes(len(chunks))
+        step_goes_on = not self.accelerator.sync_gradients  # Trainer's accumulation: more micro-batches follow
         for i in range(passes):
             last = i == passes - 1
             self.loss_weight = 1.0 if i < len(chunks) else 0.0
-            with nullcontext() if last else self.accelerator.no_sync(model):
+            with nullcontext() if last else self.accelerator.no_sync(model), self.kept_gathered(model, not last or step_goes_on):
                 total = total + super().training_step(model, chunks[min(i, len(chunks) - 1)], num_items_in_batch)
         self.loss_weight = 1.0
         return total
