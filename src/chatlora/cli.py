@@ -242,6 +242,15 @@ def _quiet_libraries() -> None:
     # Through the environment, so transformers is not imported (seconds) before a bad data row or
     # config value is reported; set directly as well when it already is.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # bitsandbytes (imported by peft wherever it is installed: the qlora extra) tries, on CPUs with
+    # AVX512-BF16, to fetch a 4-bit kernel from a model hub at import through the `kernels` package,
+    # and both warn on every command when it cannot ("Failed to load CPU gemm_4bit_forward ... pip
+    # install kernels"; offline: "Skipping publisher trust check"); bitsandbytes' own kernels then
+    # run, so the warnings say nothing a chatlora user can act on.
+    import logging
+
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
@@ -250,7 +259,6 @@ def _quiet_libraries() -> None:
 
 def use(args: argparse.Namespace) -> int:
     """The commands that take a trained run: chat, eval, merge."""
-    _quiet_libraries()
     if args.command == "chat":
         from chatlora.recipes.chat import Sampling, chat
 
@@ -272,6 +280,8 @@ def use(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    # First: reading a config imports transformers' TrainingArguments, and with it peft and bitsandbytes.
+    _quiet_libraries()
     from chatlora.config.load import field_docs, load_config, preset_names, to_dict
 
     if args.command in ("chat", "eval", "merge"):
@@ -293,13 +303,11 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "plan":
         extra = ([f"plan.gpu={args.gpu}"] if args.gpu else []) + ([f"plan.gpu_mem={args.gpu_mem}"] if args.gpu_mem else [])
         cfg = load_config(args.config, args.overrides + extra)
-        _quiet_libraries()
         from chatlora.recipes.plan import plan
 
         plan(cfg)
         return 0
     cfg = load_config(args.config, args.overrides)
-    _quiet_libraries()
     if args.command == "train" and (args.gpus or 1) > 1:
         from chatlora.recipes.launch import launch
 
@@ -319,7 +327,6 @@ def _serve(args: argparse.Namespace) -> int:
     for name in ("max_tokens", "max_batch", "max_body", "max_context"):
         if getattr(args, name, 1) < 1:
             raise ChatloraError(f"--{name.replace('_', '-')} must be at least 1")
-    _quiet_libraries()
     if args.command == "serve":
         from chatlora.recipes.serve import serve
 
