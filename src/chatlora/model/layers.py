@@ -40,8 +40,8 @@ def compile_layers(model) -> int:
     # the compiled code is specialised on that: two versions, forward and backward each, to compile
     # at the first step. With the embeddings' output marked as needing one, every layer shares one
     # version. The price is the first layer's input gradient, about 0.35% of a 7B step's work
-    # (q, k and v's input matmuls of one layer in 32), against one compile fewer (tiny model on
-    # the CPU: 23 s -> 11 s to train 6 steps). Gradient checkpointing marks it already.
+    # (q, k and v's input matmuls of one layer in 32), against one compile fewer (2-layer tiny model
+    # on the CPU: 34 s -> 22 s for 8 steps, docs/benchmarks.md). Gradient checkpointing marks it already.
     if not getattr(model, "_require_grads_hooks", None) and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     for layer in layers:
