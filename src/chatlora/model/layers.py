@@ -41,7 +41,8 @@ def compile_layers(model) -> int:
     # at the first step. With the embeddings' output marked as needing one, every layer shares one
     # version. The price is the first layer's input gradient, about 0.35% of a 7B step's work
     # (q, k and v's input matmuls of one layer in 32), against one compile fewer (2-layer tiny model
-    # on the CPU: 34 s -> 22 s for 8 steps, docs/benchmarks.md). Gradient checkpointing marks it already.
+    # on the CPU, empty cache: about 8 s of 42 less, docs/benchmarks.md). Gradient checkpointing
+    # marks it already.
     if not getattr(model, "_require_grads_hooks", None) and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     for layer in layers:
