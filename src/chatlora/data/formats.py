@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 from chatlora.data.read import RawRow
 from chatlora.errors import DataError, Problem

@@ -17,7 +17,7 @@ from chatlora.model.source import resolve
 from chatlora.plan.arch import Arch, read_arch
 from chatlora.plan.batches import Samples
 from chatlora.plan.memory import GiB, Memory
-from chatlora.plan.plan import Plan, choose, make_plan, setup_of
+from chatlora.plan.plan import Plan, choose, make_plan
 from chatlora.plan.speed import GPUS, Gpu, find_gpu
 
 # Samples assumed when the data cannot be read: the config's max_length each, every token trained.
