@@ -63,11 +63,20 @@ class StepMeter(TrainerCallback):
         self.calls: list[tuple[int, int]] = []
         self.times: list[float] = []
         self.untimed_tail = 0
+        self.queue = None
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         # accelerate's DataLoaderShard delegates iteration to the DataLoader it wraps.
         loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
         collate = loader.collate_fn
+        # Data-loader workers (training.dataloader_num_workers) collate in their own processes: their
+        # counts come back through a queue, in the order of the batches (one worker; with more, a
+        # step's count may swap with its neighbour's).
+        if loader.num_workers:
+            import multiprocessing
+
+            self.queue = multiprocessing.get_context(loader.multiprocessing_context).SimpleQueue()
+        note = self.calls.append if not loader.num_workers else self.queue.put
 
         def counting(features):
             real = sum(len(f["input_ids"]) for f in features)
@@ -75,7 +84,7 @@ class StepMeter(TrainerCallback):
                 trained = sum(sum(1 for t in f["labels"] if t != -100) for f in features)
             else:  # TRL prompt-completion rows carry a completion mask instead of labels
                 trained = sum(sum(f.get("completion_mask", f["input_ids"])) for f in features)
-            self.calls.append((real, trained))
+            note((real, trained))
             return collate(features)
 
         loader.collate_fn = counting
@@ -87,6 +96,8 @@ class StepMeter(TrainerCallback):
         self.times.append(time.perf_counter())
 
     def summary(self, warmup: int) -> dict:
+        while self.queue is not None and not self.queue.empty():
+            self.calls.append(self.queue.get())
         steps = len(self.times) - 1 - self.untimed_tail
         total = self.times[-1] - self.times[0]
         per = self.per_step_batches
