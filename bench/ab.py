@@ -9,7 +9,8 @@ speed decides the result.
 
 Each side runs bench/train_speed.py of its own tree with the same arguments (--tokenizer, --data,
 --steps, --warmup, --extra); --tiny checks the script on a CPU (no GPUs: the sides run one after the
-other). The table gives s/step for each variant and each run, and the ratio before / after.
+other), each with empty compile caches. The table gives s/step and the wall time of the whole
+variant (compiling included) for each variant and each run, and the ratios before / after.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ def side(tree: Path, gpu: int | None, cores: str | None, a, out: Path) -> subpro
            *(["--tiny"] if a.tiny else []), *(["--extra", *a.extra] if a.extra else [])]
     if cores:
         cmd = ["taskset", "-c", cores, *cmd]
-    env = {**os.environ, "PYTHONPATH": str(tree / "src"), "PYTHONUNBUFFERED": "1"}
+    # An empty compile cache for each side and run: a cache warmed by the other side or the first run
+    # would make compiling look free (train_wall_s compares the compile times too).
+    cache = out.with_suffix(".inductor")
+    env = {**os.environ, "PYTHONPATH": str(tree / "src"), "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": str(cache),
+           "TRITON_CACHE_DIR": str(cache / "triton")}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     return subprocess.Popen(cmd, env=env, stdout=open(out.with_suffix(".log"), "w"), stderr=subprocess.STDOUT)
@@ -74,12 +79,14 @@ def main() -> None:
                     results.append({**r, "side": name, "run": run + 1, "gpu_index": gpu})
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
-    print(f"{'variant':32s} {'run':>3s} {'before s/step':>13s} {'after s/step':>12s} {'before/after':>12s}")
+    print(f"{'variant':32s} {'run':>3s} {'s/step before':>13s} {'after':>7s} {'ratio':>6s} {'wall s before':>13s} {'after':>7s} {'ratio':>6s}")
     for variant in a.variants.split(","):
         for run in (1, 2):
-            got = {r["side"]: r["s_per_step"] for r in results if r["variant"] == variant and r["run"] == run}
+            got = {r["side"]: r for r in results if r["variant"] == variant and r["run"] == run}
             if len(got) == 2:
-                print(f"{variant:32s} {run:3d} {got['before']:13.3f} {got['after']:12.3f} {got['before'] / got['after']:11.2f}x")
+                b, f = got["before"], got["after"]
+                print(f"{variant:32s} {run:3d} {b['s_per_step']:13.3f} {f['s_per_step']:7.3f} {b['s_per_step'] / f['s_per_step']:5.2f}x"
+                      f" {b['train_wall_s']:13.1f} {f['train_wall_s']:7.1f} {b['train_wall_s'] / f['train_wall_s']:5.2f}x")
 
 
 if __name__ == "__main__":
