@@ -10,7 +10,8 @@ Variants, each in its own process (so peak memory is its own):
   seed-24gib      the preset as shipped: seed semantics with gradient checkpointing, for a 24 GB card
   throughput      chatlora with 128 samples per step in passes of at most 8k tokens, LoRA dropout 0
   trl             TRL's SFTTrainer: packing (bfd, padding-free), Liger kernels, one 8k-token row per step
-and more chatlora settings in CHATLORA_SETTINGS (compiled layers: *-compile-layers; probes of the
+and more chatlora settings in CHATLORA_SETTINGS (compiled layers: *-compile-layers; CUDA graphs:
+*-graphs; probes of the
 compiler's CPU overhead: *-compile-layers-cpp, *-compile-layers-noguards).
 
 All on the Qwen1.5-7B architecture with random bf16 weights (no model hub is reachable; speed and
@@ -294,12 +295,16 @@ THROUGHPUT = ["training.per_device_train_batch_size=128", "training.gradient_acc
               "data.batch_tokens=8192", "training.gradient_checkpointing=false", "lora.dropout=0.0"]
 # Each decoder layer compiled once with symbolic sizes (model.compile=layers), not the whole model.
 LAYERS = ["model.compile=layers"]
+# Each packed pass replayed from a CUDA graph recorded per padded shape (trainer/graphs.py).
+GRAPHS = ["model.cuda_graphs=true"]
 CHATLORA_SETTINGS = {
     "seed-semantics": SEED,
     # The preset exactly as shipped (gradient checkpointing on, as in the tutorial, for a 24 GB card).
     "seed-24gib": [],
     "seed-compile": [*SEED, "training.torch_compile=true"],
     "seed-compile-layers": [*SEED, *LAYERS],
+    "seed-graphs": [*SEED, *GRAPHS],
+    "seed-compile-layers-graphs": [*SEED, *LAYERS, *GRAPHS],
     "seed-24gib-compile-layers": LAYERS,
     "throughput": THROUGHPUT,
     "throughput-compile": [*THROUGHPUT, "training.torch_compile=true"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatlora.data.collate import PackCollator, PadCollator
+from chatlora.data.collate import PackCollator, PadCollator, model_inputs
 from chatlora.model import attention
 from chatlora.trainer.loss import packing_is_exact, trained_token_loss
 
@@ -46,7 +46,7 @@ def test_varlen_packed_logits_equal_each_sample_alone(tiny_model_dir):
     assert packing_is_exact(model)
     packed = to_cuda(PackCollator()(FEATURES))
     with torch.no_grad():
-        together = model(**{k: v for k, v in packed.items() if k != "labels"}, use_cache=False).logits[0]
+        together = model(**model_inputs(packed), use_cache=False).logits[0]
         start = 0
         for f in FEATURES:
             alone = model(input_ids=torch.tensor([f["input_ids"]], device="cuda"), use_cache=False).logits[0]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatlora.data.collate import PackCollator, PadCollator
+from chatlora.data.collate import PackCollator, PadCollator, model_inputs
 from chatlora.trainer.loss import packing_is_exact, trained_token_loss
 from chatlora.trainer.plot import read_metrics
 from conftest import FIXTURES, REPO, run_cli, tiny_config
@@ -170,7 +170,7 @@ def test_head_only_on_trained_positions_in_chunks_matches_full_logits(tiny_model
     total.backward()
     chunked = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    logits = model(**model_inputs(batch), use_cache=False).logits
     full = F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100, reduction="sum")
     full.backward()
     assert count.item() == 17 + 15

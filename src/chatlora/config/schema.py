@@ -50,6 +50,12 @@ class ModelConfig:
     """Training only: `layers` compiles each decoder layer with torch.compile (once, with symbolic
     sizes: every layer and every packed length reuse it), fusing the many small kernels of LoRA,
     RMSNorm, RoPE and SwiGLU; the first steps wait for the compiler. `none`: eager."""
+    cuda_graphs: bool = False
+    """Training on one GPU: record each packed forward and backward pass as a CUDA graph and replay it,
+    so the CPU no longer issues the pass's kernels one by one (it bounds small steps such as the
+    recipe's). Rows are padded to a multiple of 64 tokens so that steps share a few shapes; the first
+    3 steps run eagerly, then each new shape is recorded once. Needs data.packing, no gradient
+    checkpointing, one process; ignored, with a note, otherwise. Combine with `compile: layers`."""
 
     def __post_init__(self) -> None:
         _choice("model", "source", self.source, ("auto", "local", "gguf", "hf", "modelscope"))

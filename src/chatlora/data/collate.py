@@ -7,6 +7,9 @@ import torch
 from chatlora.data.groups import passes
 from chatlora.data.render import IGNORE
 
+# Trained positions of a padded row come in multiples of this (see PackCollator).
+TRAINED_MULTIPLE = 32
+
 
 class PadCollator:
     """Right-pads input_ids with the pad id and labels with -100 (labels never come from the pad id)."""
@@ -41,14 +44,22 @@ class PackCollator:
     about equal tokens: data/groups.py says why) plus
     the concatenated input_ids and labels, which Trainer uses to count tokens; ChatTrainer runs one
     forward and backward pass per chunk within the same optimizer step.
+
+    Each row also carries `trained_positions`: the positions whose next token is trained, found here
+    on the CPU so that the loss need not search the labels on the device (a host sync per pass; see
+    trainer/loss.py). With `pad_to` (CUDA graphs, trainer/graphs.py) a row is padded to a multiple of
+    that many tokens by a sample of its own that trains nothing, and its trained positions to a
+    multiple of TRAINED_MULTIPLE by a position with no target, so that many steps share a shape;
+    max_length then is the row's length, the same for every row of that length.
     """
 
-    def __init__(self, max_tokens: int | None = None):
+    def __init__(self, max_tokens: int | None = None, pad_to: int | None = None):
         self.max_tokens = max_tokens
+        self.pad_to = pad_to
 
     def __call__(self, features: list[dict]) -> dict:
         groups = passes([len(f["input_ids"]) for f in features], self.max_tokens)
-        rows = [self.pack([features[i] for i in g]) for g in groups]
+        rows = [self.pack([features[i] for i in g], self.pad_to) for g in groups]
         if len(rows) == 1:
             return rows[0]
         return {"chunks": rows,
@@ -56,7 +67,7 @@ class PackCollator:
                 "labels": torch.cat([r["labels"] for r in rows], dim=1)}
 
     @staticmethod
-    def pack(features: list[dict]) -> dict:
+    def pack(features: list[dict], pad_to: int | None = None) -> dict:
         ids, labels, positions, bounds = [], [], [], [0]
         for f in features:
             n = len(f["input_ids"])
@@ -64,8 +75,31 @@ class PackCollator:
             labels += [IGNORE] + list(f["labels"][1:])
             positions += range(n)
             bounds.append(bounds[-1] + n)
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        if pad_to:
+            # At least one token of padding, so the next-to-last position (whose next token is
+            # padding) never has a target: the padded trained positions point there. Token 0 is in
+            # every vocabulary.
+            pad = -(-(len(ids) + 1) // pad_to) * pad_to - len(ids)
+            ids += [0] * pad
+            labels += [IGNORE] * pad
+            positions += range(pad)
+            bounds.append(bounds[-1] + pad)
+            longest = len(ids)
+        trained = [p for p in range(len(ids) - 1) if labels[p + 1] != IGNORE]
+        if pad_to:
+            trained += [len(ids) - 2] * (-len(trained) % TRAINED_MULTIPLE or (0 if trained else TRAINED_MULTIPLE))
         as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
         cu = torch.tensor(bounds, dtype=torch.int32)
-        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
         return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions),
-                "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+                "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
+                "trained_positions": torch.tensor(trained, dtype=torch.long)}
+
+
+# Keys of a batch that are not the model's inputs.
+NOT_MODEL_INPUTS = ("labels", "trained_positions")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The batch without what only the loss reads."""
+    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}

@@ -26,6 +26,7 @@ from chatlora.trainer import distributed
 from chatlora.trainer.callbacks import MetricsLog, Progress
 from chatlora.trainer.evaluation import GenerationMonitor, evaluation_arguments, log_tensorboard_to
 from chatlora.trainer.fsdp import ShardedModel, full_adapter_state
+from chatlora.trainer.graphs import GRAPH_PAD, PassGraphs
 from chatlora.trainer.lifecycle import RunLifecycle
 from chatlora.trainer.loss import packing_is_exact
 from chatlora.trainer.plot import plot_losses
@@ -104,6 +105,18 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
         return _train(cfg, echo, callbacks, life)
 
 
+def _graphs_possible(cfg: Config, args, processes: int, collator, echo: Callable[[str], None]) -> bool:
+    """Whether model.cuda_graphs can be used here; if not, a note says why (training goes on without)."""
+    why = ("it needs a CUDA GPU" if not torch.cuda.is_available() or args.use_cpu
+           else "it needs one process" if processes > 1
+           else "it needs packed rows (data.packing)" if not isinstance(collator, PackCollator)
+           else "it does not work with gradient checkpointing (set training.gradient_checkpointing=false)"
+           if args.gradient_checkpointing else None)
+    if why:
+        echo(f"note: model.cuda_graphs ignored: {why}")
+    return why is None
+
+
 def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, life: RunLifecycle) -> RunDir:
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
@@ -167,6 +180,11 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
             collator = PackCollator(cfg.data.batch_tokens)
         else:
             echo("warning: this model lets packed samples attend to each other; padding instead (data.packing=false)")
+    graphs = cfg.model.cuda_graphs and _graphs_possible(cfg, args, world.size, collator, echo)
+    if graphs:
+        collator.pad_to = GRAPH_PAD
+        echo(f"cuda graphs: each packed pass recorded once per shape after {PassGraphs.WARMUP} eager steps and replayed "
+             f"(rows padded to a multiple of {GRAPH_PAD} tokens)")
     if cfg.model.compile == "layers":
         # After the packing check: run on compiled layers, its inference passes would each compile a
         # version of the layer that training never uses (and that every layer call checks first).
@@ -192,6 +210,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         data_collator=collator,
         lengths=samples.lengths,
         uneven_shares=token_passes,
+        cuda_graphs=graphs,
         processing_class=tokenizer,
         callbacks=[*([ShardedModel(isinstance(collator, PackCollator))] if args.fsdp else []),  # before the monitor
                    progress, MetricsLog(run.metrics, run.plot, progress), *([monitor] if monitor else []), *(callbacks or [])],
@@ -212,6 +231,8 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     distributed.undo_evaluation_prepare(trainer)  # else DDP would never wrap the model (see there)
     trainer.train(resume_from_checkpoint=resume)
     life.finished_training(trainer)  # raises Preempted when a signal stopped it early
+    if trainer.graphs is not None:
+        echo(trainer.graphs.summary())
     if evaluate_in_train:
         before = life.eval_loss_before()
     if args.load_best_model_at_end and trainer.state.best_model_checkpoint:

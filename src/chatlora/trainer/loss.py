@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from chatlora.data.collate import model_inputs
 from chatlora.data.render import IGNORE
 
 # Config attributes of models that transform logits after the head (softcapping, scaling): for
@@ -84,22 +85,25 @@ def trained_token_loss(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Te
     """(sum of the cross-entropy over trained tokens, number of trained tokens)."""
     labels = inputs["labels"]
     targets = labels[:, 1:]  # position p predicts the token at p + 1
-    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
+    keep = inputs.get("trained_positions")  # found by PackCollator on the CPU
+    if keep is None:  # padded rows: a search on the device (nonzero: the host waits for the labels)
+        keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
     targets = targets[:, keep]
-    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    inputs = model_inputs(inputs)
     head = separable_head(model)
     if head is None:
-        logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits
+        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
         return loss, (targets != IGNORE).sum()
     with hidden_states_out(model, head):
-        hidden = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits
+        hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     hidden, targets = hidden.flatten(0, 1), targets.flatten()
     trained = targets != IGNORE
     if labels.shape[0] > 1:
         # Padded rows: a position kept for one row may be untrained in another. One packed row
-        # needs no mask (every kept position is trained), and selecting with one would make the
-        # host wait for the whole forward pass before it could queue the output layer and backward.
+        # needs no mask (every kept position is trained, or points at a position with no target,
+        # which cross_entropy ignores), and selecting with one would make the host wait for the
+        # whole forward pass before it could queue the output layer and backward.
         hidden, targets = hidden[trained], targets[trained]
     return chunked_cross_entropy(hidden, head, targets), trained.sum()
 
@@ -119,7 +123,7 @@ def packing_is_exact(model, device=None) -> bool:
 
     def logits_of_b(first: list[int]):
         packed = PackCollator()([{"input_ids": first, "labels": first}, {"input_ids": b, "labels": b}])
-        packed = {k: v.to(device) if torch.is_tensor(v) else v for k, v in packed.items() if k != "labels"}
+        packed = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(packed).items()}
         return model(**packed, use_cache=False).logits[0, len(first):].float()
 
     with_a, with_other = logits_of_b(a), logits_of_b(other)

@@ -32,7 +32,9 @@ class SafeTrainer(Trainer):
         save_atomically(self, lambda: super(SafeTrainer, self)._save_checkpoint(model, trial))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        return self.note_loss(super().training_step(model, inputs, num_items_in_batch))
+
+    def note_loss(self, loss: torch.Tensor) -> torch.Tensor:
         finite = torch.isfinite(loss.detach()).all()
         self.losses_finite = finite if self.losses_finite is None else self.losses_finite & finite
         return loss

@@ -7,17 +7,25 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
+from transformers import Trainer
 
 from chatlora.trainer import fsdp, walks
 from chatlora.trainer.balance import train_dataloader
 from chatlora.trainer.grads import clip_sharded, sharded_grads, sharded_norm
+from chatlora.trainer.graphs import PassGraphs
 from chatlora.trainer.loss import trained_token_loss
 from chatlora.trainer.safe_trainer import SafeTrainer
 
 
 class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; losses noted for the NaN guard
-    def __init__(self, *args, lengths: Sequence[int] | None = None, uneven_shares: bool = False, **kwargs):
+    def __init__(self, *args, lengths: Sequence[int] | None = None, uneven_shares: bool = False,
+                 cuda_graphs: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.cuda_graphs = cuda_graphs
+        """Replay each packed pass from a CUDA graph (trainer/graphs.py); needs rows padded by
+        PackCollator(pad_to=...) and one process."""
+        self.graphs: PassGraphs | None = None
+        """The recorded passes of the last run (trainer/graphs.py), once its first pass was made."""
         self.lengths = lengths
         """Tokens of each training sample. On several processes each step's samples are split over
         them by tokens (trainer/balance.py); None: counted from the dataset's input_ids then."""
@@ -48,10 +56,13 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         # Found again for each run (preparing the model again gives it other parameters), and the
         # model gets its own train() and zero_grad() back when the run ends, however it ends.
         self._trainable = self._tuner_layers = self._flops_per_token = self._local_clipping = self._gathered_units = None
+        self.graphs = None
         self.step_grad_norm = None
         try:
             return super().train(*args, **kwargs)
         finally:
+            if self.graphs is not None:
+                self.graphs.release()
             if self._shortcuts_on is not None:
                 walks.remove_shortcuts(self._shortcuts_on)
                 self._shortcuts_on = None
@@ -162,6 +173,15 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
             self.process_tokens = self.process_tokens + (inputs["attention_mask"].sum() if "attention_mask" in inputs
                                                          else inputs["input_ids"].numel())
         chunks = inputs.get("chunks")
+        if chunks is None and self.graphed(inputs, num_items_in_batch):
+            model.train()
+            if self.graphs is None:
+                self.graphs = PassGraphs(self.trainable())
+            # Trainer's own pass (forward, loss, backward), without SafeTrainer's note of the loss:
+            # that note reads the last step's, which a recording would fix to one tensor.
+            loss = self.graphs.run(self._prepare_inputs(inputs), num_items_in_batch,
+                                    lambda batch, items: Trainer.training_step(self, model, batch, items))
+            return self.note_loss(loss)
         if chunks is None:
             if not self.lockstep:
                 return super().training_step(model, inputs, num_items_in_batch)
@@ -179,6 +199,12 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
                 total = total + super().training_step(model, chunks[min(i, len(chunks) - 1)], num_items_in_batch)
         self.loss_weight = 1.0
         return total
+
+    def graphed(self, inputs, num_items_in_batch) -> bool:
+        """Whether this pass is replayed from a CUDA graph: asked for, one packed row padded for it,
+        on a GPU, one process, and the step's token count known (Trainer passes it)."""
+        return (self.cuda_graphs and "trained_positions" in inputs and inputs["input_ids"].is_cuda
+                and num_items_in_batch is not None and self.accelerator.num_processes == 1)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         parts = inputs["chunks"] if "chunks" in inputs else [inputs]  # evaluation of a chunked batch
