@@ -64,6 +64,7 @@ class StepMeter(TrainerCallback):
         self.calls: list[tuple[int, int]] = []
         self.times: list[float] = []
         self.untimed_tail = 0
+        self.notes: list[str] = []
         self.queue = None
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
@@ -106,7 +107,10 @@ class StepMeter(TrainerCallback):
         seconds = self.times[steps] - self.times[warmup]
         real = sum(t[0] for t in tokens[warmup:])
         trained = sum(t[1] for t in tokens[warmup:])
+        step_s = [b - a for a, b in zip(self.times[warmup:steps], self.times[warmup + 1 : steps + 1])]
         return {"steps_timed": steps - warmup, "s_per_step": seconds / (steps - warmup), "real_tok_s": real / seconds,
+                # The median leaves out the slow steps that record a CUDA graph (*-graphs variants).
+                "median_s_per_step": sorted(step_s)[len(step_s) // 2], "step_ms": [round(1e3 * t, 1) for t in step_s],
                 "trained_tok_s": trained / seconds, "mfu": real / seconds * FLOP_PER_TOKEN / PEAK_FLOPS,
                 "real_tokens_per_step": real / (steps - warmup), "train_wall_s": total}
 
@@ -259,7 +263,12 @@ def run_chatlora(folder: Path, data: Path, steps: int, work: Path, overrides: li
 
         inductor.cpp_wrapper = True
     guards = [SkipGuards(after=warmup)] if probe.get("skip_guards") else []
-    run = train(cfg, echo=print, callbacks=[meter] + profile + syncs + guards)
+    def echo(line: str) -> None:
+        print(line)
+        if line.startswith("cuda graphs:"):
+            meter.notes.append(line)
+
+    run = train(cfg, echo=echo, callbacks=[meter] + profile + syncs + guards)
     return meter, [r["loss"] for r in read_metrics(run.metrics) if "loss" in r]
 
 
@@ -349,7 +358,7 @@ def worker(a) -> dict:
             "dynamo": compiled_graphs(),
             **meter.summary(a.warmup), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0, "steps": a.steps, "warmup": a.warmup,
-            "extra": a.extra, "losses": losses, "torch": torch.__version__}
+            "extra": a.extra, "losses": losses, "torch": torch.__version__, "notes": meter.notes}
 
 
 def compiled_graphs() -> dict:
@@ -441,6 +450,8 @@ def main() -> None:
         write_results(a.out, results)  # after every variant: a run stopped by a timeout keeps what it measured
         print(f"{variant:15s} {r['s_per_step']:.3f} s/step  {r['real_tok_s']:8,.0f} real tok/s  {r['trained_tok_s']:8,.0f} trained tok/s  "
               f"MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:.1f} GiB  wall {r['train_wall_s']:.0f} s  losses {[round(x, 3) for x in r['losses'][:8]]}", flush=True)
+        for note in r.get("notes", []):
+            print(f"  {note}  (median step {r['median_s_per_step']:.3f} s)", flush=True)
         if r["dynamo"]["graphs"]:
             print(f"  compiled: {r['dynamo']['graphs']} graphs, {r['dynamo']['recompiles']} recompiles: {r['dynamo']['reasons'][:5]}", flush=True)
     base = next((r for r in results if r["variant"] == "tutorial"), None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatlora.data.collate import TRAINED_MULTIPLE, PackCollator
+from chatlora.data.collate import PackCollator
 from chatlora.trainer.loss import trained_token_loss
 from chatlora.trainer.plot import read_metrics
 from conftest import tiny_config
@@ -41,7 +41,7 @@ def test_padded_row_trains_exactly_as_the_row_itself(tiny_model_dir):
     plain, padded = PackCollator()(FEATURES), PackCollator(pad_to=64)(FEATURES)
     assert padded["input_ids"].shape[1] == 128 and plain["input_ids"].shape[1] == 68
     assert padded["cu_seq_lens_q"].tolist() == [0, 37, 57, 68, 128] and padded["max_length_q"] == 128
-    assert padded["trained_positions"].numel() == TRAINED_MULTIPLE  # 32 trained, none added
+    assert padded["trained_positions"].numel() == 32  # 32 trained: a quarter of the row, none added
     assert plain["trained_positions"].tolist() == list(range(19, 36)) + list(range(41, 56))  # position p predicts p + 1
     results = []
     for batch in (plain, padded):
@@ -56,13 +56,15 @@ def test_padded_row_trains_exactly_as_the_row_itself(tiny_model_dir):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_trained_positions_are_padded_to_a_multiple_with_a_position_without_target():
+def test_trained_positions_are_padded_to_quarters_of_the_row_with_a_position_without_target():
     batch = PackCollator(pad_to=16)([{"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, 3, 4, 5]}])
     keep = batch["trained_positions"].tolist()
-    assert keep[:3] == [1, 2, 3] and len(keep) == TRAINED_MULTIPLE
-    assert set(keep[3:]) == {14} and batch["labels"][0, 15].item() == -100  # 14 predicts position 15: padding
+    assert keep[:3] == [1, 2, 3] and len(keep) == 4  # a quarter of 16
+    assert keep[3] == 14 and batch["labels"][0, 15].item() == -100  # 14 predicts position 15: padding
+    many = PackCollator(pad_to=16)([{"input_ids": list(range(1, 12)), "labels": list(range(1, 12))}])
+    assert many["trained_positions"].numel() == 12  # 10 trained: three quarters
     nothing = PackCollator(pad_to=16)([{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}])
-    assert nothing["trained_positions"].numel() == TRAINED_MULTIPLE  # never an empty tensor (a shape of its own)
+    assert nothing["trained_positions"].tolist() == [14] * 4  # never an empty tensor (a shape of its own)
 
 
 def test_cuda_graphs_without_a_gpu_train_on_with_a_note(tiny_model_dir, tmp_path):
@@ -95,7 +97,7 @@ def test_replayed_passes_train_as_eager_ones(tiny_model_dir, tmp_path, compiled)
     lines: list[str] = []
     graphed = train(tiny_config(tiny_model_dir, tmp_path / "graphs", *common, "model.cuda_graphs=true"), lines.append)
     plain = train(tiny_config(tiny_model_dir, tmp_path / "plain", *common), lambda _line: None)
-    summary = [line for line in lines if line.startswith("cuda graphs:") and "replayed" in line]
+    summary = [line for line in lines if line.startswith("cuda graphs:") and "passes replayed" in line]
     assert summary and "7 passes replayed" in summary[0] and "3 eager" in summary[0], lines
     assert losses_of(graphed) == pytest.approx(losses_of(plain), rel=2e-2)
     a, b = (load_file(r.adapter / "adapter_model.safetensors") for r in (graphed, plain))
