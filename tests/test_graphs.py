@@ -103,3 +103,29 @@ def test_replayed_passes_train_as_eager_ones(tiny_model_dir, tmp_path, compiled)
     a, b = (load_file(r.adapter / "adapter_model.safetensors") for r in (graphed, plain))
     for key in a:
         assert (a[key].float() - b[key].float()).norm() <= 0.03 * b[key].float().norm() + 1e-6, key
+
+
+def test_gradients_accumulate_into_the_runs_own_tensors():
+    """The tensors recorded passes add into stay on the parameters: zeroed when a step starts (every
+    gradient dropped, as Trainer's zero_grad does), kept within a step, and a gradient put there by
+    someone else (a callback) is copied in rather than lost."""
+    from chatlora.trainer.graphs import PassGraphs
+
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    graphs = PassGraphs(params)
+    graphs._attach_grads()
+    mine = [p.grad for p in params]
+    assert all(g is not None and not g.any() for g in mine)
+    for p in params:
+        p.grad.add_(1.0)  # a pass
+    graphs._attach_grads()  # a second pass of the same step: kept
+    assert all(p.grad is g and (g == 1).all() for p, g in zip(params, mine))
+    for p in params:
+        p.grad = None  # the step ended
+    graphs._attach_grads()
+    assert all(p.grad is g and not g.any() for p, g in zip(params, mine))
+    params[0].grad = torch.full((3,), 5.0)  # someone else's tensor
+    params[1].grad = None
+    graphs._attach_grads()
+    assert params[0].grad is mine[0] and (mine[0] == 5).all()
+    assert params[1].grad is mine[1] and not mine[1].any()
