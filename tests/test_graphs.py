@@ -63,6 +63,9 @@ def test_trained_positions_are_padded_to_quarters_of_the_row_with_a_position_wit
     assert keep[3] == 14 and batch["labels"][0, 15].item() == -100  # 14 predicts position 15: padding
     many = PackCollator(pad_to=16)([{"input_ids": list(range(1, 12)), "labels": list(range(1, 12))}])
     assert many["trained_positions"].numel() == 12  # 10 trained: three quarters
+    assert batch["input_ids"][0, 5:].tolist() == [0] * 11
+    padded_with = PackCollator(pad_to=16, pad_id=257)([{"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, 3, 4, 5]}])
+    assert padded_with["input_ids"][0, 5:].tolist() == [257] * 11  # Trainer's count of real tokens leaves it out
     nothing = PackCollator(pad_to=16)([{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}])
     assert nothing["trained_positions"].tolist() == [14] * 4  # never an empty tensor (a shape of its own)
 

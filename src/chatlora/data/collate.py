@@ -51,13 +51,16 @@ class PackCollator:
     multiple of 4.
     """
 
-    def __init__(self, max_tokens: int | None = None, pad_to: int | None = None):
+    def __init__(self, max_tokens: int | None = None, pad_to: int | None = None, pad_id: int | None = None):
         self.max_tokens = max_tokens
         self.pad_to = pad_to
+        self.pad_id = pad_id
+        """The padding's token (with pad_to): the tokenizer's pad id, so that Trainer's count of
+        real tokens (include_num_input_tokens_seen=non_padding) leaves the padding out; 0 if None."""
 
     def __call__(self, features: list[dict]) -> dict:
         groups = passes([len(f["input_ids"]) for f in features], self.max_tokens)
-        rows = [self.pack([features[i] for i in g], self.pad_to) for g in groups]
+        rows = [self.pack([features[i] for i in g], self.pad_to, self.pad_id) for g in groups]
         if len(rows) == 1:
             return rows[0]
         return {"chunks": rows,
@@ -65,7 +68,7 @@ class PackCollator:
                 "labels": torch.cat([r["labels"] for r in rows], dim=1)}
 
     @staticmethod
-    def pack(features: list[dict], pad_to: int | None = None) -> dict:
+    def pack(features: list[dict], pad_to: int | None = None, pad_id: int | None = None) -> dict:
         ids, labels, positions, bounds = [], [], [], [0]
         for f in features:
             n = len(f["input_ids"])
@@ -76,10 +79,10 @@ class PackCollator:
         longest = max(b - a for a, b in zip(bounds, bounds[1:]))
         if pad_to:
             # At least one token of padding, so the next-to-last position (whose next token is
-            # padding) never has a target: the padded trained positions point there. Token 0 is in
-            # every vocabulary.
+            # padding) never has a target: the padded trained positions point there. (Token 0, the
+            # default, is in every vocabulary.)
             pad = -(-(len(ids) + 1) // pad_to) * pad_to - len(ids)
-            ids += [0] * pad
+            ids += [pad_id or 0] * pad
             labels += [IGNORE] * pad
             positions += range(pad)
             bounds.append(bounds[-1] + pad)

@@ -182,7 +182,9 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
             echo("warning: this model lets packed samples attend to each other; padding instead (data.packing=false)")
     graphs = cfg.model.cuda_graphs and _graphs_possible(cfg, args, world.size, collator, echo)
     if graphs:
+        pad_id = tokenizer.pad_token_id
         collator.pad_to = GRAPH_PAD
+        collator.pad_id = pad_id if pad_id is not None and pad_id < model.get_input_embeddings().num_embeddings else 0
         echo(f"cuda graphs: each packed pass recorded once per shape after {PassGraphs.WARMUP} eager steps and replayed "
              f"(rows padded to a multiple of {GRAPH_PAD} tokens)")
     if cfg.model.compile == "layers":
