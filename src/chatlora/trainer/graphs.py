@@ -3,14 +3,15 @@ pass recorded once per shape and replayed.
 
 Why: the recipe's step (16 short samples, about 1,060 tokens) gives a 7B model's GPU about 65 ms of
 work, and the CPU takes longer than that to issue it: about 2.2 ms per compiled decoder layer call
-and direction, plus the guards (docs/benchmarks.md, 0.155 s per step on an H200 host). A CUDA graph
-holds every kernel of the pass and launches them all at once, so the CPU's cost no longer depends on
-how many there are. Graphs need fixed shapes and fixed addresses, so:
+and direction, plus the guards (0.155-0.175 s per step with compiled layers). A CUDA graph holds
+every kernel of the pass and launches them all at once, so the CPU's cost no longer depends on how
+many there are: 0.088 s per step on an H100, 21.7x the tutorial's code there (docs/benchmarks.md,
+2026-12-05). Graphs need fixed shapes and fixed addresses, so:
 
-- rows are padded to a multiple of a few dozen tokens by a sample of their own that trains nothing,
-  and the trained positions to a multiple of 32 by a position with no target (PackCollator's
-  `pad_to`): one graph per (row length, samples in it, trained positions), about twenty for the
-  recipe's data;
+- rows are padded to a multiple of GRAPH_PAD tokens by a sample of their own that trains nothing,
+  and the trained positions to a multiple of a quarter of the row by a position with no target
+  (PackCollator's `pad_to`): one graph per (row length, samples in it, trained positions), 23 in
+  700 steps of the recipe;
 - each graph reads its batch from tensors of its own, which every step's batch is copied into;
 - the gradients accumulate into tensors kept for the whole run, attached to the parameters before
   each pass, so every graph adds into the same ones and clipping, the optimizer and the non-finite
