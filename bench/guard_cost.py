@@ -127,16 +127,15 @@ def main() -> None:
     if a.filter:
         print("RESULT " + json.dumps(measure(a)), flush=True)
         return
+    from train_speed import result_of
+
     results = []
     for name in a.filters.split(","):
         args = [sys.executable, __file__, "--filter", name, "--calls", str(a.calls), "--rounds", str(a.rounds),
                 *(["--device", a.device] if a.device else []), *(["--backward"] if a.backward else [])]
-        proc = subprocess.run(args, capture_output=True, text=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{name}: failed\n{proc.stderr[-2000:]}")
-            continue
-        results.append(json.loads(line[len("RESULT "):]))
+        r = result_of(name, subprocess.run(args, capture_output=True, text=True))
+        if r is not None:
+            results.append(r)
     print(f"{'filter':11s} {'guards kept':>11s} {'pass ms':>8s} {'unsafe skip':>11s} {'guards ms/call':>14s}")
     for r in results:
         print(f"{r['filter']:11s} {r['kept']:5d}/{r['guards']:<5d} {r['pass_ms']:8.2f} {r['pass_ms_unsafe_skip']:11.2f} {r['guard_ms_per_call']:14.3f}")

@@ -105,7 +105,7 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
         return _train(cfg, echo, callbacks, life)
 
 
-def _graphs_possible(cfg: Config, args, processes: int, collator, echo: Callable[[str], None]) -> bool:
+def _graphs_possible(args, processes: int, collator, echo: Callable[[str], None]) -> bool:
     """Whether model.cuda_graphs can be used here; if not, a note says why (training goes on without)."""
     why = ("it needs a CUDA GPU" if not torch.cuda.is_available() or args.use_cpu
            else "it needs one process" if processes > 1
@@ -180,7 +180,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
             collator = PackCollator(cfg.data.batch_tokens)
         else:
             echo("warning: this model lets packed samples attend to each other; padding instead (data.packing=false)")
-    graphs = cfg.model.cuda_graphs and _graphs_possible(cfg, args, world.size, collator, echo)
+    graphs = cfg.model.cuda_graphs and _graphs_possible(args, world.size, collator, echo)
     if graphs:
         pad_id = tokenizer.pad_token_id
         collator.pad_to = GRAPH_PAD

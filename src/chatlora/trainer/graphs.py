@@ -75,34 +75,37 @@ class PassGraphs:
         """One pass (forward, loss, backward into the parameters' gradients); returns the loss."""
         self._attach_grads()
         num_items = torch.as_tensor(num_items, device=inputs["input_ids"].device)
-        if self.eager_passes < self.warmup or self.failure is not None:
-            self.eager_passes += 1
-            return forward_backward(inputs, num_items)
+        if self.eager_passes >= self.warmup and self.failure is None:
+            recorded = self._recorded(inputs, num_items, forward_backward)
+            if recorded is not None:
+                self.replays += 1
+                return recorded.replay(inputs, num_items)
+        self.eager_passes += 1
+        return forward_backward(inputs, num_items)
+
+    def _recorded(self, inputs: dict, num_items: torch.Tensor, forward_backward: Pass) -> _Recorded | None:
+        """The recording of this shape, made now if it is new; None when recording fails."""
         key = shape_key(inputs)
-        recorded = self.graphs.get(key)
-        if recorded is None:
+        if key not in self.graphs:
             try:
-                recorded = self._record(inputs, num_items, forward_backward)
+                self.graphs[key] = self._record(inputs, num_items, forward_backward)
             except Exception as e:  # noqa: BLE001 - a pass that cannot be recorded still trains, eagerly
                 # Recording ran no kernel, so nothing was computed twice; every later pass runs eagerly.
                 self.failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 self.release()
                 self._attach_grads()
-                self.eager_passes += 1
-                return forward_backward(inputs, num_items)
-            self.graphs[key] = recorded
-        self.replays += 1
-        return recorded.replay(inputs, num_items)
+                return None
+            self.recorded_shapes += 1
+        return self.graphs[key]
 
     def release(self) -> None:
         """Free the recordings and their memory (the counts stay for summary())."""
-        self.recorded_shapes = max(self.recorded_shapes, len(self.graphs))
         self.graphs.clear()
         self.pool = self.grads = None
 
     def summary(self) -> str:
-        shapes = self.recorded_shapes
-        text = f"cuda graphs: {self.replays} passes replayed from {shapes} recorded shapes, {self.eager_passes} eager"
+        text = (f"cuda graphs: {self.replays} passes replayed from {self.recorded_shapes} recorded shapes, "
+                f"{self.eager_passes} eager")
         return text if self.failure is None else f"{text}; recording failed, so the rest ran eagerly: {self.failure}"
 
     def _attach_grads(self) -> None:

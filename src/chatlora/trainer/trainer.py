@@ -201,8 +201,9 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         return total
 
     def graphed(self, inputs, num_items_in_batch) -> bool:
-        """Whether this pass is replayed from a CUDA graph: asked for, one packed row padded for it,
-        on a GPU, one process, and the step's token count known (Trainer passes it)."""
+        """Whether this pass is replayed from a CUDA graph: asked for, one packed row (its trained
+        positions found by PackCollator, so the loss searches nothing on the device), on a GPU, one
+        process, and the step's token count known (Trainer passes it)."""
         return (self.cuda_graphs and "trained_positions" in inputs and inputs["input_ids"].is_cuda
                 and num_items_in_batch is not None and self.accelerator.num_processes == 1)
 
