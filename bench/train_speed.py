@@ -59,8 +59,11 @@ class StepMeter(TrainerCallback):
     """Per-step wall time (after a device sync) and the real/trained tokens of each step, counted on
     the CPU as batches are collated, so measuring adds no device sync of its own."""
 
-    def __init__(self, per_step_batches: int):
+    def __init__(self, per_step_batches: int, step_sync: bool = True):
         self.per_step_batches = per_step_batches
+        self.step_sync = step_sync
+        """False: no device sync at step ends, as in a user's run (the host may queue the next
+        steps while the GPU runs this one): only times from the start to the end are exact."""
         self.calls: list[tuple[int, int]] = []
         self.times: list[float] = []
         self.untimed_tail = 0
@@ -94,8 +97,13 @@ class StepMeter(TrainerCallback):
         self.times.append(time.perf_counter())
 
     def on_step_end(self, args, state, control, **kwargs):
-        sync()
+        if self.step_sync:
+            sync()
         self.times.append(time.perf_counter())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        sync()
+        self.times[-1] = time.perf_counter()  # the last step's end, once the GPU has run it
 
     def summary(self, warmup: int) -> dict:
         while self.queue is not None and not self.queue.empty():
@@ -243,7 +251,8 @@ def run_tutorial(folder: Path, data: Path, steps: int, work: Path, meter_steps: 
     return meter, [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def run_chatlora(folder: Path, data: Path, steps: int, work: Path, overrides: list[str], probe: dict, warmup: int):
+def run_chatlora(folder: Path, data: Path, steps: int, work: Path, overrides: list[str], probe: dict, warmup: int,
+                 step_sync: bool = True):
     from chatlora.config import load_config
     from chatlora.recipes.train import train
     from chatlora.trainer.plot import read_metrics
@@ -252,7 +261,7 @@ def run_chatlora(folder: Path, data: Path, steps: int, work: Path, overrides: li
                                                     f"training.max_steps={steps}", "training.logging_steps=1",
                                                     "training.save_strategy=no", f"output_dir={work / 'run'}", *overrides])
     per_step = 1 if cfg.data.batch_tokens else cfg.training.get("gradient_accumulation_steps", 1)
-    meter = StepMeter(per_step_batches=per_step)
+    meter = StepMeter(per_step_batches=per_step, step_sync=step_sync)
     # Profiled steps (the last 3) and the step whose syncs are listed (the one before) run slower:
     # StepMeter leaves them out.
     profile = [Profile(start=steps - 3)] if os.environ.get("BENCH_PROFILE") else []
@@ -352,13 +361,13 @@ def worker(a) -> dict:
         meter, losses = run_trl(folder, Path(a.data), a.steps, Path(a.work))
     else:
         meter, losses = run_chatlora(folder, Path(a.data), a.steps, Path(a.work), CHATLORA_SETTINGS[a.variant] + a.extra,
-                                     PROBES.get(a.variant, {}), a.warmup)
+                                     PROBES.get(a.variant, {}), a.warmup, a.step_sync)
     cuda = DEVICE == "cuda"
     return {"variant": a.variant, "gpu": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d"),
             "dynamo": compiled_graphs(),
             **meter.summary(a.warmup), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0, "steps": a.steps, "warmup": a.warmup,
-            "extra": a.extra, "losses": losses, "torch": torch.__version__, "notes": meter.notes}
+            "extra": a.extra, "step_sync": a.step_sync, "losses": losses, "torch": torch.__version__, "notes": meter.notes}
 
 
 def compiled_graphs() -> dict:
@@ -377,7 +386,8 @@ def run_worker(script: str, variant: str, a, steps: int, **env: str) -> subproce
     arguments from `a`; its output captured for result_of."""
     with tempfile.TemporaryDirectory() as work:
         cmd = [sys.executable, script, "--variant", variant, "--work", work, "--tokenizer", a.tokenizer, "--data", a.data,
-               "--steps", str(steps), "--warmup", str(a.warmup), *(["--tiny"] if a.tiny else []), "--extra", *a.extra]
+               "--steps", str(steps), "--warmup", str(a.warmup), *(["--tiny"] if a.tiny else []),
+               "--step-sync" if a.step_sync else "--no-step-sync", "--extra", *a.extra]
         return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
 
 
@@ -418,12 +428,16 @@ def main() -> None:
     p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/qwen-tokenizer"))
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/huanhuan.json"))
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per variant (tutorial: a third of it)")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per variant (tutorial: a third of it); "
+                   "-1: the preset's 3 epochs (chatlora variants)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--extra", nargs="*", default=[], help="extra chatlora overrides for the chatlora variants")
+    p.add_argument("--step-sync", action=argparse.BooleanOptionalAction, default=True,
+                   help="wait for the GPU at each step's end, to time each step (default); --no-step-sync times a run "
+                   "as a user's goes, the host queueing ahead: then only the whole run's time is exact (use --warmup 0)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model: check the script itself, on a CPU too")
     p.add_argument("--same-steps", action="store_true", help="the tutorial runs --steps too (to compare loss curves)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of 3 steps (chatlora variants)")

@@ -88,18 +88,24 @@ def losses_of(run) -> list[float]:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager-layers", "compiled-layers"])
-def test_replayed_passes_train_as_eager_ones(tiny_model_dir, tmp_path, compiled):
+def test_replayed_passes_train_as_eager_ones(tiny_model_dir, tmp_path, compiled, monkeypatch):
     """10 steps of 4 samples, the first 3 eager, then replayed from recorded graphs: the same losses
-    and adapter as the same run with no graphs (bf16 on the GPU: within its rounding)."""
+    and adapter as the same run with no graphs (bf16 on the GPU: within its rounding). The tokens
+    seen, read back late (ChatTrainer._track_num_input_tokens), are Trainer's own count at once."""
     from safetensors.torch import load_file
+    from transformers import Trainer
 
     from chatlora.recipes.train import train
+    from chatlora.trainer.trainer import ChatTrainer
 
     common = ["model.dtype=bfloat16", "training.bf16=true", "training.max_steps=10", "training.per_device_train_batch_size=4",
               "training.learning_rate=1e-3", *(["model.compile=layers"] if compiled else [])]
     lines: list[str] = []
     graphed = train(tiny_config(tiny_model_dir, tmp_path / "graphs", *common, "model.cuda_graphs=true"), lines.append)
+    monkeypatch.setattr(ChatTrainer, "_track_num_input_tokens", Trainer._track_num_input_tokens)
     plain = train(tiny_config(tiny_model_dir, tmp_path / "plain", *common), lambda _line: None)
+    seen = [[r["tokens_seen"] for r in read_metrics(run.metrics) if "tokens_seen" in r] for run in (graphed, plain)]
+    assert seen[0] == seen[1] and len(seen[0]) == 10, seen
     summary = [line for line in lines if line.startswith("cuda graphs:") and "passes replayed" in line]
     assert summary and "7 passes replayed" in summary[0] and "3 eager" in summary[0], lines
     assert losses_of(graphed) == pytest.approx(losses_of(plain), rel=2e-2)

@@ -5,6 +5,7 @@ compared bit for bit with one uninterrupted run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -146,11 +147,12 @@ def test_resume_with_another_config_or_data_is_refused_by_name(reference, tiny_m
         assert "resume_allow_changes=true" in message
         assert snapshot(run) == before, f"a refused resume ({overrides}) changed the run folder"
 
-    # What does not change the steps taken is no change: the same rows from another path, logging, saving.
+    # What does not change the steps taken is no change: the same rows from another path, logging,
+    # saving, how batches are copied (a GPU machine copies them without waiting: recipes/train.py).
     moved = tmp_path / "moved.json"
     shutil.copy(FIXTURES / "alpaca.json", moved)
     quiet_train(tiny_config(tiny_model_dir, tmp_path, *SETTINGS, f"data.train={moved}", "training.save_steps=3",
-                            "report.compare=0", "resume=auto"))
+                            "report.compare=0", "training.accelerator_config.non_blocking=true", "resume=auto"))
     assert_same_as(reference, run)
 
 
@@ -250,8 +252,18 @@ def test_a_kill_during_a_save_and_a_refused_write_lose_nothing(reference, tiny_m
     assert_same_as(reference, run)
 
 
-def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("late", [False, True], ids=["read-at-once", "read-late"])
+def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, capsys, monkeypatch, late):
     from chatlora.cli import main
+    from chatlora.trainer import guard
+
+    # read-late: the guard's GPU way on the CPU (the verdict sent to the fused optimizer on the
+    # device, which skips the step there, and read by the host a step later or before a save).
+    monkeypatch.setattr(guard, "reads_late", lambda args: late)
+    sent = []
+    original = guard.NonFiniteGuard.skipping_optimizer
+    monkeypatch.setattr(guard.NonFiniteGuard, "skipping_optimizer",
+                        lambda self, args: sent.append(original(self, args)) or sent[-1])
 
     config = tmp_path / "tiny.yaml"
     config.write_text(textwrap.dedent(f"""\
@@ -284,6 +296,7 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model
     final = adapter(skip)
     for key, tensor in weights.items():
         assert torch.equal(final[key], tensor), key
+    assert bool(sent) == late and all(isinstance(o, torch.optim.AdamW) for o in sent)
 
 
 def test_metrics_past_the_checkpoint_and_a_torn_line_are_dropped_on_resume(tmp_path):
@@ -294,3 +307,38 @@ def test_metrics_past_the_checkpoint_and_a_torn_line_are_dropped_on_resume(tmp_p
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')  # killed in mid-write
     _truncate_metrics(path, 2)
     assert read_metrics(path) == rows[:3]
+
+
+def test_a_verdict_read_late_between_logs_stops_and_skips_as_one_read_at_once(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from chatlora.cli import main
+    from chatlora.trainer import guard
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        name: tiny
+        model: {{name: {tiny_model_dir}}}
+        data: {{train: {FIXTURES / 'alpaca.json'}, max_length: 128}}
+        lora: {{r: 4, alpha: 8, dropout: 0.0}}
+        training: {{per_device_train_batch_size: 2, max_steps: 6, logging_steps: 4, max_grad_norm: 0, learning_rate: 1.0e+30}}
+        """))
+    # Nothing is logged or saved at steps 2 and 3: the late guard reads step 2's NaN at step 3's
+    # optimizer step, which it stops before.
+    monkeypatch.setattr(guard, "reads_late", lambda args: True)
+    assert main(["train", str(config), f"output_dir={tmp_path / 'stop'}"]) == 3
+    assert "training stopped at step 2 of 6: the loss was NaN or inf" in capsys.readouterr().err
+
+    finals = {}
+    for late in (False, True):
+        monkeypatch.setattr(guard, "reads_late", lambda args: late)
+        run = tmp_path / f"skip-{late}"
+        assert main(["train", str(config), f"output_dir={run}", "on_nonfinite=skip"]) == 0
+        err = capsys.readouterr().err
+        assert "step 2: NaN or inf loss or gradient; step skipped (1 skipped so far" in err
+        assert "step 6: NaN or inf loss or gradient; step skipped (5 skipped so far" in err
+        rows = read_metrics(run / "metrics.jsonl")
+        counts = [r["nonfinite_skipped_steps"] for r in rows if "nonfinite_skipped_steps" in r]
+        assert counts[-1] == 5 and counts == sorted(set(counts))  # read late, two skips may log as one
+        assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)  # non-finite losses left out on the device
+        finals[late] = adapter(run)
+    for key, tensor in finals[False].items():
+        assert torch.isfinite(tensor).all() and torch.equal(finals[True][key], tensor), key

@@ -43,6 +43,9 @@ TRAINING_DEFAULTS = {
     "label_names": ["labels"],
     "prediction_loss_only": True,
     "dataloader_pin_memory": torch.cuda.is_available(),
+    # ChatTrainer leaves non-finite losses out of the logged loss on the device instead: Trainer's
+    # filter reads every loss on the host, which makes it wait for the GPU at every step.
+    "logging_nan_inf_filter": False,
     "seed": 42,
 }
 
@@ -61,6 +64,10 @@ def training_arguments(cfg: Config, run: RunDir, processes: int = 1):
     if not torch.cuda.is_available() and (kwargs.get("bf16") or kwargs.get("fp16")):
         # The GPU presets ask for bf16 mixed precision; on a CPU it is slow or unsupported.
         kwargs["bf16"] = kwargs["fp16"] = False
+    if kwargs.get("dataloader_pin_memory") and "accelerator_config" not in kwargs:
+        # Batches go to the GPU from pinned memory without the host waiting for the copy (and so for
+        # all the work queued before it): the CPU prepares the next step while the GPU runs this one.
+        kwargs["accelerator_config"] = {"non_blocking": True}
     kwargs = evaluation_arguments(cfg, kwargs)  # best-checkpoint saving completed (save_strategy=best, keep 1)
     try:
         args = TrainingArguments(**kwargs)

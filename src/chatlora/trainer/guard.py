@@ -1,9 +1,17 @@
 """The non-finite guard: a NaN or inf loss or gradient never reaches the weights.
 
 Checked just before each optimizer step, once the step's gradients are complete (and, under DDP,
-averaged across ranks). `stop` raises NonFiniteError naming the step, before the optimizer runs, so
-the weights and every checkpoint saved so far are good; `skip` drops the step's gradients (an
-optimizer skips parameters without one: no update, no moment change) and counts it.
+averaged across ranks). `stop` raises NonFiniteError naming the step, before the optimizer has
+changed the weights with it, so the weights and every checkpoint saved so far are good; `skip`
+drops the step (no update, no moment change) and counts it.
+
+On a GPU, reading the verdict at once would make the host wait for the GPU at every step (see
+trainer/readback.py). There, when the optimizer is torch's fused Adam or AdamW, the verdict goes to
+the optimizer on the device instead (`found_inf`: the step is skipped on the GPU when it is set, the
+way GradScaler skips fp16 steps), and the host reads it a step later, or at once before anything is
+logged or saved: a stop is then raised at the next step's optimizer step at the latest, and the bad
+step never touched the weights. Elsewhere (CPU, other optimizers, fp16, FSDP2 shards) the verdict is
+read at once and a skipped step's gradients are dropped.
 """
 
 from __future__ import annotations
@@ -15,50 +23,112 @@ from transformers import TrainerCallback
 
 from chatlora.errors import NonFiniteError
 from chatlora.trainer.grads import all_finite, local_grads
-from chatlora.trainer.stop import any_rank
+from chatlora.trainer.readback import Readback
+
+
+def reads_late(args) -> bool:
+    """Whether the guard reads its verdicts late where it can (on a GPU: see the module's doc)."""
+    return args.device.type == "cuda"
 
 
 class NonFiniteGuard(TrainerCallback):
     def __init__(self, trainer, policy: str, write: Callable[[str], None]):
         self.trainer, self.policy, self.write = trainer, policy, write
         self.skipped: list[int] = []
-        self._skipped_now = False
+        self._reported = 0
+        self.pending: list[tuple[int, Readback]] = []
+        """(step, its verdict on the device) not read yet: [not finite, the loss was not]."""
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.settle(state)  # the earlier steps' verdicts: computed by now, so this does not wait
+        step = state.global_step + 1
+        verdict = self.verdict(args)
+        if verdict is None:
+            return
+        optimizer = self.skipping_optimizer(args) if reads_late(args) else None
+        if optimizer is not None:
+            optimizer.found_inf = verdict[0].float()
+            self.pending.append((step, Readback(verdict)))
+        else:
+            bad, loss_bad = (bool(v) for v in verdict.tolist())  # one device-to-host sync per step
+            self.judge(step, bad, loss_bad, state, now=True)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
+        if getattr(optimizer, "found_inf", None) is not None:
+            del optimizer.found_inf  # the next step sets its own (or none)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
+            self.settle(state, wait=True)  # nothing is logged or saved past a bad step
+        if len(self.skipped) > self._reported:
+            for step in self.skipped[self._reported:]:
+                if state.is_world_process_zero:
+                    self.write(f"step {step}: NaN or inf loss or gradient; step skipped "
+                               f"({self.skipped.index(step) + 1} skipped so far, on_nonfinite=skip)")
+            self._reported = len(self.skipped)
+            self.trainer.log({"nonfinite_skipped_steps": len(self.skipped)})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.settle(state, wait=True)
+
+    def verdict(self, args) -> torch.Tensor | None:
+        """[not finite, the loss was not] for this step on every rank, on the device; None when
+        there is nothing to check."""
         trainer = self.trainer
-        params = [p for p in trainer.trainable() if p.grad is not None]
         losses_finite, trainer.losses_finite = trainer.losses_finite, None
         norm, trainer.step_grad_norm = trainer.step_grad_norm, None
         if torch.is_tensor(norm):
             # The norm Trainer took of the step's gradients (to clip or to log) is NaN or inf exactly
             # when one of them is: no second pass over them.
-            flags = [norm.isfinite()]
+            grads_finite = norm.isfinite()
         else:
-            # This process's gradients (its shards under FSDP2: any_rank below covers the others).
-            flags = [all_finite(local_grads(params))] if params else []
-        if losses_finite is not None:
-            flags.append(losses_finite)
-        # One device-to-host sync per optimizer step.
-        bad = bool(flags) and not torch.stack([f.to(flags[0].device) for f in flags]).all().item()
-        if not any_rank(bad, args.device):  # every rank stops or skips together
+            # This process's gradients (its shards under FSDP2: the all-reduce below covers the others).
+            grads = local_grads(p for p in trainer.trainable() if p.grad is not None)
+            grads_finite = all_finite(grads) if grads else None
+        if grads_finite is None and losses_finite is None:
+            return None
+        device = (grads_finite if grads_finite is not None else losses_finite).device
+        loss_bad = ~losses_finite.to(device) if losses_finite is not None else torch.zeros((), dtype=torch.bool, device=device)
+        grads_bad = ~grads_finite if grads_finite is not None else torch.zeros_like(loss_bad)
+        verdict = torch.stack([loss_bad | grads_bad, loss_bad]).float()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(verdict, op=dist.ReduceOp.MAX)  # every rank stops or skips together
+        return verdict
+
+    def skipping_optimizer(self, args) -> torch.optim.Optimizer | None:
+        """The optimizer, when it can skip a step on the device: torch's fused Adam/AdamW (which read
+        `found_inf`) over plain tensors, with no fp16 GradScaler setting found_inf itself."""
+        optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)  # accelerate's wrapper
+        if args.fp16 or not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            return None
+        if not all(group.get("fused") for group in optimizer.param_groups) or not self.trainer.local_clipping():
+            return None
+        return optimizer
+
+    def settle(self, state, wait: bool = False) -> None:
+        """Acts on the verdicts read back so far (all of them with `wait`)."""
+        while self.pending and (wait or self.pending[0][1].ready()):
+            step, verdict = self.pending.pop(0)
+            bad, loss_bad = (bool(v) for v in verdict.value().tolist())
+            self.judge(step, bad, loss_bad, state)
+
+    def judge(self, step: int, bad: bool, loss_bad: bool, state, now: bool = False) -> None:
+        """Stops or counts a skipped step; `now`: the step whose optimizer step comes next, which a
+        skip keeps from the weights by dropping its gradients."""
+        if not bad:
             return
-        step = state.global_step + 1
-        what = "the loss" if losses_finite is not None and not bool(losses_finite) else "the gradient norm"
         if self.policy == "stop":
+            self.pending.clear()
+            what = "the loss" if loss_bad else "the gradient norm"
             raise NonFiniteError(
                 f"training stopped at step {step} of {state.max_steps}: {what} was NaN or inf. The weights were not "
                 "updated with it. Lower training.learning_rate (or set training.max_grad_norm), or set "
                 "on_nonfinite=skip to skip such steps."
             )
-        for p in params:
-            p.grad = None
+        if now:
+            for p in self.trainer.trainable():
+                p.grad = None  # an optimizer skips parameters without a gradient
         self.skipped.append(step)
-        self._skipped_now = True
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._skipped_now:
-            self._skipped_now = False
-            if state.is_world_process_zero:
-                self.write(f"step {state.global_step}: NaN or inf loss or gradient; step skipped "
-                           f"({len(self.skipped)} skipped so far, on_nonfinite=skip)")
-            self.trainer.log({"nonfinite_skipped_steps": len(self.skipped)})

@@ -62,6 +62,8 @@ def fingerprint(cfg: Config, args, data_key: str) -> dict[str, Any]:
     raw.pop("training")
     _flatten(raw, "", flat)
     for key, value in args.to_dict().items():
+        if key == "accelerator_config" and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k != "non_blocking"}  # how batches are copied, not which
         if key not in IGNORED_TRAINING and key not in PROCESS_SPLIT:
             flat[f"training.{key}"] = value
     # The global batch, not how it is split over processes and micro-batches: a DDP run resumed on

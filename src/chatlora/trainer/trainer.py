@@ -14,6 +14,7 @@ from chatlora.trainer.balance import train_dataloader
 from chatlora.trainer.grads import clip_sharded, sharded_grads, sharded_norm
 from chatlora.trainer.graphs import PassGraphs
 from chatlora.trainer.loss import trained_token_loss
+from chatlora.trainer.readback import Readback
 from chatlora.trainer.safe_trainer import SafeTrainer
 
 
@@ -48,6 +49,8 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         self._local_clipping: bool | None = None
         self._shortcuts_on: torch.nn.Module | None = None
         self._gathered_units: list | None = None
+        self.token_counts: list[Readback] = []
+        """Token counts of the last steps, not yet added to state.num_input_tokens_seen."""
         self.step_grad_norm: torch.Tensor | None = None
         """The norm of the step's gradients once Trainer has taken it (to clip, to log), until the
         non-finite guard takes it (trainer/guard.py): one norm serves both."""
@@ -58,9 +61,11 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         self._trainable = self._tuner_layers = self._flops_per_token = self._local_clipping = self._gathered_units = None
         self.graphs = None
         self.step_grad_norm = None
+        self.token_counts = []
         try:
             return super().train(*args, **kwargs)
         finally:
+            self.tokens_counted()
             if self.graphs is not None:
                 self.graphs.release()
             if self._shortcuts_on is not None:
@@ -157,6 +162,7 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         return loader if loader is not None else super().get_train_dataloader()
 
     def log(self, logs, start_time=None):
+        self.tokens_counted()
         if "loss" in logs and self.accelerator.num_processes > 1:
             # Every process logs the training loss at the same step (Trainer gathers it), so all meet here.
             mine = torch.as_tensor(self.process_tokens, device=self.args.device).reshape(1)
@@ -165,6 +171,47 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        return self.loss_to_log(self.step_loss(model, inputs, num_items_in_batch))
+
+    def loss_to_log(self, loss: torch.Tensor) -> torch.Tensor:
+        """Trainer's logging_nan_inf_filter, on the device: a NaN or inf loss adds the mean of the
+        losses since the last log instead (the guard reports it). Trainer's own filter reads every
+        loss on the host, a wait for the GPU at every step; chatlora turns it off (recipes/train.py)."""
+        total = getattr(self, "_tr_loss", None)  # Trainer's running sum since the last log
+        if self.args.logging_nan_inf_filter or not torch.is_tensor(total) or not torch.is_tensor(loss):
+            return loss
+        mean = total / (1 + self.state.global_step - self._globalstep_last_logged)
+        return torch.where(torch.isfinite(loss), loss, mean.to(loss.dtype))
+
+    def _track_num_input_tokens(self, inputs):
+        # Trainer's count of the tokens seen, without its .item(), which waits for the GPU at every
+        # step: read back once the GPU has it (trainer/readback.py) and added a step later, or at
+        # once before anything logs or saves it (tokens_counted).
+        how = self.args.include_num_input_tokens_seen
+        ids = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
+        if how == "no" or not torch.is_tensor(ids) or not ids.is_cuda:
+            return super()._track_num_input_tokens(inputs)
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        if how == "non_padding" and "attention_mask" in inputs:
+            count = inputs["attention_mask"].sum()
+        elif how == "non_padding" and pad is not None:
+            count = (ids != pad).sum()
+        else:
+            count = torch.tensor(ids.numel(), device=ids.device)
+        self.tokens_counted(wait=False)
+        self.token_counts.append(Readback(self.accelerator.gather(count.reshape(1).to(torch.int64)).sum()))
+
+    def tokens_counted(self, wait: bool = True) -> None:
+        """Adds the token counts read back so far (all of them with `wait`) to the state."""
+        while self.token_counts and (wait or self.token_counts[0].ready()):
+            self.state.num_input_tokens_seen += int(self.token_counts.pop(0).value())
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.tokens_counted()
+        super()._save_checkpoint(model, trial)
+
+    def step_loss(self, model, inputs, num_items_in_batch=None):
+        """One micro-batch's forward and backward passes; returns its loss."""
         if self._shortcuts_on is None:  # Trainer calls these at every step (trainer/walks.py)
             walks.skip_unchanged_train(self.model)
             walks.zero_trained_grads_only(self.model, self.trainable())
