@@ -86,16 +86,17 @@ class NonFiniteGuard(TrainerCallback):
             # This process's gradients (its shards under FSDP2: the all-reduce below covers the others).
             grads = local_grads(p for p in trainer.trainable() if p.grad is not None)
             grads_finite = all_finite(grads) if grads else None
-        if grads_finite is None and losses_finite is None:
-            return None
-        device = (grads_finite if grads_finite is not None else losses_finite).device
-        loss_bad = ~losses_finite.to(device) if losses_finite is not None else torch.zeros((), dtype=torch.bool, device=device)
-        grads_bad = ~grads_finite if grads_finite is not None else torch.zeros_like(loss_bad)
-        verdict = torch.stack([loss_bad | grads_bad, loss_bad]).float()
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(verdict, op=dist.ReduceOp.MAX)  # every rank stops or skips together
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if grads_finite is None and losses_finite is None and not several:
+            return None
+        ok = torch.ones((), dtype=torch.bool, device=args.device)
+        loss_bad = ~(losses_finite.to(args.device) if losses_finite is not None else ok)
+        grads_bad = ~(grads_finite.to(args.device) if grads_finite is not None else ok)
+        verdict = torch.stack([loss_bad | grads_bad, loss_bad]).float()
+        if several:  # every rank stops or skips together (each takes part, whatever it has to check)
+            dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
         return verdict
 
     def skipping_optimizer(self, args) -> torch.optim.Optimizer | None:
