@@ -252,6 +252,20 @@ def test_a_kill_during_a_save_and_a_refused_write_lose_nothing(reference, tiny_m
     assert_same_as(reference, run)
 
 
+def nan_config(folder: Path, model_dir: Path, training: str) -> Path:
+    """A 6-step run whose learning rate of 1e30 makes step 1's update overflow the weights: step 2's
+    loss and every later one are NaN. `training`: more training settings, YAML flow style."""
+    config = folder / "tiny.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        name: tiny
+        model: {{name: {model_dir}}}
+        data: {{train: {FIXTURES / 'alpaca.json'}, max_length: 128}}
+        lora: {{r: 4, alpha: 8, dropout: 0.0}}
+        training: {{per_device_train_batch_size: 2, max_steps: 6, max_grad_norm: 0, learning_rate: 1.0e+30, {training}}}
+        """))
+    return config
+
+
 @pytest.mark.parametrize("late", [False, True], ids=["read-at-once", "read-late"])
 def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, capsys, monkeypatch, late):
     from chatlora.cli import main
@@ -265,16 +279,7 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model
     monkeypatch.setattr(guard.NonFiniteGuard, "skipping_optimizer",
                         lambda self, args: sent.append(original(self, args)) or sent[-1])
 
-    config = tmp_path / "tiny.yaml"
-    config.write_text(textwrap.dedent(f"""\
-        name: tiny
-        model: {{name: {tiny_model_dir}}}
-        data: {{train: {FIXTURES / 'alpaca.json'}, max_length: 128}}
-        lora: {{r: 4, alpha: 8, dropout: 0.0}}
-        training: {{per_device_train_batch_size: 2, max_steps: 6, logging_steps: 1, save_strategy: steps, save_steps: 1,
-                    max_grad_norm: 0, learning_rate: 1.0e+30}}
-        """))
-    # A learning rate of 1e30 makes step 1's update overflow the weights: step 2's loss is NaN.
+    config = nan_config(tmp_path, tiny_model_dir, "logging_steps: 1, save_strategy: steps, save_steps: 1")
     code = main(["train", str(config), f"output_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 3
@@ -313,14 +318,7 @@ def test_a_verdict_read_late_between_logs_stops_and_skips_as_one_read_at_once(ti
     from chatlora.cli import main
     from chatlora.trainer import guard
 
-    config = tmp_path / "tiny.yaml"
-    config.write_text(textwrap.dedent(f"""\
-        name: tiny
-        model: {{name: {tiny_model_dir}}}
-        data: {{train: {FIXTURES / 'alpaca.json'}, max_length: 128}}
-        lora: {{r: 4, alpha: 8, dropout: 0.0}}
-        training: {{per_device_train_batch_size: 2, max_steps: 6, logging_steps: 4, max_grad_norm: 0, learning_rate: 1.0e+30}}
-        """))
+    config = nan_config(tmp_path, tiny_model_dir, "logging_steps: 4")
     # Nothing is logged or saved at steps 2 and 3: the late guard reads step 2's NaN at step 3's
     # optimizer step, which it stops before.
     monkeypatch.setattr(guard, "reads_late", lambda args: True)
