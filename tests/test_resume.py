@@ -255,6 +255,7 @@ def test_a_kill_during_a_save_and_a_refused_write_lose_nothing(reference, tiny_m
 def nan_config(folder: Path, model_dir: Path, training: str) -> Path:
     """A 6-step run whose learning rate of 1e30 makes step 1's update overflow the weights: step 2's
     loss and every later one are NaN. `training`: more training settings, YAML flow style."""
+    folder.mkdir(parents=True, exist_ok=True)
     config = folder / "tiny.yaml"
     config.write_text(textwrap.dedent(f"""\
         name: tiny
@@ -324,6 +325,11 @@ def test_a_verdict_read_late_between_logs_stops_and_skips_as_one_read_at_once(ti
     monkeypatch.setattr(guard, "reads_late", lambda args: True)
     assert main(["train", str(config), f"output_dir={tmp_path / 'stop'}"]) == 3
     assert "training stopped at step 2 of 6: the loss was NaN or inf" in capsys.readouterr().err
+    # A save at step 2 (nothing logged there) reads the verdict first: no checkpoint past the bad step.
+    saving = nan_config(tmp_path / "saving", tiny_model_dir, "logging_steps: 4, save_strategy: steps, save_steps: 2")
+    assert main(["train", str(saving), f"output_dir={tmp_path / 'stop-saving'}"]) == 3
+    assert "training stopped at step 2 of 6: the loss was NaN or inf" in capsys.readouterr().err
+    assert complete_checkpoints(tmp_path / "stop-saving" / "checkpoints") == []
 
     finals = {}
     for late in (False, True):
@@ -340,3 +346,15 @@ def test_a_verdict_read_late_between_logs_stops_and_skips_as_one_read_at_once(ti
         finals[late] = adapter(run)
     for key, tensor in finals[False].items():
         assert torch.isfinite(tensor).all() and torch.equal(finals[True][key], tensor), key
+
+
+def test_a_stamp_from_before_non_blocking_was_left_out_resumes():
+    from chatlora.trainer.resume import differences
+
+    accelerate = {"split_batches": False, "even_batches": True}
+    old = {"config_hash": "a", "config": {"training.accelerator_config": {**accelerate, "non_blocking": False}}}
+    new = {"config_hash": "b", "config": {"training.accelerator_config": accelerate}}
+    assert differences(old, new) == []
+    changed = {"config_hash": "c", "config": {"training.accelerator_config": {**accelerate, "even_batches": False}}}
+    assert differences(old, changed) == [f"training.accelerator_config: {old['config']['training.accelerator_config']!r} -> "
+                                         f"{changed['config']['training.accelerator_config']!r}"]

@@ -29,9 +29,14 @@ class Progress(TrainerCallback):
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step", dynamic_ncols=True)
         self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
 
+    def rate(self, state) -> float:
+        """Real tokens per second since training began. (On a GPU the count lags the steps by one or
+        two until a log adds the rest: trainer.py's _track_num_input_tokens.)"""
+        self.tokens_per_s = (state.num_input_tokens_seen - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
+        return self.tokens_per_s
+
     def on_step_end(self, args, state, control, **kwargs):
-        elapsed = time.perf_counter() - self.t0
-        self.tokens_per_s = (state.num_input_tokens_seen - self.tokens0) / max(elapsed, 1e-9)
+        self.rate(state)
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
             # Until the first logged loss there is none to show ("loss nan" would read as a diverged run).
@@ -45,7 +50,7 @@ class Progress(TrainerCallback):
         parts = [f"step {state.global_step}/{state.max_steps}" if state.max_steps else "before training"]
         parts += [f"{short} {logs[k]:.4g}" for k, short in SHOWN.items() if isinstance(logs.get(k), (int, float))]
         if "loss" in logs:
-            parts.append(f"tok/s {self.tokens_per_s:,.0f}")
+            parts.append(f"tok/s {self.rate(state):,.0f}")
         if len(parts) > 1 and state.is_world_process_zero:
             (self.bar.write if self.bar is not None else print)("  ".join(parts))
 
@@ -68,7 +73,7 @@ class MetricsLog(TrainerCallback):
         # Lists too: the replies generated on held-out prompts (trainer.evaluation.GenerationMonitor).
         row.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str, list))})
         if "loss" in logs:
-            row["tokens_per_s"] = round(self.progress.tokens_per_s, 1)
+            row["tokens_per_s"] = round(self.progress.rate(state), 1)
             row["tokens_seen"] = state.num_input_tokens_seen
         with self.metrics.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")

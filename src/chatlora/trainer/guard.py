@@ -35,12 +35,21 @@ class NonFiniteGuard(TrainerCallback):
     def __init__(self, trainer, policy: str, write: Callable[[str], None]):
         self.trainer, self.policy, self.write = trainer, policy, write
         self.skipped: list[int] = []
-        self._reported = 0
+        self._logged = 0
         self.pending: list[tuple[int, Readback]] = []
         """(step, its verdict on the device) not read yet: [not finite, the loss was not]."""
+        # ChatTrainer reads these before anything is logged or saved (an evaluation, a save at an
+        # epoch's end, a signal's save included), so nothing is logged or saved past a bad step.
+        getattr(trainer, "late_reads", []).append(lambda: self.settle(trainer.state))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.pending.clear()
+        self.forget_found_inf()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.settle(state)  # the earlier steps' verdicts: computed by now, so this does not wait
+        # The last step's verdict. Waiting for it does not idle the GPU: this step's pass is queued
+        # behind it. Every rank of a distributed run decides here, at the same step.
+        self.settle(state)
         step = state.global_step + 1
         verdict = self.verdict(args)
         if verdict is None:
@@ -54,23 +63,25 @@ class NonFiniteGuard(TrainerCallback):
             self.judge(step, bad, loss_bad, state, now=True)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
-        if getattr(optimizer, "found_inf", None) is not None:
-            del optimizer.found_inf  # the next step sets its own (or none)
+        self.forget_found_inf()  # the next step sets its own (or none)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
-            self.settle(state, wait=True)  # nothing is logged or saved past a bad step
-        if len(self.skipped) > self._reported:
-            for step in self.skipped[self._reported:]:
-                if state.is_world_process_zero:
-                    self.write(f"step {step}: NaN or inf loss or gradient; step skipped "
-                               f"({self.skipped.index(step) + 1} skipped so far, on_nonfinite=skip)")
-            self._reported = len(self.skipped)
-            self.trainer.log({"nonfinite_skipped_steps": len(self.skipped)})
+        self.log_skipped()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.settle(state, wait=True)
+        self.forget_found_inf()
+        self.settle(state)
+        self.log_skipped()
+
+    def forget_found_inf(self) -> None:
+        optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
+        if getattr(optimizer, "found_inf", None) is not None:
+            del optimizer.found_inf
+
+    def log_skipped(self) -> None:
+        if len(self.skipped) > self._logged:
+            self._logged = len(self.skipped)
+            self.trainer.log({"nonfinite_skipped_steps": len(self.skipped)})
 
     def verdict(self, args) -> torch.Tensor | None:
         """[not finite, the loss was not] for this step on every rank, on the device; None when
@@ -103,15 +114,15 @@ class NonFiniteGuard(TrainerCallback):
         """The optimizer, when it can skip a step on the device: torch's fused Adam/AdamW (which read
         `found_inf`) over plain tensors, with no fp16 GradScaler setting found_inf itself."""
         optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)  # accelerate's wrapper
-        if args.fp16 or not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        if getattr(self.trainer.accelerator, "scaler", None) is not None or not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             return None
         if not all(group.get("fused") for group in optimizer.param_groups) or not self.trainer.local_clipping():
             return None
         return optimizer
 
-    def settle(self, state, wait: bool = False) -> None:
-        """Acts on the verdicts read back so far (all of them with `wait`)."""
-        while self.pending and (wait or self.pending[0][1].ready()):
+    def settle(self, state) -> None:
+        """Acts on the verdicts not read yet (waiting for their copies, not for later work)."""
+        while self.pending:
             step, verdict = self.pending.pop(0)
             bad, loss_bad = (bool(v) for v in verdict.value().tolist())
             self.judge(step, bad, loss_bad, state)
@@ -133,3 +144,6 @@ class NonFiniteGuard(TrainerCallback):
             for p in self.trainer.trainable():
                 p.grad = None  # an optimizer skips parameters without a gradient
         self.skipped.append(step)
+        if state.is_world_process_zero:
+            self.write(f"step {step}: NaN or inf loss or gradient; step skipped "
+                       f"({len(self.skipped)} skipped so far, on_nonfinite=skip)")

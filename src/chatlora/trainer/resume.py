@@ -53,6 +53,14 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
+def _steps_part(key: str, value: Any) -> Any:
+    """The part of a setting that changes the steps taken: accelerate's settings less how batches are
+    copied to the GPU (non_blocking, which a GPU run sets: recipes/train.py)."""
+    if key == "training.accelerator_config" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "non_blocking"}
+    return value
+
+
 def fingerprint(cfg: Config, args, data_key: str) -> dict[str, Any]:
     """What a checkpoint stores: the settings that change the steps taken (flat dotted keys, the
     effective TrainingArguments rather than the config's `training:` section, so a default spelt out
@@ -62,10 +70,8 @@ def fingerprint(cfg: Config, args, data_key: str) -> dict[str, Any]:
     raw.pop("training")
     _flatten(raw, "", flat)
     for key, value in args.to_dict().items():
-        if key == "accelerator_config" and isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k != "non_blocking"}  # how batches are copied, not which
         if key not in IGNORED_TRAINING and key not in PROCESS_SPLIT:
-            flat[f"training.{key}"] = value
+            flat[f"training.{key}"] = _steps_part(f"training.{key}", value)
     # The global batch, not how it is split over processes and micro-batches: a DDP run resumed on
     # another number of processes trains the same steps (trainer/distributed.py's check_resume
     # decides which world-size changes are allowed, and says so).
@@ -82,7 +88,9 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     if old.get("config_hash") != new.get("config_hash"):
         a, b = old.get("config", {}), new.get("config", {})
         # Keys only one side has come from another transformers version's TrainingArguments, not from the user.
-        lines += [f"{key}: {a[key]!r} -> {b[key]!r}" for key in sorted(a.keys() & b.keys()) if a[key] != b[key]]
+        # (A stamp written before a setting's part was left out still holds it: compared without it.)
+        lines += [f"{key}: {a[key]!r} -> {b[key]!r}" for key in sorted(a.keys() & b.keys())
+                  if _steps_part(key, a[key]) != _steps_part(key, b[key])]
     if old.get("data_hash") != new.get("data_hash"):
         lines.append(DATA)
     return lines

@@ -3,7 +3,7 @@ the output layer run only where a token is trained, and token-budget chunks with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -51,6 +51,9 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         self._gathered_units: list | None = None
         self.token_counts: list[Readback] = []
         """Token counts of the last steps, not yet added to state.num_input_tokens_seen."""
+        self.late_reads: list[Callable[[], None]] = [self.tokens_counted]
+        """What reads device values back a step late (token counts, the non-finite guard's verdicts):
+        read in full before anything is logged or saved (read_late_values)."""
         self.step_grad_norm: torch.Tensor | None = None
         """The norm of the step's gradients once Trainer has taken it (to clip, to log), until the
         non-finite guard takes it (trainer/guard.py): one norm serves both."""
@@ -65,7 +68,6 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         try:
             return super().train(*args, **kwargs)
         finally:
-            self.tokens_counted()
             if self.graphs is not None:
                 self.graphs.release()
             if self._shortcuts_on is not None:
@@ -162,7 +164,7 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         return loader if loader is not None else super().get_train_dataloader()
 
     def log(self, logs, start_time=None):
-        self.tokens_counted()
+        self.read_late_values()
         if "loss" in logs and self.accelerator.num_processes > 1:
             # Every process logs the training loss at the same step (Trainer gathers it), so all meet here.
             mine = torch.as_tensor(self.process_tokens, device=self.args.device).reshape(1)
@@ -197,7 +199,7 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         elif how == "non_padding" and pad is not None:
             count = (ids != pad).sum()
         else:
-            count = torch.tensor(ids.numel(), device=ids.device)
+            count = torch.full((), ids.numel(), dtype=torch.int64, device=ids.device)  # a fill: no copy to wait for
         self.tokens_counted(wait=False)
         self.token_counts.append(Readback(self.accelerator.gather(count.reshape(1).to(torch.int64)).sum()))
 
@@ -206,8 +208,12 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         while self.token_counts and (wait or self.token_counts[0].ready()):
             self.state.num_input_tokens_seen += int(self.token_counts.pop(0).value())
 
+    def read_late_values(self) -> None:
+        for read in self.late_reads:
+            read()
+
     def _save_checkpoint(self, model, trial) -> None:
-        self.tokens_counted()
+        self.read_late_values()  # may stop training (the guard): before anything is written
         super()._save_checkpoint(model, trial)
 
     def step_loss(self, model, inputs, num_items_in_batch=None):
