@@ -12,7 +12,7 @@ Variants, each in its own process (so peak memory is its own):
   trl             TRL's SFTTrainer: packing (bfd, padding-free), Liger kernels, one 8k-token row per step
 and more chatlora settings in CHATLORA_SETTINGS (compiled layers: *-compile-layers; CUDA graphs:
 *-graphs; probes of the
-compiler's CPU overhead: *-compile-layers-cpp, *-compile-layers-noguards).
+compiler's CPU overhead: *-compile-layers-cpp, *-compile-layers-noguards; Liger's kernels: *-liger).
 
 All on the Qwen1.5-7B architecture with random bf16 weights (no model hub is reachable; speed and
 memory equal the real model's) and the real Qwen tokenizer and huanhuan.json. Every variant logs its
@@ -272,6 +272,11 @@ def run_chatlora(folder: Path, data: Path, steps: int, work: Path, overrides: li
 
         inductor.cpp_wrapper = True
     guards = [SkipGuards(after=warmup)] if probe.get("skip_guards") else []
+    if probe.get("liger"):
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+        # The output layer and loss stay chatlora's (only trained positions, in chunks).
+        apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
     def echo(line: str) -> None:
         print(line)
         if line.startswith("cuda graphs:"):
@@ -333,9 +338,13 @@ CHATLORA_SETTINGS = {
 #   -cpp       inductor's generated wrapper in C++ instead of Python (inductor config cpp_wrapper)
 #   -noguards  after the untimed steps, dynamo checks only the guards that tell its compiled entries
 #              apart (set_stance skip_guard_eval_unsafe: unsafe if a new kind of input came later)
+#   -liger     Liger's Triton kernels (PyPI liger-kernel) for Qwen2's RMSNorm, RoPE and SwiGLU, patched
+#              into transformers before the model is made: fewer, fused kernels in eager layers (the
+#              step of seed-graphs is its 103 ms of GPU kernels) with no compile to wait for. Not run yet.
 # Probe variants train as their base variant does.
 PROBES = {f"{name}-{suffix}": probe for name in ("seed-compile-layers", "throughput-compile-layers")
           for suffix, probe in (("cpp", {"cpp_wrapper": True}), ("noguards", {"skip_guards": True}))}
+PROBES.update({f"{name}-liger": {"liger": True} for name in ("seed-semantics", "seed-graphs")})
 CHATLORA_SETTINGS.update({variant: CHATLORA_SETTINGS[variant.rsplit("-", 1)[0]] for variant in PROBES})
 
 
