@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from chatlora.errors import NonFiniteError
@@ -97,8 +98,6 @@ class NonFiniteGuard(TrainerCallback):
             # This process's gradients (its shards under FSDP2: the all-reduce below covers the others).
             grads = local_grads(p for p in trainer.trainable() if p.grad is not None)
             grads_finite = all_finite(grads) if grads else None
-        import torch.distributed as dist
-
         several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if grads_finite is None and losses_finite is None and not several:
             return None
@@ -114,11 +113,10 @@ class NonFiniteGuard(TrainerCallback):
         """The optimizer, when it can skip a step on the device: torch's fused Adam/AdamW (which read
         `found_inf`) over plain tensors, with no fp16 GradScaler setting found_inf itself."""
         optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)  # accelerate's wrapper
-        if getattr(self.trainer.accelerator, "scaler", None) is not None or not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            return None
-        if not all(group.get("fused") for group in optimizer.param_groups) or not self.trainer.local_clipping():
-            return None
-        return optimizer
+        fused_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(
+            group.get("fused") for group in optimizer.param_groups)
+        no_scaler = getattr(self.trainer.accelerator, "scaler", None) is None
+        return optimizer if fused_adam and no_scaler and self.trainer.local_clipping() else None
 
     def settle(self, state) -> None:
         """Acts on the verdicts not read yet (waiting for their copies, not for later work)."""
