@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 from chatlora.errors import NonFiniteError
 from chatlora.trainer.grads import all_finite, local_grads
 from chatlora.trainer.readback import Readback
+from chatlora.trainer.stop import several_processes
 
 
 def reads_late(args) -> bool:
@@ -74,8 +75,11 @@ class NonFiniteGuard(TrainerCallback):
         self.settle(state)
         self.log_skipped()
 
+    def torch_optimizer(self) -> torch.optim.Optimizer | None:
+        return getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)  # inside accelerate's wrapper
+
     def forget_found_inf(self) -> None:
-        optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
+        optimizer = self.torch_optimizer()
         if getattr(optimizer, "found_inf", None) is not None:
             del optimizer.found_inf
 
@@ -98,7 +102,7 @@ class NonFiniteGuard(TrainerCallback):
             # This process's gradients (its shards under FSDP2: the all-reduce below covers the others).
             grads = local_grads(p for p in trainer.trainable() if p.grad is not None)
             grads_finite = all_finite(grads) if grads else None
-        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        several = several_processes()
         if grads_finite is None and losses_finite is None and not several:
             return None
         ok = torch.ones((), dtype=torch.bool, device=args.device)
@@ -112,7 +116,7 @@ class NonFiniteGuard(TrainerCallback):
     def skipping_optimizer(self, args) -> torch.optim.Optimizer | None:
         """The optimizer, when it can skip a step on the device: torch's fused Adam/AdamW (which read
         `found_inf`) over plain tensors, with no fp16 GradScaler setting found_inf itself."""
-        optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)  # accelerate's wrapper
+        optimizer = self.torch_optimizer()
         fused_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(
             group.get("fused") for group in optimizer.param_groups)
         no_scaler = getattr(self.trainer.accelerator, "scaler", None) is None

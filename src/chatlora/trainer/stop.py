@@ -60,11 +60,18 @@ class StopOnSignal(TrainerCallback):
         self.in_loop = False
 
 
+def several_processes() -> bool:
+    """Whether this process is one of several in a distributed job (collectives then need them all)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def any_rank(flag: bool, device) -> bool:
     """True when `flag` is true on any rank of a distributed job, so all ranks take the same branch."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not several_processes():
         return flag
     t = torch.tensor(float(flag), device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # one tiny collective per optimizer step
