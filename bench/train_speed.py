@@ -277,6 +277,13 @@ def run_chatlora(folder: Path, data: Path, steps: int, work: Path, overrides: li
 
         # The output layer and loss stay chatlora's (only trained positions, in chunks).
         apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    if probe.get("native_norm"):
+        from transformers.models.qwen2 import modeling_qwen2
+
+        def rms_norm(self, hidden_states):
+            return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+
+        modeling_qwen2.Qwen2RMSNorm.forward = rms_norm
     def echo(line: str) -> None:
         print(line)
         if line.startswith("cuda graphs:"):
@@ -341,10 +348,13 @@ CHATLORA_SETTINGS = {
 #   -liger     Liger's Triton kernels (PyPI liger-kernel) for Qwen2's RMSNorm, RoPE and SwiGLU, patched
 #              into transformers before the model is made: fewer, fused kernels in eager layers (the
 #              step of seed-graphs is its 103 ms of GPU kernels) with no compile to wait for. Not run yet.
+#   -nativenorm  Qwen2's RMSNorm through torch's F.rms_norm, one fused CUDA kernel each way on torch >= 2.8
+#              (eager Qwen2RMSNorm is about 8 kernels forward): what torch alone gives. Not run yet.
 # Probe variants train as their base variant does.
 PROBES = {f"{name}-{suffix}": probe for name in ("seed-compile-layers", "throughput-compile-layers")
           for suffix, probe in (("cpp", {"cpp_wrapper": True}), ("noguards", {"skip_guards": True}))}
 PROBES.update({f"{name}-liger": {"liger": True} for name in ("seed-semantics", "seed-graphs")})
+PROBES["seed-graphs-nativenorm"] = {"native_norm": True}
 CHATLORA_SETTINGS.update({variant: CHATLORA_SETTINGS[variant.rsplit("-", 1)[0]] for variant in PROBES})
 
 
