@@ -70,14 +70,16 @@ def test_trained_positions_are_padded_to_quarters_of_the_row_with_a_position_wit
     assert nothing["trained_positions"].tolist() == [14] * 4  # never an empty tensor (a shape of its own)
 
 
-def test_cuda_graphs_without_a_gpu_train_on_with_a_note(tiny_model_dir, tmp_path):
+def test_gpu_settings_without_a_gpu_train_on_with_a_note(tiny_model_dir, tmp_path):
     if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: the gpu tests below cover it")
+        pytest.skip("this machine has a GPU: the gpu tests cover it (here and in test_kernels.py)")
     from chatlora.recipes.train import train
 
     lines: list[str] = []
-    run = train(tiny_config(tiny_model_dir, tmp_path, "model.cuda_graphs=true", "training.max_steps=2"), lines.append)
+    run = train(tiny_config(tiny_model_dir, tmp_path, "model.cuda_graphs=true", "model.kernels=liger", "training.max_steps=2"),
+                lines.append)
     assert "note: model.cuda_graphs ignored: it needs a CUDA GPU" in lines
+    assert "note: model.kernels=liger ignored: it needs a CUDA GPU" in lines
     assert (run.adapter / "adapter_model.safetensors").is_file()
 
 

@@ -148,11 +148,12 @@ def test_resume_with_another_config_or_data_is_refused_by_name(reference, tiny_m
         assert snapshot(run) == before, f"a refused resume ({overrides}) changed the run folder"
 
     # What does not change the steps taken is no change: the same rows from another path, logging,
-    # saving, how batches are copied (a GPU machine copies them without waiting: recipes/train.py).
+    # saving, how batches are copied (a GPU machine copies them without waiting: recipes/train.py),
+    # which kernels run (on this CPU, model.kernels=liger is ignored with a note).
     moved = tmp_path / "moved.json"
     shutil.copy(FIXTURES / "alpaca.json", moved)
     quiet_train(tiny_config(tiny_model_dir, tmp_path, *SETTINGS, f"data.train={moved}", "training.save_steps=3",
-                            "report.compare=0", "training.accelerator_config.non_blocking=true", "resume=auto"))
+                            "report.compare=0", "training.accelerator_config.non_blocking=true", "model.kernels=liger", "resume=auto"))
     assert_same_as(reference, run)
 
 

@@ -50,6 +50,12 @@ class ModelConfig:
     """Training only: `layers` compiles each decoder layer with torch.compile (once, with symbolic
     sizes: every layer and every packed length reuse it), fusing the many small kernels of LoRA,
     RMSNorm, RoPE and SwiGLU; the first steps wait for the compiler. `none`: eager."""
+    kernels: str = "none"
+    """Training on a GPU: `liger` runs the model's RMSNorm, RoPE and SwiGLU as Liger's fused Triton
+    kernels (`pip install 'chatlora[liger]'`; Llama, Qwen2, Mistral, Gemma and the other architectures
+    Liger covers), with nothing to compile; with cuda_graphs the recipe's step is about 16% faster.
+    Ignored, with a note, on the CPU, with `compile: layers` (which fuses them already) or when
+    liger-kernel is missing. `none`: the model's own code."""
     cuda_graphs: bool = False
     """Training on one GPU: record each packed forward and backward pass as a CUDA graph and replay it,
     so the CPU no longer issues the pass's kernels one by one (it bounds small steps such as the
@@ -62,6 +68,7 @@ class ModelConfig:
         _choice("model", "dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
         _choice("model", "quantize", self.quantize, ("none", "nf4"))
         _choice("model", "compile", self.compile, ("none", "layers"))
+        _choice("model", "kernels", self.kernels, ("none", "liger"))
 
 
 @dataclass

@@ -15,9 +15,10 @@ from chatlora.config.schema import Config
 from chatlora.data.collate import PackCollator, PadCollator
 from chatlora.errors import ConfigError
 from chatlora.model.generate import generate_replies
+from chatlora.model.kernels import use_liger
 from chatlora.model.layers import compile_layers
 from chatlora.model import quant
-from chatlora.model.load import load_model
+from chatlora.model.load import load_model, model_config
 from chatlora.model.lora import add_lora, count_parameters
 from chatlora.recipes.data_check import check_data, load_data
 from chatlora.recipes.plan import plan_for, samples_of
@@ -174,6 +175,9 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     seed = int(cfg.training.get("seed", TRAINING_DEFAULTS["seed"]))
     set_seed(seed)
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if _builds_on_gpu(cfg, args.fsdp, plan) else None
+    if cfg.model.kernels == "liger":  # patches transformers' code: before the model is built
+        on_gpu = torch.cuda.is_available() and not args.use_cpu
+        echo(use_liger(model_config(checked.source, cfg.model).model_type, on_gpu, cfg.model.compile == "layers"))
     model = load_model(checked.source, cfg.model, tokenizer, checked.generation_config, device)
     set_seed(seed)  # the adapter's initial weights depend on the seed alone, not on what loading drew
     model = add_lora(model, cfg.lora, args.gradient_checkpointing)

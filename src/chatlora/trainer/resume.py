@@ -26,7 +26,7 @@ from chatlora.trainer.checkpoint import STAMP, complete_checkpoints, latest_chec
 # by their tokenized content (the data hash), not by path, so a moved file resumes fine.
 IGNORED = {
     "output_dir", "name", "resume", "resume_allow_changes", "on_nonfinite", "report", "eval",
-    "data.train", "data.validation", "data.cache_dir", "model.compile", "model.cuda_graphs",
+    "data.train", "data.validation", "data.cache_dir", "model.compile", "model.cuda_graphs", "model.kernels",
 }
 # How a step's samples are split: processes x micro-batch x accumulation (only their product counts).
 PROCESS_SPLIT = {"per_device_train_batch_size", "gradient_accumulation_steps", "use_cpu", "ddp_find_unused_parameters"}
