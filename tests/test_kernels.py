@@ -12,8 +12,9 @@ import yaml
 from chatlora.config.load import to_dict
 from chatlora.errors import ConfigError
 from chatlora.model.kernels import why_not_liger
-from chatlora.trainer.plot import read_metrics
+from chatlora.run import RunDir
 from conftest import run_cli, tiny_config
+from test_graphs import losses_of
 
 
 def test_kernels_setting_lists_its_choices(tiny_model_dir, tmp_path):
@@ -28,10 +29,6 @@ def test_where_liger_cannot_apply_the_note_says_why(monkeypatch):
     assert why_not_liger(on_gpu=True, compile_layers=False) == "liger-kernel is not installed (pip install 'chatlora[liger]')"
 
 
-def losses_of(run) -> list[float]:
-    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
@@ -44,11 +41,11 @@ def test_liger_kernels_train_as_the_models_own_code(tiny_model_dir, tmp_path, gr
 
     common = ["model.dtype=bfloat16", "training.bf16=true", "training.max_steps=10", "training.per_device_train_batch_size=4",
               "training.learning_rate=1e-3", f"model.cuda_graphs={str(graphs).lower()}"]
-    plain = train(tiny_config(tiny_model_dir, tmp_path / "plain", *common), lambda _line: None).path
+    plain = train(tiny_config(tiny_model_dir, tmp_path / "plain", *common), lambda _line: None)
     config = tmp_path / "liger.yaml"
     config.write_text(yaml.safe_dump(to_dict(tiny_config(tiny_model_dir, tmp_path / "liger", *common, "model.kernels=liger"))))
     result = run_cli("train", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "kernels: Liger's rms_norm, rope, swiglu for llama" in result.stdout, result.stdout[-2000:]
-    liger = losses_of(tmp_path / "liger" / "run")
+    liger = losses_of(RunDir.open(tmp_path / "liger" / "run"))
     assert len(liger) == 10 and liger == pytest.approx(losses_of(plain), rel=2e-2)

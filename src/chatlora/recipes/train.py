@@ -113,9 +113,14 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
         return _train(cfg, echo, callbacks, life)
 
 
+def _trains_on_gpu(args) -> bool:
+    """Whether training runs on a CUDA GPU (the GPU-only settings: model.cuda_graphs, model.kernels)."""
+    return torch.cuda.is_available() and not args.use_cpu
+
+
 def _graphs_possible(args, processes: int, collator, echo: Callable[[str], None]) -> bool:
     """Whether model.cuda_graphs can be used here; if not, a note says why (training goes on without)."""
-    why = ("it needs a CUDA GPU" if not torch.cuda.is_available() or args.use_cpu
+    why = ("it needs a CUDA GPU" if not _trains_on_gpu(args)
            else "it needs one process" if processes > 1
            else "it needs packed rows (data.packing)" if not isinstance(collator, PackCollator)
            else "it does not work with gradient checkpointing (set training.gradient_checkpointing=false)"
@@ -176,8 +181,8 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     set_seed(seed)
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if _builds_on_gpu(cfg, args.fsdp, plan) else None
     if cfg.model.kernels == "liger":  # patches transformers' code: before the model is built
-        on_gpu = torch.cuda.is_available() and not args.use_cpu
-        echo(use_liger(model_config(checked.source, cfg.model).model_type, on_gpu, cfg.model.compile == "layers"))
+        model_type = model_config(checked.source, cfg.model).model_type
+        echo(use_liger(model_type, _trains_on_gpu(args), cfg.model.compile == "layers"))
     model = load_model(checked.source, cfg.model, tokenizer, checked.generation_config, device)
     set_seed(seed)  # the adapter's initial weights depend on the seed alone, not on what loading drew
     model = add_lora(model, cfg.lora, args.gradient_checkpointing)

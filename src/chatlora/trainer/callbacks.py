@@ -22,7 +22,6 @@ class Progress(TrainerCallback):
     def __init__(self):
         self.bar = None
         self.loss: float | None = None  # the last logged loss
-        self.tokens_per_s = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -32,16 +31,14 @@ class Progress(TrainerCallback):
     def rate(self, state) -> float:
         """Real tokens per second since training began. (On a GPU the count lags the steps by one or
         two until a log adds the rest: trainer.py's _track_num_input_tokens.)"""
-        self.tokens_per_s = (state.num_input_tokens_seen - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
-        return self.tokens_per_s
+        return (state.num_input_tokens_seen - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.rate(state)
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
             # Until the first logged loss there is none to show ("loss nan" would read as a diverged run).
             loss = "" if self.loss is None else f"loss {self.loss:.4f}, "
-            self.bar.set_postfix_str(f"{loss}{self.tokens_per_s:,.0f} tok/s", refresh=False)
+            self.bar.set_postfix_str(f"{loss}{self.rate(state):,.0f} tok/s", refresh=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
