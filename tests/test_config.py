@@ -71,6 +71,20 @@ def test_huanhuan_training_section_builds_training_arguments(tmp_path):
     assert args.gradient_checkpointing is True
 
 
+def test_huanhuan_preset_saves_a_checkpoint_every_100_steps_as_the_tutorial(tmp_path):
+    """chatlora saves no checkpoints by default; `save_steps` alone still means saving every N steps,
+    as TrainingArguments has it (the tutorial sets only save_steps=100)."""
+    from chatlora.recipes.train import training_arguments
+    from chatlora.run import RunDir
+
+    args = training_arguments(load_config(HUANHUAN), RunDir(tmp_path / "run"))
+    assert args.save_strategy == "steps" and args.save_steps == 100
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 16  # one packed batch per step
+    assert training_arguments(load_config("demo"), RunDir(tmp_path / "demo")).save_strategy == "no"
+    said = training_arguments(load_config(HUANHUAN, ["training.save_strategy=no"]), RunDir(tmp_path / "no"))
+    assert said.save_strategy == "no", "an explicit save_strategy wins"
+
+
 # ---------------------------------------------------------------- overrides
 
 

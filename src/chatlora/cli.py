@@ -140,7 +140,7 @@ examples:
     p.add_argument("out", metavar="OUT", help="output folder (must not exist, or be empty)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the saved weights (default: the dtype the base model loads in)")
-    p.add_argument("--data", metavar="FILE", help="conversations for the parity check (default: the run's held-out data)")
+    p.add_argument("--data", metavar="FILE", help="conversations for the parity check (default: the run's held-out rows, else its last training rows)")
     p.add_argument("--prompts", type=_positive, default=8, help="conversations in the parity check (default 8)")
     p.add_argument("--max-diff", type=float, help="largest |logit difference| allowed (default by dtype, see below)")
     p.add_argument("--min-top1", type=_fraction, help="least top-1 agreement allowed, 0-1 (default by dtype)")

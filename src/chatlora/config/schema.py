@@ -1,5 +1,5 @@
 """The typed config of a chatlora run. One YAML file maps onto `Config`; each field's docstring is
-its documentation (`chatlora train --help-config` prints them)."""
+its documentation (`chatlora config keys` prints them)."""
 
 from __future__ import annotations
 
@@ -238,8 +238,11 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     """The LoRA adapter."""
     training: dict[str, Any] = field(default_factory=dict)
-    """Passed as is to `transformers.TrainingArguments` (learning_rate, num_train_epochs, bf16, ...);
-    `output_dir` is set by chatlora to the run folder's `checkpoints/`."""
+    """Passed to `transformers.TrainingArguments` (learning_rate, num_train_epochs, bf16, ...) over
+    chatlora's defaults: logging_steps=10, report_to=none, seed=42, and no checkpoints unless
+    save_strategy or save_steps asks for them. chatlora sets `output_dir` (the run folder's
+    `checkpoints/`); with data.batch_tokens a step's micro-batches become one batch split into passes
+    by tokens (the samples per step are kept); bf16/fp16 are turned off on a CPU."""
     report: ReportConfig = field(default_factory=ReportConfig)
     """What is printed after training."""
     plan: PlanConfig = field(default_factory=PlanConfig)

@@ -64,8 +64,10 @@ def check_finite(path: Path) -> None:
                             + "\n".join(shown) + "\nRetrain with a lower learning rate, or merge an earlier checkpoint.")
 
 
-def parity_texts(target: str, data: str | None, prompts: int, echo: Callable[[str], None]) -> list[list[dict]]:
-    """Conversations to compare logits on: `data`, else the run's held-out rows, else its training rows."""
+def parity_texts(target: str, data: str | None, prompts: int, echo: Callable[[str], None]) -> tuple[list[list[dict]], str]:
+    """Conversations to compare logits on, and what they are: `data`, else the run's held-out rows,
+    else its training rows."""
+    kind = f"conversations of {data}" if data else "held-out conversations"
     try:
         conversations: list[Conversation] = held_out(target, data)[0]
     except DataError:
@@ -80,12 +82,13 @@ def parity_texts(target: str, data: str | None, prompts: int, echo: Callable[[st
             from chatlora.data.prepare import load_conversations
 
             conversations = load_conversations(cfg.data)[0][-prompts:] if cfg else []
+            kind = "training conversations (the run has no held-out data)"
         except DataError:
             conversations = []
     if not conversations:
         echo("note: the run's data cannot be read; checking parity on a few generic prompts")
-        return [[{"role": "user", "content": p}] for p in FALLBACK_PROMPTS[:prompts]]
-    return [c.messages for c in conversations[:prompts]]
+        return [[{"role": "user", "content": p}] for p in FALLBACK_PROMPTS[:prompts]], "generic prompts"
+    return [c.messages for c in conversations[:prompts]], kind
 
 
 @torch.no_grad()
@@ -115,14 +118,14 @@ def merge(target: str, out: str, *, model: str | None = None, dtype: str = "auto
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise ChatloraError(f"{final} already exists; choose another output folder or remove it")
     check_finite(adapter_file(target))
-    conversations = parity_texts(target, data, prompts, echo)
+    conversations, kind = parity_texts(target, data, prompts, echo)
     loaded: Loaded = load_target(target, model, device)
     renderer, tokenizer = loaded.renderer, loaded.tokenizer
     budget = max(1, MAX_POSITIONS // len(conversations))
     texts = [(renderer.tokenize(m).input_ids if m[-1]["role"] == "assistant" else renderer.prompt_ids(m))[:budget]
              for m in conversations]
 
-    echo(f"reference: base + adapter logits on {len(texts)} held-out conversations")
+    echo(f"reference: base + adapter logits on {len(texts)} {kind}")
     reference = logits_of(loaded.model, texts)
     four_bit = quant.is_4bit(loaded.model.get_base_model())
     if four_bit:

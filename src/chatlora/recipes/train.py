@@ -55,6 +55,10 @@ def training_arguments(cfg: Config, run: RunDir, processes: int = 1):
     from transformers import TrainingArguments
 
     kwargs = {**TRAINING_DEFAULTS, **cfg.training, "output_dir": str(run.checkpoints)}
+    if "save_steps" in cfg.training and "save_strategy" not in cfg.training:
+        # save_steps alone means saving every N steps, as in TrainingArguments itself (whose default
+        # strategy is "steps"); chatlora's default of not saving must not swallow it.
+        kwargs["save_strategy"] = "steps"
     # This process's share of the global batch (distributed.samples_per_step), and DDP/FSDP2 settings.
     kwargs = distributed.distributed_arguments(cfg, kwargs, processes)
     if cfg.data.batch_tokens:
@@ -270,7 +274,8 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         if world.main:
             plot_losses(run.metrics, run.plot)  # with the final eval point
         echo(f"held-out loss: {before:.4f} before training -> {after:.4f} after")
-    echo(f"adapter saved: {run.adapter}  (loss plot: {run.plot})")
+    plot = f"loss plot: {run.plot}" if run.plot.exists() else "no loss plot: no step was logged (training.logging_steps)"
+    echo(f"adapter saved: {run.adapter}  ({plot})")
     if cfg.report.compare and data.val_conversations:
         # Every process generates (under FSDP2 each forward needs all of them); rank 0 writes.
         compare(model, checked.renderer, data.val_conversations[: cfg.report.compare], cfg.report.max_new_tokens, echo,
