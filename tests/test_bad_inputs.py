@@ -107,6 +107,13 @@ def deeply_nested(folder: Path, model: Path) -> Path:
     return path
 
 
+def huge_integer(folder: Path, model: Path) -> Path:
+    """A number of 5,000 digits: valid JSON, more digits than Python converts to an int."""
+    path = folder / "bigint.jsonl"
+    path.write_text('{"instruction": "hi", "output": "ok", "id": ' + "9" * 5000 + "}\n")
+    return path
+
+
 def a_folder(folder: Path, model: Path) -> Path:
     path = folder / "train.jsonl"
     path.mkdir()
@@ -170,6 +177,10 @@ CASES = [
     made("10 MB row, cut off", huge_unterminated_row, "{made}:line 1: malformed JSON at column 46: a string starts there and never ends"),
     made("10 MB row, reply a number", huge_row_bad_field, "{made}:line 1 [output]: must be a string, got int"),
     made("nested 100000 deep", deeply_nested, "{made}: JSON nested too deeply to be a data row"),
+    made("integer of 5000 digits", huge_integer, "{made}:line 1: malformed JSON: Exceeds the limit"),
+    # Malformed lines and bad fields of the lines that parse, all in one run, in the file's order.
+    data("malformed_and_bad_fields.jsonl", "{data}:line 2 [output]: missing\n  {data}:line 3: malformed JSON at column 34",
+         "{data}:line 4 [output]: must be a string, got int"),
     # Data files: fields and roles.
     data("missing_output.json", "{data}:index 1 [output]: missing"),
     data("empty_output.json", "{data}:index 1 [output]: empty reply"),
@@ -177,6 +188,9 @@ CASES = [
     data("number_output.jsonl", "{data}:line 2 [output]: must be a string, got int"),
     data("empty_instruction.json", "{data}:index 0 [instruction]: empty (and input is empty too)"),
     data("bad_history.json", "{data}:index 0 [history[0]]: must be a [question, answer] pair of strings"),
+    data("history_empty.json", "{data}:index 0 [history[0]]: empty reply"),
+    data("surrogate.jsonl", "{data}:line 1 [instruction]: holds an unpaired surrogate escape (\\ud800) at character 3"),
+    data("text_part_number.jsonl", "{data}:line 1 [messages[0].content]: a text part's \"text\" must be a string"),
     data("missing_content.jsonl", "{data}:line 1 [messages[1].content]: missing"),
     data("content_object.jsonl", "{data}:line 1 [messages[0].content]: must be a string, got dict"),
     data("unknown_role.jsonl", "{data}:line 1 [messages[1].role]: unknown role 'bot'; expected one of assistant, system, user"),

@@ -492,3 +492,13 @@ def test_cli_data_check_on_good_data(tmp_path, tiny_model_dir, capsys, monkeypat
     assert "train: 10 rows" in out
     assert "pre-flight: ok" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_jsonl_strings_may_hold_line_separators(tmp_path):
+    """U+2028, U+2029 and U+0085 are valid raw inside JSON strings (json.dumps(ensure_ascii=False)
+    writes them so): a JSONL line ends at a newline only."""
+    path = tmp_path / "seps.jsonl"
+    rows = [{"instruction": "Quote it", "output": "one\u2028two\u0085three"}, {"instruction": "hi", "output": "ok"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    read = read_rows(str(path))
+    assert [r.value for r in read] == rows and [r.where for r in read] == ["line 1", "line 2"]

@@ -102,3 +102,19 @@ def test_tokenization_is_cached_by_content(tiny_model_dir, tmp_path):
     rows = json.loads((FIXTURES / "alpaca.json").read_text())
     copy.write_text(json.dumps(rows[:-1]))
     assert "from cache" not in check("data.max_length=120", data=str(copy))  # the data changed
+
+
+def test_a_cached_split_names_the_file_given_now(tiny_model_dir, tmp_path):
+    """The cache is keyed by content: the same rows in another file come from it, and the rendered
+    samples name that other file, not the one that filled the cache."""
+    def rendered(data):
+        lines: list[str] = []
+        check_data(tiny_config(tiny_model_dir, tmp_path, data=str(data)), lines.append, samples=1, color=False)
+        return "\n".join(lines)
+
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    shutil.copy(FIXTURES / "alpaca.json", first)
+    shutil.copy(FIXTURES / "alpaca.json", second)
+    assert f"{first}:index 0" in rendered(first)
+    again = rendered(second)
+    assert "from cache" in again and f"{second}:index 0" in again and str(first) not in again

@@ -78,6 +78,12 @@ def _text(row: dict, key: str, errs: list, field: str | None = None, required: b
     if not isinstance(value, str):
         errs.append((field, f"must be a string, got {type(value).__name__}"))
         return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a JSON escape such as \ud800 without its pair: not text
+        errs.append((field, f"holds an unpaired surrogate escape (\\u{ord(value[e.start]):04x}) at character {e.start + 1}; "
+                            "escape the whole character (both halves of the pair) or write it as UTF-8"))
+        return None
     return value
 
 
@@ -94,6 +100,9 @@ def _alpaca(row: dict, errs: list) -> list[Message]:
     for i, pair in enumerate(history):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             errs.append((f"history[{i}]", "must be a [question, answer] pair of strings"))
+            continue
+        if not pair[0].strip() or not pair[1].strip():
+            errs.append((f"history[{i}]", "empty question" if not pair[0].strip() else "empty reply"))
             continue
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     # The tutorial concatenates instruction and input; a newline keeps the two apart when both exist.
@@ -120,7 +129,10 @@ def _turns(row: dict, key: str, role_key: str, text_key: str, errs: list, roles:
         role = _text(turn, role_key, errs, f"{where}.{role_key}")
         content = turn.get(text_key)
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            content = "".join(str(p.get("text", "")) for p in content)  # OpenAI text parts
+            if not all(isinstance(p.get("text"), str) for p in content):
+                errs.append((f"{where}.{text_key}", "a text part's \"text\" must be a string"))
+                continue
+            content = "".join(p["text"] for p in content)  # OpenAI text parts
             turn = {**turn, text_key: content}
         text = _text(turn, text_key, errs, f"{where}.{text_key}")
         if role is None or text is None:

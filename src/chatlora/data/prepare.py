@@ -18,13 +18,13 @@ from tqdm.auto import tqdm
 
 from chatlora.config.schema import DataConfig
 from chatlora.data.formats import Conversation, detect_format, to_conversations
-from chatlora.data.read import read_rows
+from chatlora.data.read import MalformedLines, read_rows
 from chatlora.data.render import Renderer, RenderError
 from chatlora.data.truncate import REPLY_TOO_LONG, REPLY_TRUNCATED, fit
 from chatlora.errors import DataError, Problem
 
 # Bump when the rendering or masking logic changes, so old caches are not reused.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: the cache holds each sample's row index, not its file and line
 
 
 @dataclass
@@ -55,20 +55,31 @@ def read_conversations(paths: list[str], cfg: DataConfig, formats: dict[str, str
     """Every row of every file, converted and checked; one DataError lists all bad rows of all files."""
     out, problems, hints = [], [], []
     for path in paths:
+        mine = []
         try:
-            rows = read_rows(path)
-            fmt = cfg.format if cfg.format != "auto" else detect_format(rows, path)
-            formats[path] = fmt
-            out += to_conversations(rows, fmt, cfg.system_prompt)
+            try:
+                rows = read_rows(path)
+            except MalformedLines as e:  # the lines that parsed are checked too: one run lists every problem
+                mine, rows = e.problems, e.rows
+            if rows:
+                fmt = cfg.format if cfg.format != "auto" else detect_format(rows, path)
+                formats[path] = fmt
+                out += to_conversations(rows, fmt, cfg.system_prompt)
         except DataError as e:
-            problems += e.problems
+            mine += e.problems
             if e.hint and e.hint not in hints:
                 hints.append(e.hint)
+        problems += sorted(mine, key=_line_number)  # syntax and field problems in the file's order
     if problems:
         if any(p.where for p in problems):  # not for a whole-file problem (a missing or empty file)
             hints.append("Fix the rows above, or remove them, and run again.")
         raise DataError(problems, hint="\n".join(hints))
     return out
+
+
+def _line_number(problem: Problem) -> int:
+    number = problem.where.rpartition(" ")[2]
+    return int(number) if number.isdigit() else 0
 
 
 def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conversation], dict[str, str]]:
@@ -125,11 +136,12 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
     folder = cache / key if cache else None
     if folder is not None and (folder / "split.json").is_file():
         meta = json.loads((folder / "split.json").read_text())
-        return Split(name, datasets.load_from_disk(str(folder / "data")), meta["rows"], meta["rules"], cached=True, key=key)
-    columns: dict[str, list] = {"input_ids": [], "labels": [], "origin": [], "cut": []}
+        dataset = _with_origin(datasets.load_from_disk(str(folder / "data")), conversations)
+        return Split(name, dataset, meta["rows"], meta["rules"], cached=True, key=key)
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "row": [], "cut": []}
     counts: Counter[str] = Counter()
     problems, unrendered = [], 0
-    for conv in tqdm(conversations, desc=f"tokenizing {name}", unit="row", leave=False):
+    for index, conv in enumerate(tqdm(conversations, desc=f"tokenizing {name}", unit="row", leave=False)):
         before = counts[REPLY_TOO_LONG]
         try:
             sample = fit(conv.messages, renderer, cfg.max_length, cfg.overlong, counts)
@@ -143,7 +155,7 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
             continue
         columns["input_ids"].append(sample.input_ids)
         columns["labels"].append(sample.labels)
-        columns["origin"].append(f"{conv.source}:{conv.where}")
+        columns["row"].append(index)
         columns["cut"].append(counts[REPLY_TRUNCATED] > 0 and len(sample) == cfg.max_length and sample.labels[-1] not in renderer.end_ids)
     if problems:
         hints = ["The model's chat template cannot render these rows (some templates refuse a system message: "
@@ -160,7 +172,15 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
     split = Split(name, dataset, len(conversations), dict(counts), key=key)
     if folder is not None:
         _save(folder, dataset, split)
+    split.dataset = _with_origin(split.dataset, conversations)
     return split
+
+
+def _with_origin(dataset, conversations: list[Conversation]):
+    """The dataset with each sample's `origin` (file and line or index, for messages) taken from this
+    run's conversations. The cache is keyed by content, not by path: an entry made from a copy of the
+    file elsewhere must still name the file the user gave."""
+    return dataset.add_column("origin", [f"{conversations[i].source}:{conversations[i].where}" for i in dataset["row"]])
 
 
 def _save(folder: Path, dataset, split: Split) -> None:

@@ -13,6 +13,15 @@ from chatlora.errors import DataError, Problem
 PACKAGE_PREFIX = "chatlora:"
 
 
+class MalformedLines(DataError):
+    """Some lines of a JSONL file are not JSON; `rows` holds the others, so their own problems can be
+    reported in the same run."""
+
+    def __init__(self, problems: list[Problem], rows: list["RawRow"]):
+        super().__init__(problems)
+        self.rows = rows
+
+
 @dataclass
 class RawRow:
     source: str
@@ -31,9 +40,10 @@ def resolve_path(path: str) -> Path:
 def read_rows(path: str) -> list[RawRow]:
     """All rows of a .json (a list of objects) or .jsonl (one object per line) file.
 
-    Raises DataError listing every undecodable line, or every malformed JSONL line (with its column),
-    or the first JSON syntax error of a .json file (a JSON document cannot be parsed past it); and for
-    a path that is missing, not a regular file, unreadable, empty or without rows.
+    Raises DataError listing every undecodable line, or the first JSON syntax error of a .json file (a
+    JSON document cannot be parsed past it); and for a path that is missing, not a regular file,
+    unreadable, empty or without rows. MalformedLines (a DataError) lists every malformed JSONL line,
+    with its column, and carries the lines that did parse.
     """
     file = resolve_path(path)
     data = _read_bytes(file, path)
@@ -79,10 +89,12 @@ def _read_json(text: str, path: str) -> list[RawRow]:
     except json.JSONDecodeError as e:
         # A .json file that is really JSON Lines (a common mix-up) is read as such, so each bad line
         # is reported with its own number rather than as "extra data" after the first line.
-        first = next((line for line in text.splitlines() if line.strip()), "")
+        first = next((line for line in _lines(text) if line.strip()), "")
         if _is_json(first):
             return _read_jsonl(text, path)
         raise DataError([Problem(path, f"line {e.lineno}", "", _syntax(e))]) from None
+    except ValueError as e:  # an integer of more digits than Python converts (4300)
+        raise DataError([Problem(path, "", "", f"malformed JSON: {e}")]) from None
     if not isinstance(doc, list):
         raise DataError([Problem(path, "", "", f"a .json data file must hold a list of rows, not a {_json_type(doc)}")])
     return [RawRow(path, f"index {i}", value) for i, value in enumerate(doc)]
@@ -104,8 +116,14 @@ def _is_json(line: str) -> bool:
     try:
         json.loads(line)
         return True
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # ValueError: JSONDecodeError, or an integer too long to convert
         return False
+
+
+def _lines(text: str) -> list[str]:
+    """JSONL lines: split at newlines only. str.splitlines() also splits at U+2028, U+0085 and other
+    characters that JSON strings may hold raw (json.dumps(ensure_ascii=False) writes them so)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 # Files that are not text at all, told apart by their first bytes.
@@ -136,7 +154,7 @@ def _decode(data: bytes, path: str) -> str:
 
 def _read_jsonl(text: str, path: str) -> list[RawRow]:
     rows, problems = [], []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         try:
@@ -145,6 +163,8 @@ def _read_jsonl(text: str, path: str) -> list[RawRow]:
             problems.append(Problem(path, f"line {number}", "", _syntax(e)))
         except RecursionError:
             problems.append(Problem(path, f"line {number}", "", TOO_DEEP))
+        except ValueError as e:  # an integer of more digits than Python converts (4300)
+            problems.append(Problem(path, f"line {number}", "", f"malformed JSON: {e}"))
     if problems:
-        raise DataError(problems)
+        raise MalformedLines(problems, rows)
     return rows
