@@ -82,3 +82,25 @@ def test_cli_eval_bad_input(tiny_run, tiny_model_dir, tmp_path):
     run = train(tiny_config(tiny_model_dir, tmp_path, "training.max_steps=1"), echo=lambda _: None)
     result = run_cli("eval", str(run.path))
     assert result.returncode == 2 and "trained without held-out data" in result.stderr and "--data FILE" in result.stderr
+
+
+def test_cli_eval_never_writes_over_the_users_files(tiny_run, tmp_path):
+    """The report is NAME.json/.md in --out: next to the data file it would replace the data itself.
+    Refused before any model loads; a folder that is a file too. An earlier report is replaced."""
+    held = tmp_path / "held.json"
+    held.write_bytes((FIXTURES / "alpaca.json").read_bytes())
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "held.md").write_text("my notes")
+    for out, kept in ((tmp_path, held), (notes, notes / "held.md")):
+        before = kept.read_bytes()
+        result = run_cli("eval", str(tiny_run), "--data", str(held), "--limit", "1", "--max-new-tokens", "2", "--out", str(out))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "is not an earlier chatlora eval report" in result.stderr and kept.read_bytes() == before
+    (tmp_path / "afile").write_text("x")
+    result = run_cli("eval", str(tiny_run), "--data", str(held), "--out", str(tmp_path / "afile"))
+    assert result.returncode == 2 and "is a file" in result.stderr and "Traceback" not in result.stderr
+    for _ in range(2):  # the second run replaces the first run's report
+        result = run_cli("eval", str(tiny_run), "--data", str(held), "--limit", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "r"))
+        assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "r" / "held.json").read_text())["rows"] == 1

@@ -72,8 +72,12 @@ class RunDir:
 def write_atomic(path: Path, text: str) -> None:
     """Write a file via a temporary name and rename, so a reader never sees half of it."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full, a folder at `path`) leaves no stray file
+        raise
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -8,6 +8,7 @@ against the reference reply → a JSON report and a Markdown summary.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -32,13 +33,16 @@ from chatlora.trainer.loss import trained_token_loss
 SIDES = ("base", "adapter")
 
 
+def run_folder(target: str | Path) -> Path | None:
+    """The run folder `target` is (or whose adapter/ folder it is); None for a bare adapter."""
+    folder = Path(target)
+    return next((c for c in (folder, folder.parent) if (c / "config.yaml").is_file()), None)
+
+
 def target_config(target: str | Path) -> Config | None:
     """The run config of a run folder (or of the run an adapter/ folder is in); None for a bare adapter."""
-    folder = Path(target)
-    for candidate in (folder, folder.parent):
-        if (candidate / "config.yaml").is_file():
-            return RunDir.open(candidate).load_config()
-    return None
+    folder = run_folder(target)
+    return RunDir.open(folder).load_config() if folder else None
 
 
 def held_out(target: str | Path, data: str | None) -> tuple[list[Conversation], str]:
@@ -130,6 +134,31 @@ def markdown(report: dict, examples: int = 3) -> str:
     return "\n".join(lines)
 
 
+def report_folder(target: str, out: str | None) -> Path:
+    """Where the report goes: `out`, else the run folder's eval/ (a bare adapter folder's, if no run).
+    Refused before any model loads when it is a file."""
+    run = run_folder(target)
+    folder = Path(out) if out else (run or Path(target)) / "eval"
+    if folder.exists() and not folder.is_dir():
+        raise ChatloraError(f"--out {folder} is a file; give a folder for the report")
+    return folder
+
+
+def _may_replace(path: Path, report: Path) -> None:
+    """A report file may replace only an earlier report: never the user's data or notes that happen to
+    share its name (`--out` next to the data file, `--data my/validation.json`)."""
+    if not path.exists():
+        return
+    try:
+        earlier = json.loads(report.read_text(encoding="utf-8"))
+        ours = isinstance(earlier, dict) and {"target", "results", "replies"} <= earlier.keys()
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise ChatloraError(f"{path} exists and is not an earlier chatlora eval report; it is left as it is. "
+                            "Write the report elsewhere with --out DIR")
+
+
 def evaluate(target: str, data: str | None = None, *, model: str | None = None, max_new_tokens: int = 128,
              limit: int | None = None, batch_size: int = 8, out: str | None = None, device: str | None = None,
              echo: Callable[[str], None] = print) -> dict:
@@ -139,11 +168,15 @@ def evaluate(target: str, data: str | None = None, *, model: str | None = None, 
     Raises DataError (bad rows, before any model loads) or ChatloraError (nothing to evaluate on).
     """
     conversations, name = held_out(target, data)
+    folder = report_folder(target, out)
+    for path in (folder / f"{name}.json", folder / f"{name}.md"):
+        _may_replace(path, folder / f"{name}.json")
     conversations = [c for c in conversations if c.messages[-1]["role"] == "assistant"]
     if limit:
         conversations = conversations[:limit]
     if not conversations:
         raise ChatloraError(f"no held-out conversation ends with an assistant reply to compare against ({name})")
+    folder = report_folder(target, out)
     echo(f"evaluating on {len(conversations)} held-out conversations ({data or 'the run validation data'})")
     loaded = load_target(target, model, device)
     max_length = loaded.config.data.max_length if loaded.config else 2048
@@ -156,7 +189,6 @@ def evaluate(target: str, data: str | None = None, *, model: str | None = None, 
                                "tokens": len(replies[side][i].ids)} for side in SIDES}}
                     for i, c in enumerate(conversations)],
     }
-    folder = Path(out) if out else (loaded.run.path if loaded.run else Path(target)) / "eval"
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / f"{name}.json", _json(report))
     write_atomic(folder / f"{name}.md", markdown(report))
@@ -170,7 +202,6 @@ def evaluate(target: str, data: str | None = None, *, model: str | None = None, 
 
 
 def _json(data) -> str:
-    import json
 
     # NaN/inf are not JSON; a report must load in any JSON reader.
     clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
