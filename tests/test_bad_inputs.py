@@ -114,6 +114,18 @@ def huge_integer(folder: Path, model: Path) -> Path:
     return path
 
 
+def latin1_config(folder: Path, model: Path) -> Path:
+    path = folder / "latin1.yaml"
+    path.write_bytes(f"name: café\nmodel: {{name: {model}}}\n".encode("latin-1"))
+    return path
+
+
+def a_file(folder: Path, model: Path) -> Path:
+    path = folder / "afile"
+    path.write_text("not a folder")
+    return path
+
+
 def a_folder(folder: Path, model: Path) -> Path:
     path = folder / "train.jsonl"
     path.mkdir()
@@ -223,6 +235,18 @@ CASES = [
     config("wrong_training_type.yaml", "training.per_device_train_batch_size: 'two' is not a valid int"),
     config("negative_lr.yaml", "training.learning_rate: -0.0001 must be a positive number"),
     config("zero_rank.yaml", "lora.r: 0 must be at least 1"),
+    config("zero_alpha.yaml", "lora.alpha: 0.0 must be positive"),
+    config("empty_targets.yaml", "lora.target_modules: empty; name the modules to adapt"),
+    config("report_no_tokens.yaml", "report.max_new_tokens: 0 must be at least 1"),
+    config("negative_seed.yaml", "training.seed: -1 must be between 0 and 4294967295"),
+    Case("config not UTF-8", ["train", "{made}", f"data.train={GOOD_DATA}"], ["{made}: not UTF-8 text (invalid byte at offset 9)"],
+         make=latin1_config),
+    Case("output_dir is a file", ["train", "{base}", f"data.train={GOOD_DATA}", "output_dir={made}"],
+         ["output_dir={made} is a file; give a folder"], make=a_file),
+    Case("output_dir under a file", ["train", "{base}", f"data.train={GOOD_DATA}", "output_dir={made}/run"],
+         ["output_dir={made}/run lies under {made}, which is a file"], make=a_file),
+    Case("data.cache_dir is a file", ["data", "check", "{base}", f"data.train={GOOD_DATA}", "data.cache_dir={made}"],
+         ["data.cache_dir={made} is a file; give a folder"], make=a_file),
     config("bad_choice.yaml", "data.overlong: 'shorten' is not one of drop, truncate, error"),
     config("unknown_target.yaml", "lora.target_modules ['qkv_proj'] matches no layer of this model; its linear layers are: down_proj, "),
     Case("configs/missing_model.yaml", ["data", "check", "{config}", f"data.train={GOOD_DATA}"],

@@ -233,3 +233,14 @@ def test_bad_training_argument_leaves_no_run_folder(tiny_model_dir, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "training:" in result.stderr and "bogus" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_run_keeps_the_users_empty_output_folder(tiny_model_dir, tmp_path):
+    """An empty folder the user made for the run is theirs: a run that fails before training empties
+    it of what it wrote, and leaves it in place."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    result = run_cli("train", "demo", f"model.name={tiny_model_dir}", f"data.train={FIXTURES / 'alpaca.json'}", "data.validation=null",
+                     "lora.target_modules=[no_such_layer]", f"output_dir={mine}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert mine.is_dir() and not any(mine.iterdir())

@@ -6,6 +6,7 @@ Anything else that escapes is a bug in chatlora and keeps its traceback.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 # Exit codes, documented in the README and `chatlora --help`. 2 matches argparse's own code for bad
 # usage; 74 and 75 are sysexits.h's EX_IOERR and EX_TEMPFAIL ("try again later"), which job schedulers
@@ -100,3 +101,13 @@ class Preempted(ChatloraError):
 
     exit_code = EXIT_PREEMPTED
     label = "stopped"
+
+
+def refuse_file_in_the_way(path: Path, key: str, default: str) -> None:
+    """Raise ConfigError when `path`, which must become a folder, is a file or lies under one."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                what = "is a file" if part == path else f"lies under {part}, which is a file"
+                raise ConfigError(f"{key}={path} {what}; give a folder (or leave {key} {default})")
+            return

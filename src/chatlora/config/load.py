@@ -67,7 +67,12 @@ def read_config_file(name_or_path: str) -> tuple[dict[str, Any], str]:
         text = resources.files(PRESET_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text("utf-8")
         source, default_name = f"preset {name_or_path}", name_or_path
     elif path.is_file():
-        text = path.read_text("utf-8")
+        try:
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); save the config as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read: {e.strerror or e}") from None
         source, default_name = str(path), path.stem
     else:
         near = difflib.get_close_matches(name_or_path, preset_names(), n=1)

@@ -140,6 +140,10 @@ class LoraSettings:
             raise ConfigError(f"lora.r: {self.r} must be at least 1")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout: {self.dropout} must be in [0, 1)")
+        if not self.alpha > 0:  # alpha 0 scales the update to nothing: training would change no output
+            raise ConfigError(f"lora.alpha: {self.alpha} must be positive (the update is scaled by alpha / r)")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules: empty; name the modules to adapt ([q_proj, v_proj]) or use all-linear")
 
 
 @dataclass
@@ -149,6 +153,12 @@ class ReportConfig:
     prompts side by side (0 = off)."""
     max_new_tokens: int = 48
     """Token limit of those replies."""
+
+    def __post_init__(self) -> None:
+        if self.compare < 0:
+            raise ConfigError(f"report.compare: {self.compare} must be 0 (off) or more")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"report.max_new_tokens: {self.max_new_tokens} must be at least 1")
 
 
 @dataclass
@@ -304,6 +314,9 @@ def _check_training_values(training: dict[str, Any]) -> None:
         value = training.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and value > 0):
             raise ConfigError(f"training.{key}: {value!r} must be a positive number")
+    seed = training.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2**32:  # numpy's range
+        raise ConfigError(f"training.seed: {seed} must be between 0 and 4294967295")
 
 
 def _check_evaluation(cfg: Config) -> None:

@@ -21,7 +21,7 @@ from chatlora.data.formats import Conversation, detect_format, to_conversations
 from chatlora.data.read import MalformedLines, read_rows
 from chatlora.data.render import Renderer, RenderError
 from chatlora.data.truncate import REPLY_TOO_LONG, REPLY_TRUNCATED, fit
-from chatlora.errors import DataError, Problem
+from chatlora.errors import DataError, Problem, refuse_file_in_the_way
 
 # Bump when the rendering or masking logic changes, so old caches are not reused.
 PIPELINE_VERSION = 2  # 2: the cache holds each sample's row index, not its file and line
@@ -103,6 +103,8 @@ def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conver
 
 def cache_root(cfg: DataConfig) -> Path:
     base = cfg.cache_dir or os.environ.get("CHATLORA_CACHE") or Path.home() / ".cache" / "chatlora"
+    key = "data.cache_dir" if cfg.cache_dir else "CHATLORA_CACHE" if os.environ.get("CHATLORA_CACHE") else "~/.cache/chatlora"
+    refuse_file_in_the_way(Path(base), key, "unset: ~/.cache/chatlora")
     return Path(base) / "tokens"
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from chatlora.config.schema import Config
-from chatlora.errors import ChatloraError, Preempted, ResumeError, StorageError
+from chatlora.errors import ChatloraError, Preempted, ResumeError, StorageError, refuse_file_in_the_way
 from chatlora.run import RunDir
 from chatlora.trainer import checkpoint as ckpt
 from chatlora.trainer.guard import NonFiniteGuard
@@ -35,7 +35,9 @@ class RunLifecycle:
         self.stop = StopOnSignal()
         self.plan: Plan | None = None
         self.created = False
-        """The run folder did not exist (or was empty) and this run made it."""
+        """The run folder did not exist and this run made it."""
+        self.was_empty = False
+        """The run folder existed, empty (the user made it): a failure empties it again but keeps it."""
         self.training = False
         """The training loop has begun: from here on the folder is kept whatever happens."""
         self.stamp: dict | None = None
@@ -50,6 +52,7 @@ class RunLifecycle:
     def start(self, run: RunDir, args, data_key: str) -> str | None:
         """Plan the run (reads only, so a refusal changes nothing), then make or reuse its folder.
         Returns the checkpoint to resume from, or None. Replaces `run.create()`."""
+        refuse_file_in_the_way(run.path, "output_dir", "unset: runs/<name>-<date>-<time>")
         self.plan = plan(self.cfg, run)
         run = self.plan.run
         if str(run.checkpoints) != args.output_dir:
@@ -75,7 +78,8 @@ class RunLifecycle:
                 path = run.path / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             return None
-        self.created = not run.path.exists() or not any(run.path.iterdir())
+        self.created = not run.path.exists()
+        self.was_empty = not self.created and not any(run.path.iterdir())
         run.create()
         return None
 
@@ -153,6 +157,9 @@ class RunLifecycle:
         if not self.training:
             if self.created:
                 shutil.rmtree(run.path, ignore_errors=True)  # made by this run, and nothing trained yet
+            elif self.was_empty:
+                for child in run.path.iterdir():
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
             if reason is not None:
                 raise StorageError(f"could not write to {run.path}: {reason}") from None
             return False
@@ -193,3 +200,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     # read_metrics drops a line torn by a kill in mid-write; rows are written back as MetricsLog wrote them.
     kept = [row for row in read_metrics(path) if row.get("step", 0) <= step]
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
+
