@@ -61,3 +61,18 @@ def test_chat_reply_streams_and_stops(demo_run):
     assert "".join(pieces).strip() == reply.text
     session.ask("And what do you do all day?", lambda _s: None)
     assert len(session.history["assistant"]) == 4
+
+
+def test_the_adapter_folder_alone_finds_its_gguf_base(demo_run, tmp_path):
+    """peft would record the folder the GGUF file lies in; the adapter names the embedded model instead,
+    so a copy of adapter/ outside its run still loads with no --model."""
+    import json
+    import shutil
+
+    from chatlora.model.from_run import load_adapter_dir
+
+    saved = json.loads((demo_run / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "smollm2-135m-instruct"
+    alone = shutil.copytree(demo_run / "adapter", tmp_path / "pirate")
+    loaded = load_adapter_dir(alone, device="cpu")
+    assert loaded.adapters == ["pirate"] and loaded.model.config.model_type == "llama"

@@ -265,6 +265,12 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     tmp = run.path / ".adapter.tmp"
     state = full_adapter_state(model)  # FSDP2: every process gathers the LoRA shards whole; else None
     if world.main:
+        if checked.source.kind == "gguf":
+            # peft records the folder the GGUF file sits in, which nothing can load alone; the config's
+            # name (the embedded model's, or the .gguf path) loads it again, so the adapter folder alone
+            # finds its base (`chatlora chat RUN/adapter` with no --model).
+            for settings in model.peft_config.values():
+                settings.base_model_name_or_path = cfg.model.name
         # save_embedding_layers=False: only LoRA weights are trained, so peft need not look up the base
         # model's config to guess whether the vocabulary changed.
         model.save_pretrained(tmp, save_embedding_layers=False, state_dict=state)
