@@ -502,3 +502,10 @@ def test_jsonl_strings_may_hold_line_separators(tmp_path):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
     read = read_rows(str(path))
     assert [r.value for r in read] == rows and [r.where for r in read] == ["line 1", "line 2"]
+
+
+def test_a_json_list_saved_as_jsonl_is_read_as_a_list(tmp_path):
+    path = tmp_path / "list.jsonl"
+    rows = [{"instruction": "hi", "output": "ok"}, {"instruction": "bye", "output": "farewell"}]
+    path.write_text(json.dumps(rows, indent=2))
+    assert [r.value for r in read_rows(str(path))] == rows

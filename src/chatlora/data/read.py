@@ -50,10 +50,12 @@ def read_rows(path: str) -> list[RawRow]:
     text = _decode(data, path)
     if not text.strip():
         raise DataError([Problem(path, "", "", "the file is empty")])
-    if file.suffix == ".jsonl" or (file.suffix != ".json" and not text.lstrip().startswith("[")):
-        rows = _read_jsonl(text, path)
-    else:
+    # By content first: a JSON list saved as .jsonl is read as the list it is (JSONL rows are objects,
+    # never lists); a .json file holding JSON Lines is told apart inside _read_json.
+    if file.suffix == ".json" or text.lstrip().startswith("["):
         rows = _read_json(text, path)
+    else:
+        rows = _read_jsonl(text, path)
     if not rows:
         raise DataError([Problem(path, "", "", "the file holds no rows")])
     return rows
