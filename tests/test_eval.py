@@ -104,3 +104,11 @@ def test_cli_eval_never_writes_over_the_users_files(tiny_run, tmp_path):
         result = run_cli("eval", str(tiny_run), "--data", str(held), "--limit", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "r"))
         assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "r" / "held.json").read_text())["rows"] == 1
+
+
+def test_cli_eval_says_when_no_row_fits_for_the_loss(tiny_run, tmp_path):
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"instruction": "Tell me everything.", "output": "word " * 400}) + "\n")
+    result = run_cli("eval", str(tiny_run), "--data", str(long), "--max-new-tokens", "2", "--out", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    assert "warning: no conversation fits data.max_length=128 with its reply, so there is no held-out loss" in result.stdout

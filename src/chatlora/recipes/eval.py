@@ -194,6 +194,9 @@ def evaluate(target: str, data: str | None = None, *, model: str | None = None, 
     write_atomic(folder / f"{name}.md", markdown(report))
     for line in summary_table(results):
         echo(line)
+    if results["adapter"]["trained_tokens"] == 0:
+        echo(f"warning: no conversation fits data.max_length={max_length} with its reply, so there is no held-out loss "
+             "(shown as nan); the replies are still compared")
     for side in SIDES:
         if results[side]["stop_rate"] == 0:
             echo(f"warning: no {side} reply ended on the end-of-turn token within {max_new_tokens} tokens")
