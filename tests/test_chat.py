@@ -179,6 +179,95 @@ def test_bad_prompts_file_is_reported_before_loading(tmp_path, tiny_run):
     assert "loading" not in result.stderr and not out.exists()
 
 
+def test_prompts_file_splits_at_newlines_only_and_reads_chat_output_back(tiny_run, tmp_path, capsys):
+    """JSON strings may hold U+2028 and U+0085 raw (json.dumps(ensure_ascii=False) writes them so, as
+    `chat --output` does); str.splitlines() split the lines there and refused valid JSONL."""
+    from chatlora.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "first\u2028line"}, {"messages": [{"role": "user", "content": "next\u0085line\x1cand\x1d"}]},
+            {"prompt": "plain"}]
+    prompts.write_bytes("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\r\n")
+    expected = [[{"role": "user", "content": "first\u2028line"}], [{"role": "user", "content": "next\u0085line\x1cand\x1d"}],
+                [{"role": "user", "content": "plain"}]]
+    assert read_prompts(str(prompts)) == expected
+    out = tmp_path / "replies.jsonl"
+    assert main(["chat", str(tiny_run), "--prompts-file", str(prompts), "--output", str(out), *GREEDY]) == 0
+    assert "\u2028" in out.read_text("utf-8")  # written raw: the case that was refused
+    assert read_prompts(str(out)) == expected  # the replies file is a prompts file again
+
+
+def test_unreadable_prompt_lines_are_reported_with_the_others(tiny_run, tmp_path, capsys):
+    """A number of over 4300 digits (ValueError), JSON nested thousands deep (RecursionError) and an
+    unpaired surrogate escape (a tokenizer TypeError, after loading) are bad lines like any other."""
+    from chatlora.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([
+        '{"prompt": "ok"}',
+        '{"prompt": "big", "n": ' + "1" * 5000 + "}",
+        "[" * 100_000 + "]" * 100_000,
+        '{"prompt": "hi\\ud800"}',
+        '{"messages": [{"role": "system", "content": "fine"}, {"role": "user", "content": "a\\udc00b"}]}',
+    ]) + "\n")
+    with pytest.raises(DataError) as e:
+        read_prompts(str(bad))
+    msg = str(e.value)
+    assert "the data has 4 problems" in msg
+    assert f"{bad}:line 2: malformed JSON: Exceeds the limit (4300 digits)" in msg
+    assert f"{bad}:line 3: JSON nested too deeply to be a prompt" in msg
+    assert f"{bad}:line 4 [prompt]: holds an unpaired surrogate escape (\\ud800) at character 3" in msg
+    assert f"{bad}:line 5 [messages[1].content]: holds an unpaired surrogate escape (\\udc00) at character 2" in msg
+    bad.write_text('{"prompt": "hi\\ud800"}\n')  # alone, it used to reach the tokenizer
+    assert main(["chat", str(tiny_run), "--prompts-file", str(bad), *GREEDY]) == 2
+    err = capsys.readouterr().err
+    assert "unpaired surrogate" in err and "loading" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where, message", [
+    ("folder", "is a folder; give a file name"),
+    ("missing/replies.jsonl", "the folder {tmp}/missing does not exist"),
+    ("prompts.txt/replies.jsonl", "{tmp}/prompts.txt is a file, not a folder"),
+    ("prompts.txt", "is the prompts file"),
+    ("folder/../prompts.txt", "is the prompts file"),
+    ("link.txt", "is the prompts file"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_loading(tiny_run, tmp_path, capsys, where, message):
+    """A folder, a missing folder or a file as the folder failed only after every reply was generated,
+    losing them all; the prompts file itself was overwritten with the replies."""
+    from chatlora.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "link.txt").symlink_to(prompts)
+    result = main(["chat", str(tiny_run), "--prompts-file", str(prompts), "--output", str(tmp_path / where), *GREEDY])
+    err = capsys.readouterr().err
+    assert result == 2 and message.format(tmp=tmp_path) in err and "Traceback" not in err
+    assert "loading" not in err and prompts.read_text() == "hello\n"
+
+
+def test_replies_that_cannot_be_written_go_to_stdout(tiny_run, tmp_path, capsys, monkeypatch):
+    """A disk that fills up while the replies are generated: they are printed rather than lost (exit 74)."""
+    import errno
+
+    import chatlora.recipes.chat as chat_recipe
+    from chatlora.cli import main
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(chat_recipe, "write_atomic", full)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\nwhy?\n")
+    out = tmp_path / "replies.jsonl"
+    assert main(["chat", str(tiny_run), "--prompts-file", str(prompts), "--output", str(out), *GREEDY]) == 74
+    captured = capsys.readouterr()
+    assert [json.loads(line)["prompt"] for line in captured.out.splitlines()] == ["hello", "why?"]
+    assert "could not be written (No space left on device); the replies were written to stdout instead" in captured.err
+    assert not out.exists()
+
+
 def test_bare_adapter_folder_with_its_base_model(tiny_run, tiny_model_dir, tmp_path):
     adapter = tmp_path / "my-adapter"
     shutil.copytree(tiny_run / "adapter", adapter)
@@ -193,6 +282,14 @@ def test_bare_adapter_folder_with_its_base_model(tiny_run, tiny_model_dir, tmp_p
     (["{tmp}"], "is neither a chatlora run folder"),
     (["{run}", "--temperature", "-1"], "--temperature: -1.0 must be 0 (greedy) or more"),
     (["{run}", "--prompt", "a", "--prompts-file", "b"], "give --prompt or --prompts-file, not both"),
+    # NaN passes `< 0` checks; transformers then refused it with a traceback, after loading.
+    (["{run}", "--prompt", "a", "--temperature", "nan"], "--temperature: nan is not a finite number"),
+    (["{run}", "--prompt", "a", "--top-p", "nan"], "--top-p: nan is not a finite number"),
+    (["{run}", "--prompt", "a", "--repetition-penalty", "inf"], "--repetition-penalty: inf is not a finite number"),
+    (["{run}", "--prompt", "a", "--seed", str(2**64)], f"--seed: {2**64} must fit in 64 bits"),
+    # Bytes that are not UTF-8 in argv become lone surrogates; the tokenizer refused them with a TypeError.
+    (["{run}", "--prompt", "hi\udcff"], "--prompt: not UTF-8 text"),
+    (["{run}", "--prompt", "hi", "--system", "\udcffbe brief"], "--system: not UTF-8 text"),
 ])
 def test_bad_input_exits_2(tiny_run, tmp_path, capsys, args, message):
     from chatlora.cli import main

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import signal
 import subprocess
 import sys
@@ -134,6 +135,7 @@ BAD_BODIES = {
     "empty messages": ({"messages": []}, 400, "messages"),
     "ends with the assistant": ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 400, "last message"),
     "five stop strings": ({"stop": list("abcde")}, 400, "stop"),
+    "seed over 64 bits": ({"seed": 2**64}, 400, "seed"),
     "n=2": ({"n": 2}, 400, "n=2 is not supported"),
     "prompt longer than the context": ({"messages": [{"role": "user", "content": "x" * 3000}]}, 400, "context is 1024"),
     "huge body": ({"messages": [{"role": "user", "content": "x" * 200_000}]}, 413, "larger than"),
@@ -233,6 +235,68 @@ def test_32_concurrent_streams_equal_the_same_requests_alone(server, base_name):
     after = health(server)
     assert after["finished"] - before["finished"] == 32 and after["largest_batch"] >= 8
     print(f"32 concurrent streams: {elapsed:.2f}s, largest batch {after['largest_batch']}")
+
+
+def test_a_seed_out_of_range_is_refused_and_the_server_goes_on(server, client, base_name):
+    """A seed of 2**64 overflowed torch's generator in the engine's thread, which died with it: every
+    later request, any client's, then waited forever."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for seed in (2**64, -(2**63) - 1):
+        body = {"model": "alice", "messages": ask(0), "max_tokens": 2, "temperature": 0.5, "seed": seed}
+        r = httpx.post(f"{server}/chat/completions", json=body, headers=headers, timeout=30)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "seed" and error["message"].startswith("seed: Input should be")
+    for seed in (2**63 - 1, -(2**63)):  # the ends of the range still sample
+        reply = client.with_options(timeout=30).chat.completions.create(
+            model=base_name, messages=ask(1), max_tokens=2, temperature=0.5, seed=seed, extra_body={"ignore_eos": True})
+        assert reply.choices[0].finish_reason == "length"
+
+
+def reply_events(engine, model: str, messages: list[dict], params, emit=None, timeout: float = 30) -> list:
+    """A request's events, with a timeout (a dead engine thread never answers)."""
+    events: queue.Queue = queue.Queue()
+
+    def both(event) -> None:
+        events.put(event)
+        if emit is not None:
+            emit(event)
+
+    engine.submit(model, messages, params, both)
+    got = [events.get(timeout=timeout)]
+    while not got[-1].done:
+        got.append(events.get(timeout=timeout))
+    return got
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_a_failing_request_ends_alone_and_the_engine_goes_on(served_runs, decode):
+    """Whatever fails for one request (here: a Row that cannot be made, a callback that raises) ends
+    that request with an error event; the engine's thread serves the next ones. Both workers: the
+    batch loop (eager) and continuous batching (static cache)."""
+    from chatlora.serve.engine import Engine
+    from chatlora.serve.params import SamplingParams
+
+    engine = Engine.from_runs(served_runs[:1], "cpu", decode, max_context=256, max_tokens=8, max_batch=4)
+    try:
+        assert (engine.decoder is None) == (decode == "eager")
+        # Past SamplingParams' own check, as only a bug could get it: torch's generator refuses this seed.
+        bad_seed = SamplingParams(max_tokens=4, temperature=0.8)
+        object.__setattr__(bad_seed, "seed", 2**64)
+        events = reply_events(engine, "alice", ask(0), bad_seed)
+        assert events[-1].finish_reason == "error" and "Overflow" in events[-1].error
+
+        def broken(event) -> None:
+            raise RuntimeError("the client's callback broke")
+
+        events = reply_events(engine, "alice", ask(1), SamplingParams(max_tokens=4, temperature=0), emit=broken)
+        assert events[-1].finish_reason == "error" and "callback broke" in events[-1].error
+        for model in engine.names:
+            events = reply_events(engine, model, ask(2), SamplingParams(max_tokens=4, temperature=0.7, seed=3))
+            assert events[-1].finish_reason in ("stop", "length") and events[-1].error is None
+        assert engine._thread.is_alive()
+    finally:
+        engine.close()
 
 
 def test_public_address_without_key_is_refused(served_runs):

@@ -106,3 +106,21 @@ def test_page_refuses_a_public_address(served_runs):
     result = run_cli("web", str(served_runs[0]), "--host", "0.0.0.0")
     assert result.returncode == 2 and "refusing to serve the chat page on 0.0.0.0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_missing_streamlit_is_reported_before_the_model_loads(served_runs, monkeypatch, capsys):
+    """The page's script imported Streamlit only after the engine had loaded the model (minutes for a
+    7B model) to say it was missing."""
+    from chatlora.cli import main
+    from chatlora.serve.engine import Engine
+
+    for name in ("streamlit", "streamlit.web", "streamlit.web.bootstrap"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed: importing it raises ImportError
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before Streamlit was checked")
+
+    monkeypatch.setattr(Engine, "from_runs", loaded)
+    assert main(["web", str(served_runs[0]), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "the chat page needs Streamlit" in err and "pip install 'chatlora[web]'" in err

@@ -11,16 +11,23 @@ import warnings
 from chatlora import __version__
 from chatlora.errors import EXIT_INTERRUPTED, ChatloraError, ConfigError
 
-EPILOG = """\
+CONFIG_HELP = """\
 CONFIG is a preset name ({presets}) or a YAML file; key=value pairs override it with dotted keys:
   chatlora train demo training.learning_rate=2e-4 lora.r=16
   chatlora train qwen1.5-7b-chat-huanhuan data.train=huanhuan.json
 `chatlora config keys` lists every key with its meaning.
+"""
 
+EPILOG = CONFIG_HELP + """
 exit codes: 0 ok; 2 bad input (config, data, model path; nothing is written); 3 training stopped on a
 NaN/inf loss or gradient; 74 a file could not be written (disk full, permissions); 75 stopped by SIGTERM
 or a first Ctrl-C after saving a checkpoint (continue with resume=auto); 130 interrupted at once (a
 second Ctrl-C). In every case the complete checkpoints are kept.
+"""
+
+# plan and data check train nothing: none of training's own exit codes (3, 74, 75) can come from them.
+CHECK_EPILOG = CONFIG_HELP + """
+exit codes: 0 ok; 2 bad input (config, data, model path){also}; 130 interrupted.
 """
 
 
@@ -48,6 +55,32 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(lowest: int):
+    """argparse type: a TCP port number from `lowest` to 65535 (the socket calls would wrap a larger
+    one around or overflow, after the model has loaded)."""
+
+    def port(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lowest <= value <= 65535:
+            raise argparse.ArgumentTypeError(f"{value} is not a port number: give {lowest} to 65535")
+        return value
+
+    return port
+
+
+def _device(text: str) -> str:
+    """argparse type: a device this machine has, checked before any model loads."""
+    from chatlora.model.decode import device_problem
+
+    why = device_problem(text)
+    if why:
+        raise argparse.ArgumentTypeError(why)
+    return text
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -61,7 +94,7 @@ def _fraction(text: str) -> float:
 def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="run folder (or adapter folder)")
     p.add_argument("--model", metavar="BASE", help="load the base model from here instead (a local copy, a .gguf file, a hub id)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
 
 
 def _chat_parser(sub, fmt) -> None:
@@ -72,6 +105,9 @@ def _chat_parser(sub, fmt) -> None:
                     "--prompt answers one prompt; --prompts-file answers a file of them as JSONL.\n"
                     "--base shows the base model's reply next to the adapter's.",
         epilog=USE_EPILOG + """
+--output is checked before any reply is generated; one that still cannot be written at the end (a full
+disk) gets the replies on stdout instead, and exit code 74.
+
 examples:
   chatlora chat runs/demo-20261127-101500
   chatlora chat runs/demo-20261127-101500 --prompt "Who are you?" --temperature 0
@@ -106,7 +142,9 @@ def _eval_parser(sub, fmt) -> None:
         description="Judge an adapter on held-out data, next to its base model: loss and perplexity on the\n"
                     "trained tokens, then greedy replies with their stop rate (ended on the end-of-turn token\n"
                     "before the limit), mean length, repetition (repeated token 4-grams) and character-level\n"
-                    "ROUGE-L against the reference reply. Writes RUN/eval/NAME.json and NAME.md.",
+                    "ROUGE-L against the reference reply. Writes RUN/eval/NAME.json and NAME.md, where NAME is\n"
+                    "the --data file's name without its extension (more_held_out for more_held_out.jsonl), or\n"
+                    "`validation` for the run's own held-out split; --out DIR writes them there instead.",
         epilog=USE_EPILOG + """
 examples:
   chatlora eval runs/demo-20261127-101500
@@ -149,7 +187,8 @@ examples:
 def parser() -> argparse.ArgumentParser:
     from chatlora.config.load import preset_names
 
-    epilog = EPILOG.format(presets=", ".join(preset_names()))
+    presets = ", ".join(preset_names())
+    epilog = EPILOG.format(presets=presets)
     fmt = argparse.RawDescriptionHelpFormatter
     root = argparse.ArgumentParser(
         prog="chatlora", formatter_class=fmt, epilog=epilog,
@@ -158,7 +197,11 @@ def parser() -> argparse.ArgumentParser:
     sub = root.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", formatter_class=fmt, epilog=epilog, help="train a LoRA adapter: data -> run folder",
-                       description="Check and tokenize the data, then train a LoRA adapter into a new run folder.\n"
+                       description="Check and tokenize the data, then train a LoRA adapter into a new run folder:\n"
+                                   "runs/<name>-<date>-<time> under the current folder (<name> is the config's `name`,\n"
+                                   "e.g. runs/demo-20261127-101500), or the folder output_dir=FOLDER names. It holds\n"
+                                   "the adapter, the tokenizer, the resolved config and the metrics, for chat, eval,\n"
+                                   "merge, serve and web.\n"
                                    "On several GPUs: --gpus N, or launch this same command with torchrun or\n"
                                    "`accelerate launch` (several nodes: docs/multi-gpu.md).")
     _config_args(p)
@@ -177,7 +220,7 @@ def parser() -> argparse.ArgumentParser:
                     "what training would choose. `chatlora train` prints the same plan first.\n\n"
                     "Memory is what torch.cuda.max_memory_allocated() reports; the card needs more (the CUDA\n"
                     "context, the allocator's slack), shown as 'the card needs'.",
-        epilog=epilog + """
+        epilog=CHECK_EPILOG.format(presets=presets, also="") + """
 examples:
   chatlora plan qwen1.5-7b-chat-huanhuan data.train=huanhuan.json --gpu-mem 24GiB
   chatlora plan qwen1.5-7b-chat-huanhuan data.train=huanhuan.json --gpu 4090 model.quantize=nf4
@@ -187,11 +230,19 @@ examples:
     p.add_argument("--gpu", metavar="NAME", help="plan for this GPU (h100, h200, a100, l40s, 4090, ...; default: the one detected)")
     p.add_argument("--gpu-mem", metavar="SIZE", help="plan for this much GPU memory (24GiB, 24GB, or GiB as a number)")
 
-    data = sub.add_parser("data", help="data tools (check)")
+    data = sub.add_parser("data", formatter_class=fmt, help="data tools (check)",
+                          description="Data tools. `data check` runs the checks `chatlora train` makes on the data first,\n"
+                                      "alone, with no model weights loaded.",
+                          epilog="example:\n  chatlora data check demo\n")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
-    p = data_sub.add_parser("check", formatter_class=fmt, epilog=epilog, help="the pre-flight alone, no model weights loaded",
-                            description="Validate every row, render samples with the chat template (trained tokens marked), "
-                                        "show a length histogram, and fail on data that would train the model wrongly.")
+    p = data_sub.add_parser("check", formatter_class=fmt, help="the pre-flight alone, no model weights loaded",
+                            description="Validate every row, render samples with the chat template (trained tokens marked),\n"
+                                        "show a length histogram, and fail on data that would train the model wrongly.",
+                            epilog=CHECK_EPILOG.format(presets=presets, also=" or data that would train the model wrongly") + """
+examples:
+  chatlora data check demo
+  chatlora data check qwen1.5-7b-chat-huanhuan data.train=huanhuan.json --samples 5
+""")
     _config_args(p)
     p.add_argument("--samples", type=int, default=3, help="rendered samples to show (default 3)")
 
@@ -199,13 +250,30 @@ examples:
     _eval_parser(sub, fmt)
     _merge_parser(sub, fmt)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API for one or more runs",
-                       description="Serve the runs' adapters on their shared base model through an OpenAI-compatible API "
-                                   "(/v1/models, /v1/chat/completions, streaming). Each run folder's name is a model "
-                                   "name; the base model is one too.")
+    p = sub.add_parser(
+        "serve", formatter_class=fmt, help="OpenAI-compatible HTTP API for one or more runs",
+        description="Serve the runs' adapters on their shared base model through an OpenAI-compatible HTTP API;\n"
+                    "any OpenAI client works. Each run folder's name is a model name; the base model is one too.\n"
+                    "Once the model is loaded it prints the address it serves at (serving the OpenAI API at\n"
+                    "http://127.0.0.1:8000/v1); with --port 0 that line tells the free port it picked.\n\n"
+                    "endpoints (behind the API key, when there is one):\n"
+                    "  GET  /v1/models            the served model names\n"
+                    "  GET  /v1/models/NAME       one of them\n"
+                    "  POST /v1/chat/completions  a reply, whole or streamed (\"stream\": true: server-sent events)\n"
+                    "  GET  /health               the engine's counters: requests, tokens, batches",
+        epilog="""\
+RUN is a run folder written by `chatlora train`.
+
+exit codes: 0 or 130 stopped with Ctrl-C; 2 bad input (run folder, flags, an address that cannot be used).
+
+examples:
+  chatlora serve runs/demo-20261127-101500
+  chatlora serve runs/demo-20261127-101500 runs/poet-20261127-113000 --port 0
+  chatlora serve runs/demo-20261127-101500 --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"
+""")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders trained on the same base model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs an API key)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--port", type=_port(0), default=8000, help="port (default 8000; 0 picks a free one and prints it)")
     p.add_argument("--api-key", default=os.environ.get("CHATLORA_API_KEY"),
                    help="clients must send 'Authorization: Bearer KEY' (default: $CHATLORA_API_KEY)")
     p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens one request may ask for (default 1024)")
@@ -214,23 +282,53 @@ examples:
     p.add_argument("--max-context", type=int, default=4096,
                    help="with the static decode cache: most tokens of one request, prompt and reply together; "
                         "lowered to what fits in half the free GPU memory (default 4096)")
-    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--device", type=_device, help="cuda, cpu, ... (default: cuda when available)")
     _decode_arg(p)
 
-    p = sub.add_parser("web", help="the browser chat page (Streamlit)",
-                       description="A chat page for the runs: streaming replies, system prompt, temperature, clear history.")
+    p = sub.add_parser(
+        "web", formatter_class=fmt, help="the browser chat page (Streamlit)",
+        description="A chat page for the runs in the browser: streaming replies, a choice of model (each run's\n"
+                    "adapter, or the base model), system prompt, temperature, clear history. It needs Streamlit:\n"
+                    "pip install 'chatlora[web]'. Once the model is loaded it prints the page's address: open\n"
+                    "http://127.0.0.1:8501 (or the --port given). The page has no login, so it listens on\n"
+                    "loopback only; from another machine, use an SSH tunnel (ssh -L 8501:127.0.0.1:8501 HOST).",
+        epilog="""\
+RUN is a run folder written by `chatlora train`.
+
+exit codes: 0 or 130 stopped with Ctrl-C; 2 bad input (run folder, flags, a port in use, no Streamlit).
+
+examples:
+  chatlora web runs/demo-20261127-101500
+  chatlora web runs/demo-20261127-101500 runs/poet-20261127-113000 --port 8600
+""")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders trained on the same base model")
     p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--port", type=_port(1), default=8501, help="port (default 8501)")
     p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens of one reply (default 1024)")
-    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--device", type=_device, help="cuda, cpu, ... (default: cuda when available)")
     _decode_arg(p)
 
-    cfg = sub.add_parser("config", help="show presets, a resolved config, or every config key")
+    cfg = sub.add_parser("config", formatter_class=fmt, help="show presets, a resolved config, or every config key",
+                         description="Look at configs without training: the shipped presets, every key with its default\n"
+                                     "and meaning, or a config resolved with its overrides.",
+                         epilog="examples:\n  chatlora config presets\n  chatlora config keys\n  chatlora config show demo lora.r=16\n")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND", required=True)
-    cfg_sub.add_parser("presets", help="list the shipped presets")
-    cfg_sub.add_parser("keys", help="every config key with its default and meaning")
-    p = cfg_sub.add_parser("show", help="print a resolved config as YAML")
+    cfg_sub.add_parser("presets", formatter_class=fmt, help="list the shipped presets",
+                       description="List the shipped presets, one name a line: each is a CONFIG for train, plan, data check\n"
+                                   "and config show.",
+                       epilog="example:\n  chatlora config presets\n  chatlora config show qwen1.5-7b-chat-huanhuan\n")
+    cfg_sub.add_parser("keys", formatter_class=fmt, help="every config key with its default and meaning",
+                       description="Every config key, dotted as overrides spell it, with its default and what it means.\n"
+                                   "Everything under training: goes to transformers.TrainingArguments.",
+                       epilog="examples:\n  chatlora config keys\n  chatlora config keys | grep -A3 '^lora\\.'\n")
+    p = cfg_sub.add_parser("show", formatter_class=fmt, help="print a resolved config as YAML",
+                           description="Print CONFIG with its overrides applied and every default filled in, as YAML: what\n"
+                                       "`chatlora train` would run with. Saved to a file, it is a config of your own to edit.",
+                           epilog=CONFIG_HELP.format(presets=presets) + """
+examples:
+  chatlora config show demo lora.r=16
+  chatlora config show qwen1.5-7b-chat-huanhuan > my.yaml
+""")
     _config_args(p)
     return root
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
-from chatlora.errors import ConfigError, DataError, Problem
+from chatlora.errors import ConfigError, DataError, Problem, StorageError
 from chatlora.model.from_run import Loaded, default_device, load_target
 from chatlora.model.generate import Reply, generate_replies, stream_reply
 from chatlora.run import write_atomic
@@ -49,6 +50,11 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        # First: NaN passes every comparison below (nan < 0 is False) and reaches transformers' own checks.
+        for flag, value in (("temperature", self.temperature), ("top-p", self.top_p),
+                            ("repetition-penalty", self.repetition_penalty)):
+            if not math.isfinite(value):
+                raise ConfigError(f"--{flag}: {value} is not a finite number")
         if self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens: {self.max_new_tokens} must be at least 1")
         if self.temperature < 0:
@@ -59,6 +65,8 @@ class Sampling:
             raise ConfigError(f"--top-k: {self.top_k} must be 0 (off) or more")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"--repetition-penalty: {self.repetition_penalty} must be positive (1.0 = off)")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:  # torch's generators take 64 bits
+            raise ConfigError(f"--seed: {self.seed} must fit in 64 bits (-2**63 to 2**63-1)")
 
     def kwargs(self) -> dict:
         return asdict(self)
@@ -199,6 +207,17 @@ def command(session: ChatSession, line: str, write: Callable[[str], None]) -> bo
     return True
 
 
+def _surrogate(text: str) -> str | None:
+    """Why `text` is not text: a JSON escape such as \\ud800 without its pair, which no tokenizer
+    takes (None when it is text)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"holds an unpaired surrogate escape (\\u{ord(text[e.start]):04x}) at character {e.start + 1}; "
+                "escape the whole character (both halves of the pair) or write it as UTF-8")
+    return None
+
+
 def read_prompts(path: str) -> list[list[dict]]:
     """A prompts file: one prompt per line, or JSONL rows with `prompt` (a string) or `messages`
     (OpenAI messages ending with a user turn). Raises DataError listing every bad line."""
@@ -206,9 +225,12 @@ def read_prompts(path: str) -> list[list[dict]]:
     if not file.is_file():
         raise DataError([Problem(path, "", "", "no such file")])
     try:
-        lines = file.read_text("utf-8-sig").splitlines()
+        text = file.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError([Problem(path, "", "", f"not UTF-8 ({e.reason} at byte {e.start})")]) from None
+    # Split at newlines only: str.splitlines() also splits at U+2028, U+0085 and other characters that
+    # JSON strings may hold raw (`chat --output` writes them so: json.dumps(ensure_ascii=False)).
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     first = next((line for line in lines if line.strip()), "")
     is_jsonl = file.suffix == ".jsonl" or first.lstrip().startswith("{")
     prompts, problems = [], []
@@ -224,25 +246,57 @@ def read_prompts(path: str) -> list[list[dict]]:
         except json.JSONDecodeError as e:
             problems.append(Problem(path, where, "", f"malformed JSON at column {e.colno}: {e.msg}"))
             continue
+        except RecursionError:  # json recurses once per level of [ or {
+            problems.append(Problem(path, where, "", "JSON nested too deeply to be a prompt (hundreds of levels of [ or {)"))
+            continue
+        except ValueError as e:  # an integer of more digits than Python converts (4300)
+            problems.append(Problem(path, where, "", f"malformed JSON: {e}"))
+            continue
         if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
-            prompts.append([{"role": "user", "content": row["prompt"]}])
+            conversation, fields = [{"role": "user", "content": row["prompt"]}], ["prompt"]
         elif isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
             messages = row["messages"]
             bad = next((i for i, m in enumerate(messages) if not (isinstance(m, dict) and isinstance(m.get("content"), str)
                                                                   and m.get("role") in ("system", "user", "assistant"))), None)
             if bad is not None:
                 problems.append(Problem(path, where, f"messages[{bad}]", "needs a role (system, user, assistant) and a string content"))
-            elif messages[-1]["role"] != "user":
+                continue
+            if messages[-1]["role"] != "user":
                 problems.append(Problem(path, where, f"messages[{len(messages) - 1}].role", "the last message must be the user's"))
-            else:
-                prompts.append([{"role": m["role"], "content": m["content"]} for m in messages])
+                continue
+            conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
+            fields = [f"messages[{i}].content" for i in range(len(messages))]
         else:
             problems.append(Problem(path, where, "", 'needs "prompt" (a non-empty string) or "messages" (a list)'))
+            continue
+        broken = next(((f, why) for f, m in zip(fields, conversation) if (why := _surrogate(m["content"]))), None)
+        if broken:
+            problems.append(Problem(path, where, *broken))
+        else:
+            prompts.append(conversation)
     if problems:
         raise DataError(problems)
     if not prompts:
         raise DataError([Problem(path, "", "", "no prompts")])
     return prompts
+
+
+def check_output(output: str, prompts_file: str) -> None:
+    """Refuse an --output the replies could not be written to, before any reply is generated (they
+    are written at the end, all at once), and one that is the prompts file itself."""
+    out = Path(output)
+    if out.is_dir():
+        raise ConfigError(f"--output {output} is a folder; give a file name for the JSONL replies")
+    if out.exists() and out.samefile(prompts_file):
+        raise ConfigError(f"--output {output} is the prompts file: writing the replies would overwrite the prompts; "
+                          "give another file")
+    parent = out.parent
+    if not parent.exists():
+        raise ConfigError(f"--output {output}: the folder {parent} does not exist")
+    if not parent.is_dir():
+        raise ConfigError(f"--output {output}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output {output}: the folder {parent} is not writable")
 
 
 def answer_file(loaded: Loaded, prompts_file: str, output: str | None, sampling: Sampling, system_prompt: str | None,
@@ -272,7 +326,12 @@ def answer_file(loaded: Loaded, prompts_file: str, output: str | None, sampling:
         rows.append(json.dumps(row, ensure_ascii=False))
     text = "\n".join(rows) + "\n"
     if output:
-        write_atomic(Path(output), text)
+        try:
+            write_atomic(Path(output), text)
+        except OSError as e:  # checked before generating, but a disk can still fill up: keep the replies
+            sys.stdout.write(text)
+            raise StorageError(f"--output {output} could not be written ({e.strerror or e}); "
+                               "the replies were written to stdout instead") from None
         err.write(f"wrote {len(rows)} replies to {output}\n")
     else:
         sys.stdout.write(text)
@@ -292,8 +351,14 @@ def chat(target: str, *, model: str | None = None, base: bool = False, prompt: s
         raise ConfigError("give --prompt or --prompts-file, not both")
     if output and not prompts_file:
         raise ConfigError("--output goes with --prompts-file")
+    for flag, text in (("--prompt", prompt), ("--system", system)):
+        # Bytes that are not UTF-8 in the command line arrive as lone surrogates, which no tokenizer takes.
+        if text is not None and _surrogate(text):
+            raise ConfigError(f"{flag}: not UTF-8 text (the shell passed bytes in another encoding)")
     if prompts_file:
         read_prompts(prompts_file)  # a bad file fails before the model loads
+    if output:
+        check_output(output, prompts_file)
     err = sys.stderr
     err.write(f"loading {target} ...\n")
     # Only conversations use the fast path; a prompts file is answered in batches by `generate`.

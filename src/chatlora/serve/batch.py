@@ -7,10 +7,10 @@ torch.Generator, so a seeded reply does not depend on what else was in the batch
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import inspect
 
 import torch
 
@@ -18,6 +18,8 @@ from transformers import DynamicCache
 
 from chatlora.serve.params import Event, SamplingParams, Usage
 from chatlora.serve.text import TextStream
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,12 +54,27 @@ class Row:
             self.emit(Event(text, tokens=self._take_unsent()))
         return True
 
+    def advance(self, token: int, stop_ids: set[int]) -> bool:
+        """`step`, except that an exception in it (a bug, or a caller's callback that raises) ends this
+        row alone, with an error event: the other rows of the batch go on."""
+        try:
+            return self.step(token, stop_ids)
+        except Exception as e:
+            log.exception("a request failed")
+            self.fail(f"generation failed: {e.__class__.__name__}: {e}")
+            return False
+
     def _finish(self, text: str, reason: str) -> bool:
         self.emit(Event(text, reason, self._usage(), tokens=self._take_unsent()))
         return False
 
     def fail(self, message: str) -> None:
-        self.emit(Event(finish_reason="error", usage=self._usage(), error=message))
+        """End the row with an error event. Never raises: the engine calls it after something went
+        wrong, and a failing callback must not take the engine's thread down with it."""
+        try:
+            self.emit(Event(finish_reason="error", usage=self._usage(), error=message))
+        except Exception:
+            log.exception("could not deliver an error event")
 
     def _take_unsent(self) -> list[int]:
         out, self.unsent = self.unsent, []
@@ -106,7 +123,7 @@ def run_batch(model, rows: list[Row], pad_id: int, stop_ids: set[int], on_step: 
     logits = out.logits[:, -1, :].float()
     while True:
         tokens = pick_tokens(logits, rows)
-        keep = [i for i, (row, t) in enumerate(zip(rows, tokens)) if not row.cancelled() and row.step(t, stop_ids)]
+        keep = [i for i, (row, t) in enumerate(zip(rows, tokens)) if not row.cancelled() and row.advance(t, stop_ids)]
         on_step(len(rows))
         if not keep:
             return

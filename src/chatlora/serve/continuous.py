@@ -33,7 +33,7 @@ class RunningBatch:
         self.on_tokens(1)
         if row.cancelled():
             outcome = "cancelled"
-        elif not row.step(token, self.stop_ids):
+        elif not row.advance(token, self.stop_ids):
             outcome = "finished"
         else:
             self.rows.append(row)
@@ -51,7 +51,7 @@ class RunningBatch:
         for i, (row, token) in enumerate(zip(self.rows, tokens)):
             if row.cancelled():
                 cancelled += 1
-            elif row.step(token, self.stop_ids):
+            elif row.advance(token, self.stop_ids):
                 keep.append(i)
             else:
                 finished += 1

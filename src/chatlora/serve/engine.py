@@ -229,7 +229,7 @@ class Engine:
                     self._cv.wait()
                 if self._closed:
                     for t in self._pending:
-                        t.deliver(Event(finish_reason="error", error="the server is shutting down"))
+                        self._fail(t, "the server is shutting down")
                     return
             # Requests of a burst arrive a few ms apart: wait while more are coming, so they share a batch.
             for _ in range(10):
@@ -256,7 +256,7 @@ class Engine:
                     self._cv.wait()
                 if self._closed:
                     for t in self._pending:
-                        t.deliver(Event(finish_reason="error", error="the server is shutting down"))
+                        self._fail(t, "the server is shutting down")
                     batch.fail("the server is shutting down")
                     adapter.close()
                     return
@@ -277,8 +277,7 @@ class Engine:
                 joining = [] if others else [t for t in live if t.model == current][:free]
                 chosen = {id(t) for t in joining}
                 self._pending = deque(t for t in live if id(t) not in chosen)
-            for t in joining:
-                row = self._row(t)
+            for _, row in self._rows(joining):
                 try:
                     outcome = batch.join(row)
                 except Exception as e:  # a bug or out-of-memory in its prefill: fail this request alone
@@ -314,6 +313,26 @@ class Engine:
         self.model.set_adapter(name)
         return contextlib.nullcontext()
 
+    def _fail(self, t: Ticket, message: str) -> None:
+        """End a request that has no Row with an error event. Never raises (see Row.fail)."""
+        try:
+            t.deliver(Event(finish_reason="error", error=message))
+        except Exception:
+            log.exception("could not deliver an error event")
+
+    def _rows(self, tickets: list[Ticket]) -> list[tuple[Ticket, Row]]:
+        """Each ticket with its Row. A ticket whose Row cannot be made (a bug: its parameters were
+        checked when it was submitted) ends alone with an error event and is left out."""
+        rows = []
+        for t in tickets:
+            try:
+                rows.append((t, self._row(t)))
+            except Exception as e:
+                log.exception("a request failed")
+                self._fail(t, f"generation failed: {e.__class__.__name__}: {e}")
+                self.stats.finished += 1
+        return rows
+
     def _row(self, t: Ticket) -> Row:
         generator = None
         if not t.params.greedy:
@@ -323,8 +342,11 @@ class Engine:
         return Row(t.prompt, t.params, t.deliver, lambda: t.cancelled or self._closed,
                    TextStream(self.tokenizer, t.params.stop), generator)
 
-    def _run(self, batch: list[Ticket]) -> None:
-        rows = [self._row(t) for t in batch]
+    def _run(self, tickets: list[Ticket]) -> None:
+        started = self._rows(tickets)
+        if not started:
+            return
+        batch, rows = [t for t, _ in started], [row for _, row in started]
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         self.stats.running = len(batch)

@@ -48,13 +48,20 @@ class Reply:
             self.note = "refused"
 
 
-def launch(engine: Engine, host: str, port: int, echo: Callable[[str], None] = print) -> None:
-    """Run Streamlit's server until interrupted."""
-    global _engine
+def require_streamlit():
+    """Streamlit's bootstrap module; ChatloraError when Streamlit is not installed. `chatlora web` asks
+    before it loads the model, which can take minutes."""
     try:
         from streamlit.web import bootstrap
     except ImportError:
-        raise ChatloraError("the chat page needs Streamlit: pip install 'chatlora[web]'") from None
+        raise ChatloraError("the chat page needs Streamlit, which is not installed: pip install 'chatlora[web]'") from None
+    return bootstrap
+
+
+def launch(engine: Engine, host: str, port: int, echo: Callable[[str], None] = print) -> None:
+    """Run Streamlit's server until interrupted."""
+    global _engine
+    bootstrap = require_streamlit()
     _engine = engine
     flags = {
         "server.address": host, "server.port": port, "server.headless": True, "server.fileWatcherType": "none",

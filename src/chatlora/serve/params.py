@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 from chatlora.errors import ChatloraError
 
+# A seed is a signed 64-bit integer, as in vLLM; torch.Generator.manual_seed overflows beyond 2**64.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 
 class RequestError(ChatloraError):
     """A request the server refuses; becomes an OpenAI-shaped error body with `status`."""
@@ -41,6 +44,8 @@ class SamplingParams:
             raise RequestError("temperature must be between 0 and 2", param="temperature")
         if not 0 < self.top_p <= 1:
             raise RequestError("top_p must be greater than 0 and at most 1", param="top_p")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise RequestError(f"seed must be between {SEED_MIN} and {SEED_MAX} (a 64-bit integer)", param="seed")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must not be empty", param="stop")
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
-from chatlora.serve.params import Event, RequestError, SamplingParams, Usage
+from chatlora.serve.params import SEED_MAX, SEED_MIN, Event, RequestError, SamplingParams, Usage
 
 Number = float  # in strict mode a float field takes ints but not strings or booleans
 
@@ -52,7 +52,7 @@ class ChatRequest(BaseModel):
     """OpenAI's newer name for max_tokens."""
     temperature: Number | None = Field(None, ge=0, le=2)
     top_p: Number | None = Field(None, gt=0, le=1)
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: StrictStr | list[StrictStr] | None = None
     ignore_eos: StrictBool = False
     """Not OpenAI's: generate max_tokens tokens whatever the model says (vLLM has it; for benchmarks)."""
