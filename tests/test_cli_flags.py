@@ -127,3 +127,16 @@ def test_eval_help_says_what_name_is(capsys):
     text = " ".join(help_of(["eval"], capsys).split())
     assert "RUN/eval/NAME.json" in text and "NAME is the --data file's name without its extension" in text
     assert "`validation` for the run's own held-out split" in text
+
+
+def test_overrides_may_follow_any_commands_flags(tiny_model_dir, tmp_path, capsys):
+    """argparse stops a positional list at the first flag; overrides after `--samples 0` still count."""
+    from conftest import FIXTURES
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"model: {{name: {tiny_model_dir}}}\ndata: {{train: {FIXTURES / 'alpaca.json'}}}\n")
+    assert main(["data", "check", str(config), "--samples", "0", "data.max_length=100"]) == 0
+    assert main(["data", "check", str(config), "--samples", "0", "data.max_length=7"]) == 2
+    assert "data.max_length: 7 is too small" in capsys.readouterr().err  # the override reached the config
+    err = usage_error(["data", "check", "demo", "--samples", "0", "--bogus"], capsys)
+    assert "unrecognized arguments: --bogus" in err

@@ -439,11 +439,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = parser()
-    # Overrides may follow `plan`'s flags (`--gpu h100 lora.r=16`); argparse stops collecting a
-    # positional list at the first flag, so plan picks up the rest itself.
+    # Overrides may follow a command's flags (`plan --gpu h100 lora.r=16`, `data check --samples 0
+    # lora.r=4`); argparse stops collecting a positional list at the first flag, so they are picked up here.
     args, rest = p.parse_known_args(argv)
     if rest:
-        if getattr(args, "command", None) == "plan" and all("=" in r and not r.startswith("-") for r in rest):
+        if hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
             args.overrides = args.overrides + rest
         else:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
