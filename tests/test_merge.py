@@ -79,6 +79,8 @@ def test_refuses_an_existing_output(tiny_run, tmp_path):
     result = run_cli("merge", str(tiny_run), str(out))
     assert result.returncode == 2 and "already exists" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    result = run_cli("merge", str(tiny_run), str(out / "keep.txt" / "merged"))  # refused before loading anything
+    assert result.returncode == 2 and "which is a file" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_chatlora_merge_json_records_the_check(tiny_run, tmp_path):

@@ -122,6 +122,37 @@ def test_a_first_ctrl_c_saves_and_a_finished_run_is_not_trained_again(reference,
     assert snapshot(tmp_path / "run") == before
 
 
+def test_resume_by_path_of_a_finished_run_is_refused_and_changes_nothing(tiny_model_dir, tmp_path):
+    # As resume=auto leaves a finished run alone, so does resume=PATH: its checkpoints could only train
+    # the same adapter again (and Trainer resumed at the last step trained one step past it).
+    run = quiet_train(tiny_config(tiny_model_dir, tmp_path, *SETTINGS, "training.max_steps=2")).path
+    before = snapshot(run)
+    for target in (run, run / "checkpoints" / "checkpoint-2"):
+        with pytest.raises(ResumeError) as refusal:
+            quiet_train(tiny_config(tiny_model_dir, tmp_path, *SETTINGS, "training.max_steps=2", f"resume={target}"))
+        message = str(refusal.value)
+        assert f"the run in {run} has finished" in message and "nothing to train" in message, message
+        assert "resume_allow_changes=true and a higher training.max_steps" in message, message
+        assert snapshot(run) == before, f"resume={target} changed the finished run"
+
+
+def test_a_run_killed_after_its_last_checkpoint_finishes_as_the_uninterrupted_one(tiny_model_dir, tmp_path):
+    # Killed once the checkpoint of its last step was saved but before adapter/ was written. Step 2 is
+    # in the middle of the first epoch (3 steps): transformers' Trainer, resumed there, skips the
+    # batches already trained and then trains a step 3 before its end-of-step check stops it. A
+    # constant learning rate, so that a step 3 would also change the adapter.
+    settings = [*SETTINGS, "training.max_steps=2", "training.lr_scheduler_type=constant"]
+    run = quiet_train(tiny_config(tiny_model_dir, tmp_path, *settings)).path
+    uninterrupted = {"losses": losses(run), "adapter": adapter(run)}
+    shutil.rmtree(run / "adapter")
+    quiet_train(tiny_config(tiny_model_dir, tmp_path, *settings, "resume=auto"))
+    assert losses(run) == uninterrupted["losses"], "no step past max_steps is trained"
+    got = adapter(run)
+    assert got.keys() == uninterrupted["adapter"].keys()
+    for key, tensor in uninterrupted["adapter"].items():
+        assert torch.equal(got[key], tensor), key
+
+
 def test_resume_with_another_config_or_data_is_refused_by_name(reference, tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, tmp_path, *SETTINGS)
     with pytest.raises(Preempted):

@@ -23,7 +23,7 @@ import yaml
 
 from chatlora.config.load import build, load_yaml
 from chatlora.config.schema import Config
-from chatlora.errors import ChatloraError
+from chatlora.errors import ChatloraError, ConfigError
 
 
 class RunDir:
@@ -60,7 +60,23 @@ class RunDir:
         return run
 
     def load_config(self) -> Config:
-        return build(Config, load_yaml(self.config.read_text("utf-8")), "")
+        """The config the run was trained with. Raises ConfigError naming config.yaml when it cannot be
+        read as one (edited by hand, cut short, or written by another chatlora version)."""
+        fix = ("fix it, or put back the config the run was trained with (`chatlora config show CONFIG key=value ...` "
+               "prints one)")
+        try:
+            raw = load_yaml(self.config.read_text("utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            why = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"the run's config file {self.config} is not valid YAML ({why}{where}); {fix}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"the run's config file {self.config} cannot be read ({e}); {fix}") from None
+        try:
+            return build(Config, raw, "")
+        except ConfigError as e:
+            raise ConfigError(f"the run's config file {self.config} is not a valid chatlora config ({e}); {fix}") from None
 
     def write_config(self, data: dict[str, Any]) -> None:
         write_atomic(self.config, yaml.safe_dump(data, allow_unicode=True, sort_keys=False))

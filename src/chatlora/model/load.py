@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import zipfile
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -27,6 +30,41 @@ def _hub_error(source: Source, what: str, e: Exception) -> ModelError:
             f"{str(e).splitlines()[0]}). Check the id and your network, or download it and pass the local folder."
         )
     return ModelError(f"could not load the {what} from {source.path!r}: {str(e).splitlines()[0]}")
+
+
+def unreadable(path: Path) -> str | None:
+    """Why a JSON, safetensors or torch file cannot be read, or None when it can (or is of another
+    kind). What a file cut short (a full disk, a killed copy or download), emptied or overwritten
+    gives; only headers and indexes are read, not the tensors, so a large file costs little."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text("utf-8"))
+            if not isinstance(data, dict):
+                kind = {list: "a list", str: "a string", bool: "true or false", type(None): "null"}.get(type(data), "a number")
+                return f"it holds {kind}, not a JSON object"
+        elif path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt"):  # checks the header against the file's length
+                pass
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            # torch.save writes a zip archive; its index is at the end, so a file cut short has none.
+            with zipfile.ZipFile(path):
+                pass
+    except zipfile.BadZipFile:
+        return "not a complete torch file"
+    except (OSError, ValueError, SafetensorError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
+        return f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+    return None
+
+
+def _damaged_weights(source: Source, e: Exception) -> ModelError:
+    """A base model whose weights file is damaged, naming the file where it is a local one."""
+    folder = Path(source.path)
+    bad = next((f for f in sorted(folder.glob("*.safetensors")) if unreadable(f)), None) if folder.is_dir() else None
+    what = f"the weights file {bad}" if bad else f"a weights file of {source.path!r}"
+    return ModelError(f"{what} is damaged ({e.__class__.__name__}: {str(e).splitlines()[0]}), cut short by an "
+                      "interrupted download or copy, say; download or copy the model again")
 
 
 def load_tokenizer(source: Source, cfg: ModelConfig):
@@ -117,6 +155,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def load_model(source: Source, cfg: ModelConfig, tokenizer, generation_config, device: str | None = None):
     """The base causal LM, in `cfg.dtype`, with the tokenizer's pad token and the checked stop tokens."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = resolve_dtype(cfg.dtype)
@@ -144,6 +183,8 @@ def load_model(source: Source, cfg: ModelConfig, tokenizer, generation_config, d
                                                          device_map=device or ("cpu" if quantize else None))
     except (OSError, ValueError) as e:
         raise _hub_error(source, "model", e) from None
+    except SafetensorError as e:
+        raise _damaged_weights(source, e) from None
     if source.gguf_file:
         # transformers de-quantizes GGUF weights into plain tensors on load; the GGUF marker it leaves
         # would make Trainer and peft treat the model as quantized (and refuse to train or merge).

@@ -47,9 +47,13 @@ def adapter_file(target: str | Path) -> Path:
 
 def check_finite(path: Path) -> None:
     """Raise ChatloraError naming every adapter tensor that holds NaN or inf (a diverged run): merged,
-    they would silently poison the base weights."""
+    they would silently poison the base weights. A damaged adapter file (or config) is a ModelError
+    naming it, before anything is read from it."""
     from safetensors import safe_open
 
+    from chatlora.model.from_run import check_adapter
+
+    check_adapter(path.parent)
     bad = []
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
@@ -117,6 +121,9 @@ def merge(target: str, out: str, *, model: str | None = None, dtype: str = "auto
     final = Path(out)
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise ChatloraError(f"{final} already exists; choose another output folder or remove it")
+    parent = next(p for p in final.absolute().parents if p.exists())
+    if not parent.is_dir():  # found now, not after the merge: mkdir would fail with the work done
+        raise ChatloraError(f"{final} lies under {parent}, which is a file; choose another output folder")
     check_finite(adapter_file(target))
     conversations, kind = parity_texts(target, data, prompts, echo)
     loaded: Loaded = load_target(target, model, device)

@@ -18,6 +18,7 @@ from typing import Any
 from chatlora.config.load import to_dict
 from chatlora.config.schema import Config
 from chatlora.errors import ResumeError
+from chatlora.model.load import unreadable
 from chatlora.run import RunDir
 from chatlora.trainer.checkpoint import STAMP, complete_checkpoints, latest_checkpoint, read_stamp, step_of
 
@@ -109,11 +110,14 @@ class Plan:
 
 def plan(cfg: Config, run: RunDir) -> Plan:
     """Decide from `cfg.resume` and what the run folder holds; reads only. Raises ResumeError for a
-    checkpoint that is not there or not complete, or a folder that is not a chatlora run."""
+    checkpoint that is not there, not complete or damaged, a finished run resumed by path with the
+    settings it was made with, or a folder that is not a chatlora run."""
     if cfg.resume is None:
         return Plan("new", run)
     if cfg.resume != "auto":
-        return _explicit(cfg, Path(cfg.resume).expanduser())
+        chosen = _explicit(cfg, Path(cfg.resume).expanduser())
+        check_readable(chosen.checkpoint)
+        return chosen
     if not run.path.exists() or not any(run.path.iterdir()):
         return Plan("new", run)
     if not run.config.is_file():
@@ -121,7 +125,26 @@ def plan(cfg: Config, run: RunDir) -> Plan:
     if (run.adapter / "adapter_model.safetensors").is_file():
         return Plan("finished", run)
     checkpoint = latest_checkpoint(run.checkpoints)
-    return Plan("resume", run, checkpoint) if checkpoint else Plan("restart", run)
+    if checkpoint is None:
+        return Plan("restart", run)
+    check_readable(checkpoint)
+    return Plan("resume", run, checkpoint)
+
+
+def check_readable(checkpoint: Path) -> None:
+    """Raise ResumeError naming the first file of a complete checkpoint that cannot be read: cut short,
+    emptied or overwritten after it was saved (a copy or a disk gone wrong). Trainer would otherwise
+    fail half way into loading it, with torch's or json's error naming neither the file nor what to do."""
+    for file in sorted(p for p in checkpoint.iterdir() if p.is_file()):
+        why = unreadable(file)
+        if why is None:
+            continue
+        step = step_of(checkpoint) or 0
+        earlier = [c for c in complete_checkpoints(checkpoint.parent) if (step_of(c) or 0) < step]
+        fix = (f"resume from the checkpoint before it with resume={earlier[-1]} (the steps after it are trained again)"
+               if earlier else f"no earlier checkpoint is complete: start the run over in another output_dir, or remove "
+                               f"{checkpoint.parent} and train again with resume=auto")
+        raise ResumeError(f"cannot resume from {checkpoint}: its file {file.name} is damaged ({why}); {fix}")
 
 
 def _explicit(cfg: Config, path: Path) -> Plan:
@@ -143,6 +166,12 @@ def _explicit(cfg: Config, path: Path) -> Plan:
     if cfg.output_dir and Path(cfg.output_dir).resolve() != run.path.resolve():
         raise ResumeError(f"resume={path} continues the run in {run.path}, but output_dir={cfg.output_dir}; "
                           "leave output_dir out, or give that folder")
+    if (run.adapter / "adapter_model.safetensors").is_file() and not cfg.resume_allow_changes:
+        # As resume=auto leaves a finished run alone: with the settings its checkpoints were made with
+        # (check_unchanged refuses others), resuming one could only train the same adapter again.
+        raise ResumeError(f"resume={path}: the run in {run.path} has finished (its adapter is in {run.adapter}); "
+                          "nothing to train. To train it further, add resume_allow_changes=true and a higher "
+                          "training.max_steps (its adapter is then replaced).")
     return Plan("resume", run, checkpoint)
 
 

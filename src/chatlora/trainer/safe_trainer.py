@@ -31,6 +31,16 @@ class SafeTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         save_atomically(self, lambda: super(SafeTrainer, self)._save_checkpoint(model, trial))
 
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from the checkpoint of the last step (a run killed after saving it, before its
+        # adapter was written), Trainer starts the epoch that step falls in, skips the batches already
+        # trained, then trains one step past max_steps before its end-of-step check stops it. Nothing is
+        # left to train: the checkpoint's weights, which Trainer has loaded, are the run's.
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         return self.note_loss(super().training_step(model, inputs, num_items_in_batch))
 
