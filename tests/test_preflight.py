@@ -118,3 +118,19 @@ def test_a_cached_split_names_the_file_given_now(tiny_model_dir, tmp_path):
     assert f"{first}:index 0" in rendered(first)
     again = rendered(second)
     assert "from cache" in again and f"{second}:index 0" in again and str(first) not in again
+
+
+def test_a_damaged_cache_entry_is_made_again(tiny_model_dir, tmp_path):
+    """A cache entry cut short (a full disk, a killed copy) is tokenized again, not a pyarrow traceback."""
+    def check():
+        lines: list[str] = []
+        check_data(tiny_config(tiny_model_dir, tmp_path, f"data.cache_dir={tmp_path / 'cache'}"), lines.append)
+        return "\n".join(lines)
+
+    check()
+    assert "from cache" in check()
+    for arrow in (tmp_path / "cache").glob("tokens/*/data/*.arrow"):
+        arrow.write_bytes(arrow.read_bytes()[:40])
+    again = check()
+    assert "from cache" not in again and again.endswith("pre-flight: ok")
+    assert "from cache" in check()

@@ -137,9 +137,12 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
     key = cache_key(conversations, cfg, fingerprint)
     folder = cache / key if cache else None
     if folder is not None and (folder / "split.json").is_file():
-        meta = json.loads((folder / "split.json").read_text())
-        dataset = _with_origin(datasets.load_from_disk(str(folder / "data")), conversations)
-        return Split(name, dataset, meta["rows"], meta["rules"], cached=True, key=key)
+        try:
+            meta = json.loads((folder / "split.json").read_text())
+            dataset = _with_origin(datasets.load_from_disk(str(folder / "data")), conversations)
+            return Split(name, dataset, meta["rows"], meta["rules"], cached=True, key=key)
+        except (OSError, ValueError, KeyError):  # a damaged entry (pyarrow's errors are ValueErrors): made again
+            shutil.rmtree(folder, ignore_errors=True)
     columns: dict[str, list] = {"input_ids": [], "labels": [], "row": [], "cut": []}
     counts: Counter[str] = Counter()
     problems, unrendered = [], 0
