@@ -137,6 +137,10 @@ BAD_BODIES = {
     "five stop strings": ({"stop": list("abcde")}, 400, "stop"),
     "seed over 64 bits": ({"seed": 2**64}, 400, "seed"),
     "n=2": ({"n": 2}, 400, "n=2 is not supported"),
+    "JSON mode": ({"response_format": {"type": "json_object"}}, 400, "response_format={'type': 'json_object'} is not supported"),
+    "tool calls required": ({"tool_choice": "required"}, 400, "tool_choice='required' is not supported"),
+    "logit_bias": ({"logit_bias": {"5": 10}}, 400, "logit_bias"),
+    "stream_options without stream": ({"stream_options": {"include_usage": True}}, 400, "only allowed when stream is true"),
     "prompt longer than the context": ({"messages": [{"role": "user", "content": "x" * 3000}]}, 400, "context is 1024"),
     "huge body": ({"messages": [{"role": "user", "content": "x" * 200_000}]}, 413, "larger than"),
 }
@@ -149,6 +153,8 @@ def test_bad_bodies_get_openai_shaped_4xx(client, case):
         client.chat.completions.create(**{"model": "alice", "messages": ask(0), "max_tokens": 5, **change})
     assert e.value.status_code == status
     assert set(e.value.body) >= {"message", "type", "param", "code"} and words in e.value.body["message"] + str(e.value.body["param"])
+    if status == 400 and len(change) == 1 and next(iter(change)) not in ("messages",):
+        assert e.value.body["param"] == next(iter(change)), "param names the field, as OpenAI's errors do"
 
 
 def test_missing_fields_unknown_model_and_broken_json(client, server):
@@ -174,6 +180,24 @@ def test_wrong_and_missing_api_keys_are_401(server):
     r = httpx.get(f"{server}/models")
     assert r.status_code == 401 and "Missing API key" in r.json()["error"]["message"]
     assert httpx.get(server.removesuffix("/v1") + "/health").status_code == 401
+    lower = httpx.get(f"{server}/models", headers={"Authorization": f"bearer {KEY}"})  # the scheme's case is free
+    assert lower.status_code == 200
+
+
+def test_http_details_say_what_is_wrong(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.get(f"{server}/chat/completions", headers=auth)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    body = json.dumps({"model": "alice", "messages": ask(0), "max_tokens": 2})
+    r = httpx.post(f"{server}/chat/completions", content=body, headers={**auth, "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
+
+
+def test_a_vanishing_temperature_samples_greedily(client, base_name):
+    """Dividing logits by 1e-40 overflows (softmax then gives NaN): such a temperature is greedy."""
+    greedy = client.chat.completions.create(model=base_name, messages=ask(5), max_tokens=12, temperature=0)
+    tiny = client.chat.completions.create(model=base_name, messages=ask(5), max_tokens=12, temperature=1e-40)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
 
 
 def test_a_client_that_leaves_stops_its_generation(server, base_name):

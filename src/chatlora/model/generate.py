@@ -27,9 +27,19 @@ class Reply:
     """The reply's token ids, the stop token excluded."""
 
 
+# Temperatures below this sample greedily. At them sampling is the argmax anyway (a token 0.001 below
+# the best has probability exp(-0.001 / t), which float32 holds as 0), and dividing float32 logits by
+# them overflows to inf (or, under 1e-38, by 0): softmax then gives NaN and sampling fails.
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < GREEDY_BELOW
+
+
 def _generate_options(temperature: float, top_p: float, top_k: int, repetition_penalty: float) -> dict:
     """transformers' generate() arguments for chatlora's sampling options."""
-    if temperature <= 0:
+    if is_greedy(temperature):
         # None overrides whatever sampling defaults the model's generation config carries.
         options = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     else:
@@ -137,7 +147,7 @@ class ReplyStream:
         self.prompt_tokens = len(self.prompt)
         self.max_new_tokens = max_new_tokens
         self.stops = set(stop_ids(model.generation_config))
-        self.greedy = temperature <= 0
+        self.greedy = is_greedy(temperature)
         # The same processors, in the same order, as transformers' generate() builds from these options.
         self.processors = LogitsProcessorList()
         if repetition_penalty != 1.0:

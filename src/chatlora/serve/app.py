@@ -8,6 +8,7 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 from fastapi import FastAPI, Request
@@ -43,7 +44,8 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.api_key is not None:
             given = headers.get("authorization", "")
-            if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), self.api_key.encode()):
+            scheme, _, key = given.partition(" ")  # the scheme's case does not matter (RFC 7235)
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
                 why = "Incorrect API key provided" if given else "Missing API key: send it as 'Authorization: Bearer KEY'"
                 return await error_response(RequestError(why, 401, "invalid_api_key"))(scope, receive, send)
         too_big = RequestError(f"the request body is larger than this server's limit of {self.max_body} bytes",
@@ -80,23 +82,30 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = 1 << 
     """The ASGI app. `api_key` None serves without authentication (loopback only: see server.check_bind)."""
     app = FastAPI(title="chatlora", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     started = int(time.time())
+    render = ThreadPoolExecutor(1, thread_name_prefix="chatlora-render")
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, e: RequestError) -> JSONResponse:
         return error_response(e)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
         where = param_of(first["loc"])
         if first["type"] == "json_invalid":
             return error_response(RequestError(f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"))
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not where and kind != "application/json":  # the body was not read as JSON at all
+            return error_response(RequestError(f"send the body as JSON with 'Content-Type: application/json' "
+                                               f"(it came as {kind or 'no Content-Type'})"))
         message = first["msg"].removeprefix("Value error, ")
         return error_response(RequestError(f"{where}: {message}" if where else message, param=where or None))
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, e: HTTPException) -> JSONResponse:
-        return error_response(RequestError(str(e.detail), e.status_code, kind="invalid_request_error"))
+        response = error_response(RequestError(str(e.detail), e.status_code, kind="invalid_request_error"))
+        response.headers.update(e.headers or {})  # 405's Allow, for one
+        return response
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, e: Exception) -> JSONResponse:  # a bug or a failed generation, never bad input
@@ -128,7 +137,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = 1 << 
             except RuntimeError:  # the event loop is gone (server shutting down)
                 pass
 
-        ticket = engine.submit(body.model, body.conversation(), body.params(), emit)
+        # Rendering and tokenizing a long prompt takes a while: off the event loop, so other streams and
+        # /health go on meanwhile; in one thread, as the tokenizer is shared.
+        ticket = await loop.run_in_executor(render, engine.submit, body.model, body.conversation(), body.params(), emit)
         cid = new_id()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -11,11 +11,17 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationInfo, field_validator
 
 from chatlora.serve.params import SEED_MAX, SEED_MIN, Event, RequestError, SamplingParams, Usage
 
 Number = float  # in strict mode a float field takes ints but not strings or booleans
+
+# OpenAI's request fields this server does not implement, and the values that ask for nothing.
+UNSUPPORTED: dict[str, tuple] = {
+    "n": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logprobs": (False,), "top_logprobs": (0,),
+    "logit_bias": ({},), "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
+}
 
 
 class TextPart(BaseModel):
@@ -56,22 +62,32 @@ class ChatRequest(BaseModel):
     stop: StrictStr | list[StrictStr] | None = None
     ignore_eos: StrictBool = False
     """Not OpenAI's: generate max_tokens tokens whatever the model says (vLLM has it; for benchmarks)."""
-    # OpenAI's options this server does not implement: accepted only at their neutral value.
+    # OpenAI's options this server does not implement: accepted only at their neutral value (a client
+    # that asks for JSON mode or tool calls must not get free text back as if it had them).
     n: StrictInt | None = None
     presence_penalty: Number | None = None
     frequency_penalty: Number | None = None
     logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    logit_bias: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
 
-    @model_validator(mode="after")
-    def _supported(self) -> "ChatRequest":
-        for name, neutral in (("n", 1), ("presence_penalty", 0), ("frequency_penalty", 0), ("logprobs", False)):
-            value = getattr(self, name)
-            if value is not None and value != neutral:
-                raise ValueError(f"{name}={value!r} is not supported by this server (only {neutral!r})")
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
-        return self
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _neutral(cls, value: Any, info: ValidationInfo) -> Any:
+        neutral = UNSUPPORTED[info.field_name]
+        if value is not None and value not in neutral:
+            raise ValueError(f"{info.field_name}={value!r} is not supported by this server (only {neutral[0]!r})")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_streamed(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")  # as OpenAI answers
+        return value
 
     @field_validator("stop")
     @classmethod
