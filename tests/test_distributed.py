@@ -291,3 +291,81 @@ def test_resume_that_would_change_the_training_is_refused(tmp_path):
     write_record(tmp_path, record(4, "fsdp2"))
     with pytest.raises(ConfigError, match="FSDP2 checkpoints are sharded per process: resume it on 4 processes"):
         check_resume(tmp_path, record(2, "fsdp2"))
+
+
+# ---------------------------------------------------------------- stops and failures of a launched job
+
+
+def _launch_long_run(tiny_model_dir: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """`chatlora train --gpus 2` on a run of many steps; returns once its first step is logged."""
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "chatlora", "train", "--gpus", "2", str(config_file(tiny_model_dir, tmp_path)),
+                             f"data.train={FIXTURES / 'alpaca.json'}", "training.max_steps=2000", f"output_dir={run}", *extra],
+                            cwd=tmp_path, env={**os.environ, **env_for(tmp_path / "cache")}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not losses(run) if (run / "metrics.jsonl").exists() else True:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.5)
+    return proc, run
+
+
+def _job_processes(run: Path) -> list[int]:
+    """The processes whose command line names this run folder."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(run) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_sigterm_to_the_launcher_stops_the_job_with_a_checkpoint_and_75(tiny_model_dir, tmp_path):
+    import signal
+
+    proc, run = _launch_long_run(tiny_model_dir, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "Traceback" not in err and "(rank 1)" not in err, err[-3000:]
+    assert "SIGTERM passed on to the 2 processes" in err and "resume=auto" in err
+    assert list((run / "checkpoints").glob("checkpoint-*")), "the processes saved a checkpoint"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_processes_stop_when_the_launcher_is_killed(tiny_model_dir, tmp_path):
+    """torchrun starts its workers in a session of their own: killed with SIGKILL, the launcher would
+    leave them training with no parent. They get SIGTERM instead, save a checkpoint and stop."""
+    import signal
+    import time
+
+    proc, run = _launch_long_run(tiny_model_dir, tmp_path)
+    proc.kill()
+    out, err = proc.communicate(timeout=60)
+    deadline = time.time() + 120
+    while _job_processes(run) and time.time() < deadline:
+        time.sleep(0.5)
+    left = _job_processes(run)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "the processes outlived their launcher"
+    assert list((run / "checkpoints").glob("checkpoint-*")), f"they saved a checkpoint on the way out: {err[-2000:]}"
+
+
+def test_a_nonfinite_loss_on_two_processes_is_reported_once(tiny_model_dir, tmp_path):
+    result = run_cli("train", "--gpus", "2", str(config_file(tiny_model_dir, tmp_path)), f"data.train={FIXTURES / 'alpaca.json'}",
+                     "training.learning_rate=1e30", "training.max_grad_norm=0", "training.max_steps=6",
+                     f"output_dir={tmp_path / 'run'}", cwd=tmp_path, env=env_for(tmp_path / "cache"))
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert result.stderr.count("was NaN or inf") == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_stray_world_size_is_a_clear_error(tiny_model_dir, tmp_path):
+    result = run_cli("train", str(config_file(tiny_model_dir, tmp_path)), f"data.train={FIXTURES / 'alpaca.json'}",
+                     f"output_dir={tmp_path / 'run'}", cwd=tmp_path, env={"WORLD_SIZE": "2"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT not" in result.stderr

@@ -9,7 +9,7 @@ import textwrap
 import warnings
 
 from chatlora import __version__
-from chatlora.errors import EXIT_INTERRUPTED, ChatloraError, ConfigError
+from chatlora.errors import EXIT_INTERRUPTED, ChatloraError, ConfigError, ModelError
 
 CONFIG_HELP = """\
 CONFIG is a preset name ({presets}) or a YAML file; key=value pairs override it with dotted keys:
@@ -411,8 +411,10 @@ def run(args: argparse.Namespace) -> int:
 
         return launch(args.gpus, ["train", args.config, *args.overrides])
     if args.command == "train":
+        from chatlora.recipes.launch import die_with_launcher
         from chatlora.recipes.train import train
 
+        die_with_launcher()  # a process of `--gpus N`: stop (with a checkpoint) when the launcher dies
         train(cfg)
     elif args.command == "data":
         from chatlora.recipes.data_check import check_data
@@ -437,6 +439,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def lost_peer(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another process of a multi-process job is gone
+    (gloo: "Connection reset by peer", NCCL: a remote error), as opposed to a bug of this process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    text = str(e)
+    return type(e).__name__.startswith("Dist") or any(w in text for w in ("Connection reset by peer", "Connection closed by peer",
+                                                                          "remote process exited", "NCCL communicator was aborted"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     # Overrides may follow a command's flags (`plan --gpu h100 lora.r=16`, `data check --samples 0
@@ -456,11 +468,22 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK", "0")
         if rank == "0":
             print(f"{e.label}: {e}", file=sys.stderr)
-        elif not (isinstance(e, ConfigError) or getattr(e, "shared", False)):
+        elif not (isinstance(e, ConfigError) or getattr(e, "shared", False)
+                  or isinstance(e, ModelError) and os.environ.get("LOCAL_RANK", "0") != "0"):
             # Launched as several processes: rank 0 reports what every process meets (the config) and
-            # what they shared at a common wait (the data); the rest only the process that met it.
+            # what they shared at a common wait (the data); a model is loaded from each node's own
+            # files, so the first process of each node reports that; the rest only what they alone met.
             print(f"{e.label} (rank {rank}): {e}", file=sys.stderr)
         return e.exit_code
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        # Another process of the job died (killed, out of memory): its own output says why; a
+        # traceback from each survivor's wait adds nothing.
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error (rank {os.environ.get('RANK', '0')}): lost contact with another process of the job ({first[:300]}); "
+              "it stopped first, see its own message. Continue from the last checkpoint with resume=auto", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -87,6 +87,7 @@ class NonFiniteError(ChatloraError):
     """Training produced a NaN or inf loss or gradient; the last good checkpoint is kept."""
 
     exit_code = EXIT_NONFINITE
+    shared = True  # every rank stops at the same step (the verdict is all-reduced): rank 0 says it
 
 
 class StorageError(ChatloraError):
@@ -101,6 +102,7 @@ class Preempted(ChatloraError):
 
     exit_code = EXIT_PREEMPTED
     label = "stopped"
+    shared = True  # every rank stops at the same step (trainer.stop): rank 0 says it
 
 
 def refuse_file_in_the_way(path: Path, key: str, default: str) -> None:

@@ -8,8 +8,33 @@ exactly as given, and training (accelerate through Trainer) joins them into one 
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
-from chatlora.errors import ConfigError
+from chatlora.errors import EXIT_PREEMPTED, ConfigError
+
+
+LAUNCHER = "CHATLORA_LAUNCHER_PID"
+
+
+def die_with_launcher() -> None:
+    """In a process started by `--gpus`: be told when the launcher dies, even by SIGKILL, so the process
+    saves a checkpoint and stops instead of training on with no parent (torchrun starts its workers in
+    a session of their own, out of reach of the launcher's terminal). Linux only."""
+    from chatlora.trainer.stop import LAUNCHER_GONE
+
+    launcher = os.environ.get(LAUNCHER)
+    if not launcher or LAUNCHER_GONE is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, LAUNCHER_GONE)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(launcher):  # it died before the line above: nobody would send the signal
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def torchrun_args(processes: int, argv: list[str]) -> list[str]:
@@ -25,6 +50,7 @@ def launch(processes: int, argv: list[str]) -> int:
     Raises ConfigError when already inside a launched job, or when asked for more GPUs than present.
     """
     import torch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -35,8 +61,16 @@ def launch(processes: int, argv: list[str]) -> int:
             raise ConfigError(f"--gpus {processes}: this machine has {torch.cuda.device_count()} GPU(s)")
     else:
         print(f"no GPU here: training on {processes} CPU processes (gloo)", flush=True)
+    os.environ[LAUNCHER] = str(os.getpid())  # the processes inherit it: see die_with_launcher
     try:
         run(parse_args(torchrun_args(processes, argv)))
+    except SignalException as e:
+        # SIGTERM or Ctrl-C reached this launcher: torchrun has passed it on to the processes, which
+        # save a checkpoint at the end of their step (rank 0 said so) and stop. Not a crash: 75, as
+        # one process gives, so a scheduler reads it as "try again later".
+        print(f"stopped: {signal.Signals(e.sigval).name} passed on to the {processes} processes; continue with the "
+              "same command and resume=auto", file=sys.stderr)
+        return EXIT_PREEMPTED
     except ChildFailedError as e:
         _, failure = e.get_first_failure()
         # A worker killed by a signal has a negative exit code; report it as the shell would.

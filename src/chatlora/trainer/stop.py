@@ -8,6 +8,7 @@ yet) or after it has ended, stops at once with KeyboardInterrupt (exit 130).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -15,7 +16,10 @@ import threading
 import torch
 from transformers import TrainerCallback
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# What a process of `chatlora train --gpus N` receives when its launcher dies (recipes.launch). The
+# kernel sends it again each time a thread of the dying launcher exits: repeats are one request.
+LAUNCHER_GONE = getattr(signal, "SIGUSR2", None)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, *([LAUNCHER_GONE] if LAUNCHER_GONE else []))
 
 
 class StopOnSignal(TrainerCallback):
@@ -38,9 +42,13 @@ class StopOnSignal(TrainerCallback):
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
+        if signum == LAUNCHER_GONE and self.requested == "the launcher's end":
+            return
         if self.requested is not None or not self.in_loop:
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.requested = "the launcher's end" if signum == LAUNCHER_GONE else signal.Signals(signum).name
+        if os.environ.get("RANK", "0") != "0":  # every rank stops; rank 0 says so for all of them
+            return
         print(f"\n{self.requested}: saving a checkpoint at the end of this step, then stopping "
               "(Ctrl-C again to stop at once, without it)", file=sys.stderr, flush=True)
 

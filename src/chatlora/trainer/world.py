@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from chatlora.errors import ChatloraError
+from chatlora.errors import ChatloraError, ConfigError
 
 T = TypeVar("T")
 
@@ -131,6 +131,11 @@ def start(training: dict[str, Any]) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:  # WORLD_SIZE left in the environment by something else, not a launcher
+        raise ConfigError(f"WORLD_SIZE={size} is set but {', '.join(missing)} not: this process was not started by a "
+                          "launcher. Unset WORLD_SIZE for one process, or start the job with chatlora train --gpus N, "
+                          "torchrun or accelerate launch")
     import torch
     import torch.distributed as dist
     from accelerate import PartialState
