@@ -103,6 +103,20 @@ def test_batches_replay_the_collators():
     assert padded.positions_per_step == 100 and padded.real_tokens_per_step == 55
 
 
+def test_the_plan_batches_the_global_batch_as_training_splits_it(tiny_model_dir, tmp_path, monkeypatch):
+    """distributed.samples_per_step is the step, on one process or split over several (WORLD_SIZE)."""
+    from chatlora.plan.plan import batching_of
+
+    cfg = tiny_config(tiny_model_dir, tmp_path, "distributed.samples_per_step=12", "training.max_steps=-1",
+                      "training.num_train_epochs=1", "training.per_device_train_batch_size=4")
+    samples = Samples([10] * 24, [4] * 24)
+    one = batching_of(cfg, samples)
+    assert (one.samples_per_step, one.per_pass, one.steps, one.processes) == (12, 4, 2, 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    two = batching_of(cfg, samples)
+    assert (two.samples_per_step, two.per_pass, two.steps, two.processes) == (6, 3, 2, 2)  # 3 x 2 per process
+
+
 def test_parse_gib():
     assert parse_gib("24GiB") == 24
     assert parse_gib("24GB") == pytest.approx(24e9 / 2**30)

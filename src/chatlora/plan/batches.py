@@ -32,14 +32,17 @@ class Batching:
     """How the run batches its samples (from the config and TrainingArguments)."""
 
     samples_per_step: int
-    """Samples per optimizer step (per device): per_device_train_batch_size x gradient_accumulation_steps."""
+    """Samples per optimizer step on one device: its share of the global batch (distributed.samples_per_step,
+    or per_device_train_batch_size x gradient_accumulation_steps)."""
     per_pass: int
-    """Samples per forward pass without a token budget (per_device_train_batch_size)."""
+    """Samples per forward pass without a token budget (the process's micro-batch)."""
     packing: bool
     budget: int | None
     """data.batch_tokens: the most tokens one forward pass holds, or None (per_pass samples a pass)."""
     steps: int
     """Optimizer steps in the run."""
+    processes: int = 1
+    """Processes the global batch is split over (WORLD_SIZE)."""
 
 
 @dataclass(frozen=True)

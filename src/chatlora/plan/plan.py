@@ -4,6 +4,7 @@ choices `data.batch_tokens=auto` / `training.gradient_checkpointing=auto` make f
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from chatlora.config.schema import Config
@@ -12,6 +13,7 @@ from chatlora.plan.arch import Arch
 from chatlora.plan.batches import Batching, PassStats, Samples, run_steps, simulate
 from chatlora.plan.memory import GiB, Memory, Setup, estimate
 from chatlora.plan.speed import Gpu, Speed, estimate_speed
+from chatlora.trainer.distributed import samples_per_step, split_step
 
 # TrainingArguments' own defaults, for keys a config leaves out.
 DEFAULT_PER_DEVICE = 8
@@ -53,11 +55,16 @@ def setup_of(cfg: Config, on_gpu: bool, checkpointing: bool | None = None) -> Se
 def batching_of(cfg: Config, samples: Samples, budget: int | None | str = "config") -> Batching:
     t = cfg.training
     per = int(t.get("per_device_train_batch_size", DEFAULT_PER_DEVICE))
-    step = per * int(t.get("gradient_accumulation_steps", 1))
+    step = samples_per_step(cfg)  # the global batch, as training splits it
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if step % processes:  # training refuses this split with its own message; plan one process's step
+        processes = 1
+    micro, _ = split_step(step, processes, per)
+    share = step // processes
     budget = cfg.data.batch_tokens if budget == "config" else budget
     steps = run_steps(len(samples.lengths), step, float(t.get("num_train_epochs", DEFAULT_EPOCHS)), int(t.get("max_steps", -1)))
-    return Batching(samples_per_step=step, per_pass=step if budget else per, packing=cfg.data.packing,
-                    budget=budget if isinstance(budget, int) else None, steps=steps)
+    return Batching(samples_per_step=share, per_pass=share if budget else micro, packing=cfg.data.packing,
+                    budget=budget if isinstance(budget, int) else None, steps=steps, processes=processes)
 
 
 def peak_of(arch: Arch, setup: Setup, stats: PassStats) -> Memory:

@@ -72,7 +72,8 @@ def describe(plan: Plan, where: str, other: Memory | None = None) -> list[str]:
     else:
         how = f"{b.per_pass} per pass, " + ("packed" if b.packing else "padded to the longest")
     data = "" if plan.samples.measured else " (data not read: every sample assumed max_length long)"
-    lines.append(f"  batches   {b.samples_per_step} samples per optimizer step, {how}; {b.steps:,} steps{data}")
+    split = f" ({b.samples_per_step} on each of {b.processes} processes)" if b.processes > 1 else ""
+    lines.append(f"  batches   {b.samples_per_step * b.processes} samples per optimizer step{split}, {how}; {b.steps:,} steps{data}")
     lines.append(f"            largest pass {st.largest.tokens:,} tokens ({st.largest.trained:,} trained); "
                  f"{st.passes_per_step:.2f} passes and {st.real_tokens_per_step:,.0f} tokens per step on average")
     lines.append("  peak GPU memory, predicted (torch.cuda.max_memory_allocated):")
