@@ -78,13 +78,21 @@ def _text(row: dict, key: str, errs: list, field: str | None = None, required: b
     if not isinstance(value, str):
         errs.append((field, f"must be a string, got {type(value).__name__}"))
         return None
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:  # a JSON escape such as \ud800 without its pair: not text
-        errs.append((field, f"holds an unpaired surrogate escape (\\u{ord(value[e.start]):04x}) at character {e.start + 1}; "
-                            "escape the whole character (both halves of the pair) or write it as UTF-8"))
+    why = not_text(value)
+    if why:
+        errs.append((field, why))
         return None
     return value
+
+
+def not_text(value: str) -> str | None:
+    """Why a JSON string is not text (a \\ud800 escape without its pair, which no tokenizer takes), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"holds an unpaired surrogate escape (\\u{ord(value[e.start]):04x}) at character {e.start + 1}; "
+                "escape the whole character (both halves of the pair) or write it as UTF-8")
+    return None
 
 
 def _alpaca(row: dict, errs: list) -> list[Message]:

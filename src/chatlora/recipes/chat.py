@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
+from chatlora.data.formats import not_text
 from chatlora.errors import ConfigError, DataError, Problem, StorageError
 from chatlora.model.from_run import Loaded, default_device, load_target
 from chatlora.model.generate import Reply, generate_replies, stream_reply
@@ -207,17 +208,6 @@ def command(session: ChatSession, line: str, write: Callable[[str], None]) -> bo
     return True
 
 
-def _surrogate(text: str) -> str | None:
-    """Why `text` is not text: a JSON escape such as \\ud800 without its pair, which no tokenizer
-    takes (None when it is text)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return (f"holds an unpaired surrogate escape (\\u{ord(text[e.start]):04x}) at character {e.start + 1}; "
-                "escape the whole character (both halves of the pair) or write it as UTF-8")
-    return None
-
-
 def read_prompts(path: str) -> list[list[dict]]:
     """A prompts file: one prompt per line, or JSONL rows with `prompt` (a string) or `messages`
     (OpenAI messages ending with a user turn). Raises DataError listing every bad line."""
@@ -269,7 +259,7 @@ def read_prompts(path: str) -> list[list[dict]]:
         else:
             problems.append(Problem(path, where, "", 'needs "prompt" (a non-empty string) or "messages" (a list)'))
             continue
-        broken = next(((f, why) for f, m in zip(fields, conversation) if (why := _surrogate(m["content"]))), None)
+        broken = next(((f, why) for f, m in zip(fields, conversation) if (why := not_text(m["content"]))), None)
         if broken:
             problems.append(Problem(path, where, *broken))
         else:
@@ -353,7 +343,7 @@ def chat(target: str, *, model: str | None = None, base: bool = False, prompt: s
         raise ConfigError("--output goes with --prompts-file")
     for flag, text in (("--prompt", prompt), ("--system", system)):
         # Bytes that are not UTF-8 in the command line arrive as lone surrogates, which no tokenizer takes.
-        if text is not None and _surrogate(text):
+        if text is not None and not_text(text):
             raise ConfigError(f"{flag}: not UTF-8 text (the shell passed bytes in another encoding)")
     if prompts_file:
         read_prompts(prompts_file)  # a bad file fails before the model loads
