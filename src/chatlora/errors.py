@@ -105,11 +105,16 @@ class Preempted(ChatloraError):
     shared = True  # every rank stops at the same step (trainer.stop): rank 0 says it
 
 
+def file_in_the_way(path: Path) -> str | None:
+    """Why `path` cannot become a folder ("is a file", "lies under X, which is a file"), or None."""
+    part = next((p for p in (path, *path.parents) if p.exists()), None)
+    if part is None or part.is_dir():
+        return None
+    return "is a file" if part == path else f"lies under {part}, which is a file"
+
+
 def refuse_file_in_the_way(path: Path, key: str, default: str) -> None:
     """Raise ConfigError when `path`, which must become a folder, is a file or lies under one."""
-    for part in (path, *path.parents):
-        if part.exists():
-            if not part.is_dir():
-                what = "is a file" if part == path else f"lies under {part}, which is a file"
-                raise ConfigError(f"{key}={path} {what}; give a folder (or leave {key} {default})")
-            return
+    what = file_in_the_way(path)
+    if what:
+        raise ConfigError(f"{key}={path} {what}; give a folder (or leave {key} {default})")

@@ -91,7 +91,7 @@ def _read_json(text: str, path: str) -> list[RawRow]:
     except json.JSONDecodeError as e:
         # A .json file that is really JSON Lines (a common mix-up) is read as such, so each bad line
         # is reported with its own number rather than as "extra data" after the first line.
-        first = next((line for line in _lines(text) if line.strip()), "")
+        first = next((line for line in jsonl_lines(text) if line.strip()), "")
         if _is_json(first):
             return _read_jsonl(text, path)
         raise DataError([Problem(path, f"line {e.lineno}", "", _syntax(e))]) from None
@@ -122,7 +122,7 @@ def _is_json(line: str) -> bool:
         return False
 
 
-def _lines(text: str) -> list[str]:
+def jsonl_lines(text: str) -> list[str]:
     """JSONL lines: split at newlines only. str.splitlines() also splits at U+2028, U+0085 and other
     characters that JSON strings may hold raw (json.dumps(ensure_ascii=False) writes them so)."""
     return [line.removesuffix("\r") for line in text.split("\n")]
@@ -156,7 +156,7 @@ def _decode(data: bytes, path: str) -> str:
 
 def _read_jsonl(text: str, path: str) -> list[RawRow]:
     rows, problems = [], []
-    for number, line in enumerate(_lines(text), 1):
+    for number, line in enumerate(jsonl_lines(text), 1):
         if not line.strip():
             continue
         try:

@@ -37,6 +37,10 @@ def is_greedy(temperature: float) -> bool:
     return temperature < GREEDY_BELOW
 
 
+# A seed is a signed 64-bit integer, as in vLLM; torch.Generator.manual_seed overflows beyond 2**64.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
 def _generate_options(temperature: float, top_p: float, top_k: int, repetition_penalty: float) -> dict:
     """transformers' generate() arguments for chatlora's sampling options."""
     if is_greedy(temperature):

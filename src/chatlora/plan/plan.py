@@ -13,10 +13,9 @@ from chatlora.plan.arch import Arch
 from chatlora.plan.batches import Batching, PassStats, Samples, run_steps, simulate
 from chatlora.plan.memory import GiB, Memory, Setup, estimate
 from chatlora.plan.speed import Gpu, Speed, estimate_speed
-from chatlora.trainer.distributed import samples_per_step, split_step
+from chatlora.trainer.distributed import DEFAULT_MICRO_BATCH, samples_per_step, split_step
 
 # TrainingArguments' own defaults, for keys a config leaves out.
-DEFAULT_PER_DEVICE = 8
 DEFAULT_EPOCHS = 3.0
 # Ranks auto's candidates when the GPU is unknown (a CPU-only machine planning with --gpu-mem):
 # the speed model's numbers are not reported then, only used to order the choices.
@@ -54,7 +53,7 @@ def setup_of(cfg: Config, on_gpu: bool, checkpointing: bool | None = None) -> Se
 
 def batching_of(cfg: Config, samples: Samples, budget: int | None | str = "config") -> Batching:
     t = cfg.training
-    per = int(t.get("per_device_train_batch_size", DEFAULT_PER_DEVICE))
+    per = int(t.get("per_device_train_batch_size", DEFAULT_MICRO_BATCH))
     step = samples_per_step(cfg)  # the global batch, as training splits it
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if step % processes:  # training refuses this split with its own message; plan one process's step

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import TextIO
 
 from chatlora.data.formats import not_text
+from chatlora.data.read import jsonl_lines
 from chatlora.errors import ConfigError, DataError, Problem, StorageError
 from chatlora.model.from_run import Loaded, default_device, load_target
-from chatlora.model.generate import Reply, generate_replies, stream_reply
+from chatlora.model.generate import SEED_MAX, SEED_MIN, Reply, generate_replies, stream_reply
 from chatlora.run import write_atomic
 
 HELP = """commands:
@@ -66,7 +67,7 @@ class Sampling:
             raise ConfigError(f"--top-k: {self.top_k} must be 0 (off) or more")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"--repetition-penalty: {self.repetition_penalty} must be positive (1.0 = off)")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**63:  # torch's generators take 64 bits
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ConfigError(f"--seed: {self.seed} must fit in 64 bits (-2**63 to 2**63-1)")
 
     def kwargs(self) -> dict:
@@ -218,9 +219,7 @@ def read_prompts(path: str) -> list[list[dict]]:
         text = file.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError([Problem(path, "", "", f"not UTF-8 ({e.reason} at byte {e.start})")]) from None
-    # Split at newlines only: str.splitlines() also splits at U+2028, U+0085 and other characters that
-    # JSON strings may hold raw (`chat --output` writes them so: json.dumps(ensure_ascii=False)).
-    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    lines = jsonl_lines(text)  # `chat --output` writes U+2028 and the like raw inside its JSON strings
     first = next((line for line in lines if line.strip()), "")
     is_jsonl = file.suffix == ".jsonl" or first.lstrip().startswith("{")
     prompts, problems = [], []

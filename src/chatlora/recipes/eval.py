@@ -176,7 +176,6 @@ def evaluate(target: str, data: str | None = None, *, model: str | None = None, 
         conversations = conversations[:limit]
     if not conversations:
         raise ChatloraError(f"no held-out conversation ends with an assistant reply to compare against ({name})")
-    folder = report_folder(target, out)
     echo(f"evaluating on {len(conversations)} held-out conversations ({data or 'the run validation data'})")
     loaded = load_target(target, model, device)
     max_length = loaded.config.data.max_length if loaded.config else 2048

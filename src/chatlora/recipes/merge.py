@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from chatlora.data.formats import Conversation
-from chatlora.errors import ChatloraError, DataError
+from chatlora.errors import ChatloraError, DataError, file_in_the_way
 from chatlora.model import quant
 from chatlora.model.from_run import Loaded, default_device, load_target
 from chatlora.model.load import add_stop_tokens, resolve_dtype, stop_ids
@@ -121,9 +121,9 @@ def merge(target: str, out: str, *, model: str | None = None, dtype: str = "auto
     final = Path(out)
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise ChatloraError(f"{final} already exists; choose another output folder or remove it")
-    parent = next(p for p in final.absolute().parents if p.exists())
-    if not parent.is_dir():  # found now, not after the merge: mkdir would fail with the work done
-        raise ChatloraError(f"{final} lies under {parent}, which is a file; choose another output folder")
+    blocked = file_in_the_way(final.absolute())
+    if blocked:  # found now, not after the merge: mkdir would fail with the work done
+        raise ChatloraError(f"{final} {blocked}; choose another output folder")
     check_finite(adapter_file(target))
     conversations, kind = parity_texts(target, data, prompts, echo)
     loaded: Loaded = load_target(target, model, device)

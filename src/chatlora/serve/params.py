@@ -8,10 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from chatlora.errors import ChatloraError
-from chatlora.model.generate import is_greedy
-
-# A seed is a signed 64-bit integer, as in vLLM; torch.Generator.manual_seed overflows beyond 2**64.
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+from chatlora.model.generate import SEED_MAX, SEED_MIN, is_greedy
 
 
 class RequestError(ChatloraError):

@@ -200,4 +200,3 @@ def _truncate_metrics(path: Path, step: int) -> None:
     # read_metrics drops a line torn by a kill in mid-write; rows are written back as MetricsLog wrote them.
     kept = [row for row in read_metrics(path) if row.get("step", 0) <= step]
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
-
