@@ -70,16 +70,24 @@ def test_prompt_ids_end_with_the_generation_prompt():
     assert r.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
 
 
-def test_a_template_that_rewrites_history_is_reported():
-    # Drops every earlier assistant reply once another one follows (as some "reasoning" templates do).
+def test_a_template_that_rewrites_history_trains_each_turn_on_its_own_prompt():
+    # Drops every earlier assistant reply once another one follows (as some "reasoning" templates do):
+    # each reply gets a sample of its own, the prompt exactly as inference renders it.
     template = (
         "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{'<|im_start|>assistant\n<|im_end|>\n'}}"
         "{% else %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
     )
     r = Renderer(build_byte_tokenizer(template=template), {EOT})
-    with pytest.raises(RenderError, match="renders turn 2 differently"):
-        r.tokenize(MULTI)
+    assert r.strategy == "per-turn"
+    samples = r.split(MULTI)
+    assert [turns for turns, _ in samples] == [[2], [4]]
+    for (turns, sample), upto in zip(samples, (2, 4)):
+        assert trained_text(r.tokenizer, sample) == [MULTI[upto]["content"] + "<|im_end|>"]
+        prompt = r.prompt_ids(MULTI[:upto])
+        assert sample.input_ids[: len(prompt)] == prompt and sample.labels[len(prompt) - 1] == IGNORE
+    with pytest.raises(RenderError, match="cannot share a sample"):
+        r.tokenize(MULTI, turns=[2, 4])
 
 
 def test_a_tokenizer_without_a_chat_template_is_refused():

@@ -5,10 +5,18 @@ from __future__ import annotations
 from collections import Counter
 
 from chatlora.data.render import IGNORE, Renderer
-from chatlora.data.truncate import HISTORY_DROPPED, PROMPT_TRIMMED, REPLY_DROPPED, REPLY_TOO_LONG, REPLY_TRUNCATED, fit
+from chatlora.data.truncate import HISTORY_DROPPED, PROMPT_TRIMMED, REPLY_DROPPED, REPLY_TOO_LONG, REPLY_TRUNCATED
+from chatlora.data.truncate import fit as fit_all
 from conftest import build_byte_tokenizer
 
 EOT = 256
+
+
+def fit(messages, r, max_length, overlong, counts):
+    """The one sample of a ChatML conversation (None when dropped)."""
+    samples = fit_all(messages, r, max_length, overlong, counts)
+    assert len(samples) <= 1
+    return samples[0][0] if samples else None
 
 
 def setup():

@@ -24,7 +24,7 @@ from chatlora.data.truncate import REPLY_TOO_LONG, REPLY_TRUNCATED, fit
 from chatlora.errors import DataError, Problem, refuse_file_in_the_way
 
 # Bump when the rendering or masking logic changes, so old caches are not reused.
-PIPELINE_VERSION = 2  # 2: the cache holds each sample's row index, not its file and line
+PIPELINE_VERSION = 3  # 3: per-turn samples, replies found by sentinel, reasoning; 2: row indices, not file and line
 
 
 @dataclass
@@ -120,7 +120,7 @@ def tokenizer_fingerprint(tokenizer, renderer: Renderer) -> str:
 
 def cache_key(conversations: list[Conversation], cfg: DataConfig, fingerprint: str) -> str:
     h = hashlib.sha256()
-    settings = {k: v for k, v in asdict(cfg).items() if k in ("max_length", "overlong", "train_on")}
+    settings = {k: v for k, v in asdict(cfg).items() if k in ("max_length", "overlong", "train_on", "reasoning")}
     h.update(json.dumps([PIPELINE_VERSION, settings, fingerprint]).encode())
     for c in conversations:
         h.update(json.dumps(c.messages, ensure_ascii=False).encode())
@@ -149,22 +149,21 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
     for index, conv in enumerate(tqdm(conversations, desc=f"tokenizing {name}", unit="row", leave=False)):
         before = counts[REPLY_TOO_LONG]
         try:
-            sample = fit(conv.messages, renderer, cfg.max_length, cfg.overlong, counts)
+            samples = fit(conv.messages, renderer, cfg.max_length, cfg.overlong, counts)
         except RenderError as e:
             problems.append(Problem(conv.source, conv.where, "", str(e)))
             unrendered += 1
             continue
         if counts[REPLY_TOO_LONG] > before:
             problems.append(Problem(conv.source, conv.where, "", f"the reply alone is longer than data.max_length={cfg.max_length}"))
-        if sample is None:
-            continue
-        columns["input_ids"].append(sample.input_ids)
-        columns["labels"].append(sample.labels)
-        columns["row"].append(index)
-        columns["cut"].append(counts[REPLY_TRUNCATED] > 0 and len(sample) == cfg.max_length and sample.labels[-1] not in renderer.end_ids)
+        for sample, cut in samples:  # several when the template renders earlier turns differently (render.py)
+            columns["input_ids"].append(sample.input_ids)
+            columns["labels"].append(sample.labels)
+            columns["row"].append(index)
+            columns["cut"].append(cut)
     if problems:
-        hints = ["The model's chat template cannot render these rows (some templates refuse a system message: "
-                 "see data.system_prompt)."] if unrendered else []
+        hints = ["The model's chat template cannot render these rows as they are: fix the rows, or use a model "
+                 "whose template takes them."] if unrendered else []
         if len(problems) > unrendered:
             hints.append("Raise data.max_length, or set data.overlong=drop or truncate.")
         raise DataError(problems, hint="\n".join(hints))

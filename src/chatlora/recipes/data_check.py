@@ -47,7 +47,7 @@ def load_data(cfg: Config, echo: Callable[[str], None] = print) -> Checked:
     stops = stop_ids(generation_config)
     try:
         renderer = Renderer(tokenizer, set(stops), cfg.data.train_on)
-        end_of_turn = renderer.end_of_turn()  # renders a probe conversation: a broken template fails here, once
+        end_of_turn = renderer.end_of_turn(strict=True)  # renders a probe conversation: a broken template fails here, once
     except RenderError as e:
         raise PreflightError(f"the chat template of {cfg.model.name}: {e}") from None
     note = fix_pad_token(tokenizer, end_of_turn)

@@ -66,7 +66,7 @@ def held_out_loss(model, renderer: Renderer, conversations: list[Conversation], 
                   progress=None) -> tuple[float, int]:
     """(mean cross-entropy per trained token, trained tokens) over the conversations, masked and
     truncated exactly as in training."""
-    samples = [s for s in (fit(c.messages, renderer, max_length, "drop", Counter()) for c in conversations) if s is not None]
+    samples = [s for c in conversations for s, _cut in fit(c.messages, renderer, max_length, "drop", Counter())]
     collate = PadCollator(renderer.tokenizer.pad_token_id)
     device = next(model.parameters()).device
     total, count = 0.0, 0
