@@ -509,3 +509,21 @@ def test_a_json_list_saved_as_jsonl_is_read_as_a_list(tmp_path):
     rows = [{"instruction": "hi", "output": "ok"}, {"instruction": "bye", "output": "farewell"}]
     path.write_text(json.dumps(rows, indent=2))
     assert [r.value for r in read_rows(str(path))] == rows
+
+
+def test_openai_reasoning_content_is_kept_and_checked(tmp_path):
+    from chatlora.config.schema import DataConfig
+    from chatlora.data.prepare import load_conversations
+    from chatlora.errors import DataError
+
+    good = tmp_path / "r.jsonl"
+    good.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                             {"role": "assistant", "content": "a", "reasoning_content": "think first"}]}) + "\n")
+    (conv,), _, _ = load_conversations(DataConfig(train=[str(good)]))
+    assert conv.messages[-1] == {"role": "assistant", "content": "a", "reasoning_content": "think first"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                            {"role": "assistant", "content": "a", "reasoning_content": 3}]}) + "\n")
+    with pytest.raises(DataError) as e:
+        load_conversations(DataConfig(train=[str(bad)]))
+    assert "messages[1].reasoning_content" in str(e.value) and "must be a string" in str(e.value)

@@ -95,3 +95,27 @@ def test_a_tokenizer_without_a_chat_template_is_refused():
     tok.chat_template = None
     with pytest.raises(RenderError, match="no chat template"):
         Renderer(tok, {EOT})
+
+
+def test_a_template_with_generation_markers_trains_what_they_mark():
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{'<|im_start|>assistant\\n'}}"
+        "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{'\\n'}}"
+        "{% else %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}"
+    )
+    r = Renderer(build_byte_tokenizer(template=template), {EOT})
+    assert r.strategy == "generation-markers"
+    assert trained_text(r.tokenizer, r.tokenize(MULTI)) == ["Hello!<|im_end|>", "See you.<|im_end|>"]
+    last = Renderer(build_byte_tokenizer(template=template), {EOT}, "last")
+    assert trained_text(last.tokenizer, last.tokenize(MULTI)) == ["See you.<|im_end|>"]
+
+
+def test_a_reply_that_holds_the_end_of_turn_token_as_text_fails_the_preflight():
+    from chatlora.data import preflight
+
+    r = renderer()
+    sample = r.tokenize([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a<|im_end|>b"}])
+    dataset = {"labels": [sample.labels], "origin": ["x.json:line 3"], "cut": [False]}
+    failures = preflight.check(dataset, r.tokenizer, [EOT], EOT).failures
+    assert any("train tokens after a token generation stops on" in f and "x.json:line 3" in f for f in failures)

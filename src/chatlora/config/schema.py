@@ -90,6 +90,10 @@ class DataConfig:
     right (its end-of-turn token is lost, as in the tutorial), or error."""
     train_on: str = "all"
     """Which assistant turns are trained: all, or last (only the final reply of each conversation)."""
+    reasoning: str = "keep"
+    """A reply's reasoning (OpenAI `reasoning_content`, or a leading `<think>...</think>` block): keep
+    trains it where the model's template writes it for the reply's turn (Qwen3), or after a generation
+    prompt that opens `<think>` (DeepSeek-R1 distills); drop trains the reply alone."""
     packing: bool = True
     """Concatenate each micro-batch's samples into one row without padding; attention stays inside
     each sample (checked on the model at start-up; training falls back to padding if it does not).
@@ -114,6 +118,7 @@ class DataConfig:
         _choice("data", "format", self.format, ("auto", "alpaca", "sharegpt", "openai"))
         _choice("data", "overlong", self.overlong, ("drop", "truncate", "error"))
         _choice("data", "train_on", self.train_on, ("all", "last"))
+        _choice("data", "reasoning", self.reasoning, ("keep", "drop"))
         if self.max_length < 8:
             raise ConfigError(f"data.max_length: {self.max_length} is too small (at least 8 tokens)")
         if isinstance(self.batch_tokens, str) and self.batch_tokens != "auto":

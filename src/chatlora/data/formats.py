@@ -17,7 +17,7 @@ Message = dict[str, str]
 EXPECTED = (
     "alpaca: {instruction, output[, input, system, history]}; "
     "sharegpt: {conversations: [{from, value}, ...][, system]}; "
-    "openai: {messages: [{role, content}, ...]}"
+    "openai: {messages: [{role, content[, reasoning_content]}, ...]}"
 )
 # The key that marks each format, for detection.
 MARKERS = {"openai": "messages", "sharegpt": "conversations", "alpaca": "instruction"}
@@ -148,7 +148,14 @@ def _turns(row: dict, key: str, role_key: str, text_key: str, errs: list, roles:
         if role not in roles:
             errs.append((f"{where}.{role_key}", f"unknown role {role!r}; expected one of {', '.join(sorted(roles))}"))
             continue
-        messages.append({"role": roles[role], "content": text, "_field": where})
+        message = {"role": roles[role], "content": text, "_field": where}
+        if turn.get("reasoning_content") is not None and roles[role] == "assistant":  # OpenAI's reasoning field
+            thought = _text(turn, "reasoning_content", errs, f"{where}.reasoning_content")
+            if thought is None:
+                continue
+            if thought.strip():
+                message["reasoning_content"] = thought
+        messages.append(message)
     return messages
 
 

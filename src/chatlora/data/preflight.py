@@ -45,15 +45,21 @@ def check(dataset, tokenizer, stop_ids: list[int], end_of_turn: int | None) -> P
             f"the pad token {tokenizer.pad_token} is the end-of-turn token: a collator that masks padding "
             "would never train the model to stop. Give the tokenizer another pad token"
         )
-    empty, unstopped = [], []
+    empty, unstopped, past = [], [], []
+    stops = set(stop_ids)
     for labels, origin, cut in zip(dataset["labels"], dataset["origin"], dataset["cut"]):
         trained = [t for t in labels if t != IGNORE]
         if not trained:
             empty.append(origin)
         elif not cut and trained[-1] not in stop_ids:
             unstopped.append(f"{origin} (ends on {token_text(tokenizer, trained[-1])!r})")
+        if any(t in stops and k + 1 < len(labels) and labels[k + 1] != IGNORE for k, t in enumerate(labels)):
+            past.append(origin)
     if empty:
         out.failures.append(f"{len(empty)} sample(s) have no trained token: {_few(empty)}")
+    if past:
+        out.failures.append(f"{len(past)} sample(s) train tokens after a token generation stops on (a reply holds the "
+                            f"end-of-turn token as text, or the template writes more after it): {_few(past)}")
     if unstopped and end_of_turn in stop_ids:
         out.failures.append(f"{len(unstopped)} sample(s) end their trained span on a token generation does not stop on: {_few(unstopped)}")
     return out

@@ -98,14 +98,14 @@ class Renderer:
     def _folds_system(self) -> bool:
         """True when the template has no system role (it refuses one, or drops its text): the system
         prompt then goes in front of the first user turn, as Gemma 3's own template does."""
-        probe = [{"role": "system", "content": THOUGHT}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        probe = [{"role": "system", "content": THOUGHT}, {"role": "user", "content": "Hi"}]
         try:
-            if THOUGHT in self._render(probe, False):
+            if THOUGHT in self._render(probe, True):  # as inference renders it
                 return False
         except RenderError:
             pass
         try:
-            self._render(_fold(probe), False)
+            self._render(_fold(probe), True)
         except RenderError:
             return False  # it fails without a system message too: the first real render says why
         return True
@@ -233,19 +233,28 @@ class Renderer:
         return self._tokens(text + ending, trained_from, len(text), i)
 
     def _on_prompt(self, prompt: str, body: str, start: int, thought: str | None, i: int) -> tuple[str, int]:
-        """(sample text up to the reply's end, where training starts): the turn's text put after the
-        prompt inference would render. A generation prompt that opens a `<think>` block the turn does
-        not write (DeepSeek-R1) gets the reasoning, or an empty block, closed before the reply."""
-        if body.startswith(prompt) and start >= len(prompt):
+        """(sample text up to the reply's end, where training starts): the turn's reply put after the
+        prompt inference would render. Three shapes of template:
+        - the turn's text starts with the prompt (most): the turn as written, whatever the template
+          puts between the generation prompt and the reply (Qwen3's empty think block) untrained;
+        - the generation prompt opens a `<think>` block the turn does not write (DeepSeek-R1): the
+          reasoning, or an empty block, closed before the reply;
+        - the prompt writes more before the reply than the turn does (Mistral-Nemo puts the system
+          prompt in the last user turn only): the reply after the prompt."""
+        lead = body[:start]
+        if lead.startswith(prompt):
             return body, start
-        shared = len(_common_prefix(prompt, body))
-        if _OPEN_THINK_AT_END.search(prompt[shared:]) and start >= shared:
-            reply = body[start:]
+        shared = len(_common_prefix(prompt, lead))
+        extra, written = prompt[shared:], lead[shared:]
+        reply = body[start:]
+        if _OPEN_THINK_AT_END.search(extra) and THINK_OPEN not in written:
             if thought:
                 return prompt + thought.strip("\n") + THOUGHT_END + reply, len(prompt)
             return prompt + THOUGHT_END + reply, len(prompt) + len(THOUGHT_END)
-        raise RenderError(f"turn {i}: the generation prompt ends with {prompt[shared:]!r}, which the chat template "
-                          "does not write before this reply: training would see another prompt than inference")
+        if extra.endswith(written):
+            return prompt + reply, len(prompt)
+        raise RenderError(f"turn {i}: the generation prompt ends with {extra!r}, but the chat template writes {written!r} "
+                          "before this reply: training would see another prompt than inference")
 
     def _terminator(self, history: list[dict], message: dict, after: str, i: int) -> str:
         """The text after the reply through the first token generation stops on. A template that ends

@@ -86,7 +86,7 @@ def load_run(path: str | Path, device: str | None = None, with_adapter: bool = T
             names.append(other.path.name)
         model.set_adapter(names[0])
     model.eval()
-    renderer = Renderer(tokenizer, set(stop_ids(model.generation_config)), cfg.data.train_on)
+    renderer = Renderer(tokenizer, set(stop_ids(model.generation_config)), cfg.data.train_on, cfg.data.reasoning)
     return Loaded(model, tokenizer, renderer, cfg, run, names)
 
 

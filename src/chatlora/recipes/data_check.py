@@ -46,7 +46,7 @@ def load_data(cfg: Config, echo: Callable[[str], None] = print) -> Checked:
     generation_config = load_generation_config(source, cfg.model, tokenizer)
     stops = stop_ids(generation_config)
     try:
-        renderer = Renderer(tokenizer, set(stops), cfg.data.train_on)
+        renderer = Renderer(tokenizer, set(stops), cfg.data.train_on, cfg.data.reasoning)
         end_of_turn = renderer.end_of_turn(strict=True)  # renders a probe conversation: a broken template fails here, once
     except RenderError as e:
         raise PreflightError(f"the chat template of {cfg.model.name}: {e}") from None
@@ -94,6 +94,8 @@ def check_data(cfg: Config, echo: Callable[[str], None] = print, samples: int = 
     eot = preflight.token_text(tokenizer, end_of_turn) if end_of_turn is not None else None
     echo(f"end-of-turn token: {eot}; generation stops on: "
          + ", ".join(preflight.token_text(tokenizer, i) for i in stops) + f"; pad token: {tokenizer.pad_token}")
+    for note in checked.renderer.notes():
+        echo(note)
     if result.failures:
         raise PreflightError("pre-flight failed:\n" + "\n".join(f"  - {f}" for f in result.failures))
     echo("pre-flight: ok")

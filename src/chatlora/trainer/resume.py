@@ -43,7 +43,7 @@ IGNORED_TRAINING = {
     "dataloader_pin_memory", "dataloader_num_workers", "dataloader_persistent_workers", "dataloader_prefetch_factor",
     "ddp_timeout", "torch_empty_cache_steps", "restore_callback_states_from_checkpoint",
 }
-DATA = "the tokenized training data (its rows, the chat template, the tokenizer or data.max_length/overlong/train_on)"
+DATA = "the tokenized training data (its rows, the chat template, the tokenizer or data.max_length/overlong/train_on/reasoning)"
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
