@@ -258,12 +258,11 @@ CASES = [
     Case("model folder without weights", ["train", "{base}", "model.name={made}", f"data.train={GOOD_DATA}"],
          ["could not load the model from '{made}': "], make=lambda folder, model: model_copy(folder, model, model / "chat_template.jinja")),
     # Chat templates.
-    template("no_end_of_turn.jinja", "the chat template ends an assistant turn with no end-of-turn token chatlora knows"),
+    template("no_end_of_turn.jinja", "the chat template of {template}: turn 1: the chat template ends a reply with no end-of-turn "
+             "token that generation stops on; use a template that ends replies with an end-of-turn token"),
     template("syntax_error.jinja", "the chat template of {template}: the chat template failed: TemplateSyntaxError"),
-    template("refuses_system.jinja", f"{GOOD_DATA}:index 0: the chat template failed: TemplateError: System role not supported",
-             args=("data.system_prompt=Be kind.",)),
-    template("drops_replies.jinja", "the chat template of {template}: the chat template renders turn 1 differently once later turns "
-             "follow (it rewrites or drops earlier turns), so the reply's tokens cannot be found"),
+    template("drops_replies.jinja", "the chat template of {template}: turn 1: the chat template does not write the reply as given, "
+             "so its tokens cannot be found"),
     Case("tokenizer without a chat template", ["data", "check", "{base}", "model.name={made}", f"data.train={GOOD_DATA}"],
          ["the chat template of {made}: the tokenizer has no chat template"], make=lambda folder, model: model_copy(folder, model, None)),
     # Resume targets and run folders.

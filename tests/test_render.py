@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chatlora.data.render import IGNORE, Renderer, RenderError
-from conftest import build_byte_tokenizer
+from conftest import CHATML, build_byte_tokenizer
 
 EOT = 256  # <|im_end|> in the byte tokenizer
 
@@ -119,3 +119,13 @@ def test_a_reply_that_holds_the_end_of_turn_token_as_text_fails_the_preflight():
     dataset = {"labels": [sample.labels], "origin": ["x.json:line 3"], "cut": [False]}
     failures = preflight.check(dataset, r.tokenizer, [EOT], EOT).failures
     assert any("train tokens after a token generation stops on" in f and "x.json:line 3" in f for f in failures)
+
+
+def test_a_template_that_refuses_a_system_role_gets_it_before_the_first_user_message():
+    template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + CHATML)
+    r = Renderer(build_byte_tokenizer(template=template), {EOT})
+    assert r.fold_system and any("no system role" in note for note in r.notes())
+    sample = r.tokenize(MULTI)
+    assert r.tokenizer.decode(sample.input_ids).startswith("<|im_start|>user\nBe kind.\n\nHi<|im_end|>")
+    assert trained_text(r.tokenizer, sample) == ["Hello!<|im_end|>", "See you.<|im_end|>"]
+    assert r.tokenizer.decode(r.prompt_ids(MULTI[:2])).startswith("<|im_start|>user\nBe kind.\n\nHi")
