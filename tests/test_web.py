@@ -1,5 +1,6 @@
 """`chatlora web` in headless Chromium (Debian's package, driven by Playwright): type a message, watch
-the reply stream in, clear the history. scripts/test.sh installs Chromium."""
+the reply stream in, clear the history; a refused message, a reply stopped midway, a reply waiting
+for the model. scripts/test.sh installs Chromium."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def page_url(served_runs, tmp_path_factory):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # why one thread: see test_serve.py
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "chatlora", "web", str(served_runs[0]), "--port", str(port),
-                                 "--max-tokens", "200"], stdout=out, stderr=subprocess.STDOUT, env=env)
+                                 "--max-tokens", "900"], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
@@ -93,13 +94,126 @@ def test_chat_page_streams_a_reply_and_clears_history(page_url, browser, tmp_pat
     assert "tokens in" in note.inner_text()
     assert "What grows in the shade?" in messages.nth(0).inner_text()
     final = messages.nth(1).get_by_test_id("stMarkdownContainer").first.inner_text().strip()
-    partial = {t.strip() for t in page.evaluate("window.replyTexts") if t.strip() and len(t.strip()) < len(final)}
+    texts = [t.strip() for t in page.evaluate("window.replyTexts") if not t.startswith("Thinking…")]
+    partial = {t for t in texts if t and len(t) < len(final)}
     assert final and len(partial) >= 2, f"the reply appeared in several steps, not at once: {partial}"
     page.screenshot(path=str(tmp_path / "chat.png"))
 
     page.get_by_role("button", name="Clear history").click()
     page.wait_for_function("() => !document.querySelector('[data-testid=\"stChatMessage\"]')", timeout=30_000)
     assert messages.count() == 0 and box.is_visible()
+
+
+def open_page(browser, url: str, max_tokens: int | None = None):
+    """A new tab on the page, greedy, with its chat box."""
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    page.goto(url)
+    box = page.get_by_test_id("stChatInputTextArea")
+    box.wait_for(timeout=60_000)
+    page.get_by_role("slider").press("Home")
+    if max_tokens:
+        page.get_by_label("Max new tokens").fill(str(max_tokens))
+    page.get_by_text("Chatting with").click()  # leave the field, so Streamlit takes its value now
+    page.wait_for_function("() => document.querySelector('[data-testid=stApp]').dataset.testScriptState === 'notRunning'")
+    return page, box
+
+
+def send(page, box, text: str, reply: int) -> None:
+    """Send `text` and wait for reply number `reply` (0-based) to finish: its note is the last caption."""
+    box.fill(text)
+    box.press("Enter")
+    page.get_by_test_id("stChatMessage").nth(2 * reply + 1).get_by_text(" tokens in ").wait_for(timeout=60_000)
+
+
+def test_a_refused_message_says_why_and_leaves_the_conversation_usable(page_url, browser):
+    """A message longer than the model's context was kept in the history with the refusal as the
+    model's turn, and every later message was refused too, without a word of why."""
+    page, box = open_page(browser, page_url)
+    send(page, box, "Hello", 0)
+    box.fill("x" * 3000)
+    box.press("Enter")
+    alert = page.get_by_test_id("stAlert")
+    alert.wait_for(timeout=30_000)
+    assert alert.inner_text().startswith("Not sent: this message is too long for the model, which reads 1024 tokens")
+    assert "Shorten the message, or lower Max new tokens" in alert.inner_text()
+    assert box.input_value() == "x" * 3000, "the message is back in the box, to shorten"
+    assert page.get_by_test_id("stChatMessage").count() == 2
+    send(page, box, "And now?", 1)
+    messages = page.get_by_test_id("stChatMessage")
+    assert messages.count() == 4 and alert.count() == 0
+    assert [messages.nth(i).get_attribute("aria-label") or messages.nth(i).get_by_test_id("stChatMessageContent").get_attribute("aria-label")
+            for i in range(4)] == ["Chat message from user", "Chat message from assistant"] * 2
+    assert "And now?" in messages.nth(2).inner_text()
+
+
+def test_while_a_reply_streams_the_box_waits_stop_keeps_it_and_a_waiting_reply_shows_thinking(page_url, browser):
+    """Tab A streams a long reply; meanwhile its box is disabled (a message sent then used to throw the
+    reply away, leaving two user turns in a row) and its button stops the reply. Tab B's message waits
+    for the model, which is busy with A's batch: B says it is thinking until its first token."""
+    a, a_box = open_page(browser, page_url, max_tokens=900)
+    b, b_box = open_page(browser, page_url)
+    a_box.fill("What grows in the shade?")
+    a_box.press("Enter")
+    a_reply = a.get_by_test_id("stChatMessage").nth(1)
+    a_reply.get_by_test_id("stMarkdownContainer").first.wait_for(timeout=60_000)  # streaming: 900 tokens take seconds
+    assert a_box.is_disabled()
+    b_box.fill("Hello")
+    b_box.press("Enter")
+    thinking = b.get_by_role("status")
+    thinking.wait_for(timeout=10_000)
+    assert thinking.inner_text().startswith("Thinking…") and not b.get_by_text(" tokens in ").count()
+
+    a.get_by_test_id("stChatInputStopButton").click()
+    b.get_by_test_id("stChatMessage").nth(1).get_by_text(" tokens in ").wait_for(timeout=60_000)
+    assert thinking.count() == 0, "the indicator gives way to the reply"
+    a.wait_for_function("() => document.querySelector('[data-testid=stApp]').dataset.testScriptState === 'notRunning'")
+    stopped = a_reply.get_by_test_id("stMarkdownContainer").first.inner_text()
+    assert stopped and not a_box.is_disabled()
+
+    a.get_by_label("Max new tokens").fill("20")  # a short one now
+    a.get_by_text("Chatting with").click()
+    send(a, a_box, "Go on", 1)
+    messages = a.get_by_test_id("stChatMessage")
+    assert messages.count() == 4
+    assert messages.nth(1).get_by_test_id("stMarkdownContainer").first.inner_text() == stopped, "the stopped reply is kept"
+    assert messages.nth(1).get_by_test_id("stCaptionContainer").inner_text() == "stopped before the end"
+    assert "Go on" in messages.nth(2).inner_text() and " tokens in " in messages.nth(3).inner_text()
+
+
+def test_a_reply_stopped_on_the_page_stops_in_the_engine(served_runs):
+    """Reply.cancel, which the page calls however its script run ends, stops the generation at the
+    next token; the page's history then leaves out an exchange whose reply has no text."""
+    from chatlora.serve.engine import Engine
+    from chatlora.serve.page import Reply, refusal, sendable
+    from chatlora.serve.params import RequestError, SamplingParams
+
+    engine = Engine.from_runs(served_runs[:1], "cpu", "eager", max_tokens=900)
+    try:
+        params = SamplingParams(max_tokens=900, temperature=0, ignore_eos=True)
+        reply = Reply(engine, "alice", [{"role": "user", "content": "Hello"}], params)
+        pieces = reply.pieces()
+        while not reply.text:
+            next(pieces)
+        reply.cancel()
+        for _ in range(200):
+            if engine.stats.cancelled == 1 and engine.stats.running == 0:
+                break
+            time.sleep(0.05)
+        assert engine.stats.cancelled == 1 and engine.stats.finished == 0 and engine.stats.tokens < 900
+
+        turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                 {"role": "user", "content": "c"}, {"role": "assistant", "content": "", "note": "stopped before the end"},
+                 {"role": "user", "content": "d"}, {"role": "assistant", "content": "e", "note": "3 tokens in 0.1 s"}]
+        assert sendable(turns) == [{"role": r, "content": c} for r, c in zip("user assistant user assistant".split(), "abde")]
+
+        long_chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": "y" * 200} for i in range(7)]
+        with pytest.raises(RequestError) as e:
+            Reply(engine, "alice", long_chat, SamplingParams(max_tokens=256))
+        why = refusal(e.value, engine, long_chat, SamplingParams(max_tokens=256))
+        assert why.startswith("Not sent: the conversation has grown too long for the model, which reads 1024 tokens")
+        assert "Clear history to start a new conversation" in why
+    finally:
+        engine.close()
 
 
 def test_page_refuses_a_public_address(served_runs):

@@ -264,7 +264,11 @@ examples:
         epilog="""\
 RUN is a run folder written by `chatlora train`.
 
-exit codes: 0 or 130 stopped with Ctrl-C; 2 bad input (run folder, flags, an address that cannot be used).
+SIGTERM or Ctrl-C stops it: new requests get 503, running ones get --drain-seconds to finish, then
+end with an error (a stream: an error chunk and [DONE]). A second Ctrl-C ends them at once.
+
+exit codes: 0 stopped by SIGTERM or Ctrl-C; 130 a second Ctrl-C cut the drain short; 2 bad input (run
+folder, flags, an address that cannot be used).
 
 examples:
   chatlora serve runs/demo-20261127-101500
@@ -282,6 +286,8 @@ examples:
     p.add_argument("--max-context", type=int, default=4096,
                    help="with the static decode cache: most tokens of one request, prompt and reply together; "
                         "lowered to what fits in half the free GPU memory (default 4096)")
+    p.add_argument("--drain-seconds", type=float, default=20.0,
+                   help="on SIGTERM or Ctrl-C: how long running requests get to finish (default 20)")
     p.add_argument("--device", type=_device, help="cuda, cpu, ... (default: cuda when available)")
     _decode_arg(p)
 
@@ -430,8 +436,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from chatlora.recipes.serve import serve
 
+        if not 0 <= args.drain_seconds < float("inf"):
+            raise ChatloraError("--drain-seconds must be a number of seconds, 0 or more")
         serve(args.runs, args.host, args.port, args.api_key, args.max_tokens, args.max_batch, args.max_body, args.device,
-              decode=args.decode, max_context=args.max_context)
+              decode=args.decode, max_context=args.max_context, drain_seconds=args.drain_seconds)
     else:
         from chatlora.recipes.web import web
 

@@ -26,7 +26,9 @@ def web(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8501, m
     server.bind(host, port).close()  # fail now, with our message, if the port is taken
     from chatlora.serve.engine import Engine
 
-    engine = Engine.from_runs(runs, device, decode, echo=echo, max_tokens=max_tokens)
+    echo(f"loading {', '.join(Path(r).resolve().name for r in runs)} ...")
+    with server.quiet_loading():
+        engine = Engine.from_runs(runs, device, decode, echo=echo, max_tokens=max_tokens)
     try:
         page.launch(engine, host, port, echo)
     finally:

@@ -119,6 +119,7 @@ class Engine:
         self._pending: deque[Ticket] = deque()
         self._cv = threading.Condition()
         self._closed = False
+        self._reason = ""
         work = self._work if decoder is None else self._work_continuous
         self._thread = threading.Thread(target=work, name="chatlora-engine", daemon=True)
         self._thread.start()
@@ -174,7 +175,7 @@ class Engine:
         ticket = Ticket(model, prompt, params, emit)
         with self._cv:
             if self._closed:
-                raise RequestError("the server is shutting down", status=503, kind="server_error")
+                raise RequestError(self._reason, status=503, kind="server_error")
             if len(self._pending) >= self.max_queue:
                 raise RequestError(f"the server is busy ({self.max_queue} requests waiting); try again shortly",
                                    status=429, code="server_busy", kind="rate_limit_error")
@@ -204,11 +205,21 @@ class Engine:
             tokens += event.tokens
         return "".join(text), event, tokens
 
-    def close(self) -> None:
-        """Stop the worker; requests running or waiting end with an error event."""
+    def stop(self, reason: str = "the server is shutting down") -> None:
+        """Refuse new requests, and end those running or waiting with an error event saying `reason`,
+        at their next token. Returns at once (the server's event loop calls it); `close` waits."""
         with self._cv:
-            self._closed = True
+            if not self._closed:
+                self._closed, self._reason = True, reason
             self._cv.notify()
+
+    @property
+    def stopped(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the worker and wait for it; requests running or waiting end with an error event."""
+        self.stop()
         self._thread.join(timeout=60)
 
     # -- the worker thread -----------------------------------------------------------------------
@@ -229,7 +240,7 @@ class Engine:
                     self._cv.wait()
                 if self._closed:
                     for t in self._pending:
-                        self._fail(t, "the server is shutting down")
+                        self._fail(t, self._reason)
                     return
             # Requests of a burst arrive a few ms apart: wait while more are coming, so they share a batch.
             for _ in range(10):
@@ -256,8 +267,8 @@ class Engine:
                     self._cv.wait()
                 if self._closed:
                     for t in self._pending:
-                        self._fail(t, "the server is shutting down")
-                    batch.fail("the server is shutting down")
+                        self._fail(t, self._reason)
+                    batch.fail(self._reason)
                     adapter.close()
                     return
                 live = [t for t in self._pending if not t.cancelled]
@@ -365,7 +376,7 @@ class Engine:
         finally:
             for row, t in zip(rows, batch):
                 if self._closed and not t.done and not t.cancelled:  # its reader still waits for an end
-                    row.fail("the server is shutting down")
+                    row.fail(self._reason)
             self.stats.running = 0
             cancelled = sum(t.cancelled for t in batch)
             self.stats.cancelled += cancelled

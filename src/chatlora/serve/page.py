@@ -1,4 +1,6 @@
-"""Launch the Streamlit chat page (web_page.py) in this process, with an Engine loaded beforehand.
+"""Launch the Streamlit chat page (web_page.py) in this process, with an Engine loaded beforehand;
+and what the page script does with the engine: a Reply streamed, a refusal explained, the history
+as the model gets it.
 
 Streamlit runs the page script in this same process, once per browser interaction; the script finds
 the engine here, so the model is loaded once (before the page opens) and shared by every tab.
@@ -6,13 +8,14 @@ the engine here, so the model is loaded once (before the page opens) and shared 
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from chatlora.errors import ChatloraError
 from chatlora.serve.engine import Engine
-from chatlora.serve.params import RequestError, SamplingParams
+from chatlora.serve.params import Event, RequestError, SamplingParams
 
 _engine: Engine | None = None
 SCRIPT = Path(__file__).with_name("web_page.py")
@@ -25,27 +28,79 @@ def current_engine() -> Engine:
 
 
 class Reply:
-    """The reply's text pieces as generated, for st.write_stream; afterwards `note` says how it ended.
-    Leaving early (the user stops the page or sends another message) cancels the generation."""
+    """A reply being generated for the page. Made by submitting the request (RequestError when the
+    engine refuses it: see `refusal`); `pieces()` then hands out its text as it comes.
+
+    `cancel()` stops the generation, or drops the request while it waits: the page calls it however
+    the script run ends, as a run that is stopped (the Stop button, a rerun) would otherwise leave it
+    generating for nobody.
+    """
+
+    TICK = 0.5
+    """Seconds between two "still thinking" ticks while no text comes."""
 
     def __init__(self, engine: Engine, model: str, messages: list[dict], params: SamplingParams):
-        self.engine, self.model, self.messages, self.params = engine, model, messages, params
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.started = time.perf_counter()
+        self.ticket = engine.submit(model, messages, params, self.events.put)
+        self.text = ""
         self.note = ""
+        """How it ended: "N tokens in S s", with ", stopped at the token limit" or the error."""
+        self.done = False
 
-    def __iter__(self) -> Iterator[str]:
-        started = time.perf_counter()
-        try:
-            for event in self.engine.stream(self.model, self.messages, self.params):
+    @property
+    def waited(self) -> float:
+        return time.perf_counter() - self.started
+
+    def pieces(self) -> Iterator[str | None]:
+        """The reply's new text as it comes, and None every TICK seconds while none comes: the page then
+        shows that it is still thinking (a long queue, a long prompt), and each such update lets
+        Streamlit stop the script run."""
+        while not self.done:
+            try:
+                event = self.events.get(timeout=self.TICK)
+            except queue.Empty:
+                yield None
+                continue
+            if event.text:
+                self.text += event.text
+                yield event.text
+            if event.done:
+                self.done = True
+                tokens = event.usage.completion_tokens if event.usage else 0
+                ending = {"length": ", stopped at the token limit"}.get(event.finish_reason, "")
                 if event.error:
-                    yield f"\n\n*[{event.error}]*"
-                elif event.text:
-                    yield event.text
-                if event.done and event.usage:
-                    ending = {"length": ", stopped at the token limit", "error": ", failed"}.get(event.finish_reason, "")
-                    self.note = f"{event.usage.completion_tokens} tokens in {time.perf_counter() - started:.1f} s{ending}"
-        except RequestError as e:  # raised by the first step: an unknown model, a prompt too long
-            yield f"*{e}*"
-            self.note = "refused"
+                    ending = f", failed: {event.error}"
+                self.note = f"{tokens} tokens in {self.waited:.1f} s{ending}"
+
+    def cancel(self) -> None:
+        self.ticket.cancel()  # no effect once finished
+
+
+def refusal(e: RequestError, engine: Engine, messages: list[dict], params: SamplingParams) -> str:
+    """Why the page did not send a message, and what to do, in the page's terms (its controls)."""
+    if e.code != "context_length_exceeded" or not engine.context:
+        return f"Not sent: {e}"
+    total = len(engine.prompt(messages))
+    alone = len(engine.prompt([m for m in messages if m["role"] == "system"] + messages[-1:]))
+    reply = params.max_tokens or 1
+    if alone + reply > engine.context:
+        return (f"Not sent: this message is too long for the model, which reads {engine.context} tokens at most: "
+                f"the message is {alone} tokens and the reply may take {reply} more (Max new tokens). "
+                "Shorten the message, or lower Max new tokens.")
+    return (f"Not sent: the conversation has grown too long for the model, which reads {engine.context} tokens at "
+            f"most: with this message it is {total} tokens, and the reply may take {reply} more (Max new tokens). "
+            "Clear history to start a new conversation, or lower Max new tokens.")
+
+
+def sendable(messages: list[dict]) -> list[dict]:
+    """The page's history as the model gets it: role and content, leaving out each exchange whose
+    reply is empty (stopped before its first token, or failed), so no two user turns follow each other."""
+    history = []
+    for user, reply in zip(messages[::2], messages[1::2]):
+        if reply["content"].strip():
+            history += [{"role": m["role"], "content": m["content"]} for m in (user, reply)]
+    return history
 
 
 def require_streamlit():

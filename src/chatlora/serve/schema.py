@@ -7,12 +7,14 @@ silently ignored; unknown fields are ignored, as OpenAI-compatible servers do fo
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationInfo, field_validator
 
+from chatlora.data.formats import not_text
 from chatlora.serve.params import SEED_MAX, SEED_MIN, Event, RequestError, SamplingParams, Usage
 
 Number = float  # in strict mode a float field takes ints but not strings or booleans
@@ -22,6 +24,49 @@ UNSUPPORTED: dict[str, tuple] = {
     "n": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logprobs": (False,), "top_logprobs": (0,),
     "logit_bias": ({},), "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
 }
+
+
+# Content parts of other types, as OpenAI names them, and what to call them in the refusal.
+NOT_TEXT = {"image_url": "images", "input_audio": "audio", "file": "files", "refusal": "refusal parts"}
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed JSON value's type, with its article."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def text(value: str) -> str:
+    """`value`, or ValueError when it is not Unicode text (an unpaired surrogate escape such as "\\ud800",
+    which no tokenizer takes and no JSON encoder writes back)."""
+    why = not_text(value)
+    if why:
+        raise ValueError(why)
+    return value
+
+
+def text_or_parts(value: Any) -> Any:
+    """Message content: a string, or a list of text parts; anything else refused with why."""
+    if isinstance(value, str):
+        return text(value)
+    if not isinstance(value, list):
+        raise ValueError(f'must be a string or a list of text parts ({{"type": "text", "text": "..."}}), got {json_type(value)}')
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            what = NOT_TEXT.get(kind, f"parts of type {json.dumps(kind)}") if isinstance(kind, str) else None
+            raise ValueError(f"part {i}: {what} are not supported by this server, only text parts" if what else
+                             f'part {i} must be {{"type": "text", "text": "..."}}')
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f'part {i} needs "text": a string')
+        try:
+            text(part["text"])
+        except ValueError as e:
+            raise ValueError(f"part {i}: {e}") from None
+    return value
 
 
 class TextPart(BaseModel):
@@ -35,11 +80,16 @@ class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: StrictStr | list[TextPart]
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        return text_or_parts(v)
+
     def as_dict(self) -> dict[str, str]:
         # "developer" is OpenAI's newer name for the system role.
         role = "system" if self.role == "developer" else self.role
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": role, "content": text}
+        joined = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": role, "content": joined}
 
 
 class StreamOptions(BaseModel):
@@ -56,8 +106,8 @@ class ChatRequest(BaseModel):
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     """OpenAI's newer name for max_tokens."""
-    temperature: Number | None = Field(None, ge=0, le=2)
-    top_p: Number | None = Field(None, gt=0, le=1)
+    temperature: Number | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: Number | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: StrictStr | list[StrictStr] | None = None
     ignore_eos: StrictBool = False
@@ -79,23 +129,36 @@ class ChatRequest(BaseModel):
     def _neutral(cls, value: Any, info: ValidationInfo) -> Any:
         neutral = UNSUPPORTED[info.field_name]
         if value is not None and value not in neutral:
-            raise ValueError(f"{info.field_name}={value!r} is not supported by this server (only {neutral[0]!r})")
+            allowed = " or ".join(json.dumps(n) for n in neutral)
+            raise ValueError(f"this server supports only {allowed}, not {json.dumps(value)}")
         return value
 
     @field_validator("stream_options")
     @classmethod
     def _only_streamed(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
         if value is not None and not info.data.get("stream"):
-            raise ValueError("stream_options is only allowed when stream is true")  # as OpenAI answers
+            raise ValueError("only allowed when stream is true")  # as OpenAI answers
         return value
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stops(cls, v: str | list[str] | None) -> list[str] | None:
+    def _stops(cls, v: Any) -> list[str] | None:
         stops = [v] if isinstance(v, str) else v
-        if stops is not None and (len(stops) > 4 or any(not s for s in stops)):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        if stops is None:
+            return None
+        others = [x for x in stops if not isinstance(x, str)] if isinstance(stops, list) else []
+        got = (json_type(v) if not isinstance(stops, list) else f"{len(stops)} items" if len(stops) > 4
+               else f"a list holding {json_type(others[0])}" if others else "an empty string" if not all(stops) else None)
+        if got:
+            raise ValueError(f"must be a string or a list of up to 4 non-empty strings, got {got}")
+        for s in stops:
+            text(s)
         return stops
+
+    @field_validator("model")
+    @classmethod
+    def _model_text(cls, v: str) -> str:
+        return text(v)
 
     @field_validator("messages")
     @classmethod
@@ -123,7 +186,10 @@ def param_of(loc: tuple) -> str:
 
 
 def error_body(e: RequestError) -> dict[str, Any]:
-    return {"error": {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}}
+    # A message may quote the client (a model name): escape what UTF-8 cannot carry, or writing the
+    # body would fail.
+    message = str(e).encode("utf-8", "backslashreplace").decode("utf-8")
+    return {"error": {"message": message, "type": e.kind, "param": e.param, "code": e.code}}
 
 
 def new_id() -> str:
