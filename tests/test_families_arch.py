@@ -29,29 +29,20 @@ FEATURES = [
 PROMPTS = [[5, 6, 7, 8, 9], list(range(40, 60))]
 
 
-# The families whose short training and merge run without -m slow: the padded fallback, latent
-# attention with experts, fused projections. The others train through the same paths as these and
-# the tiny Llama (test_train.py), so they are the slow ones (about 4 s each on a free core).
-QUICK_TRAIN = ("gemma2", "deepseek_v3", "phi3")
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """The folder of a family's tiny model, saved once for the module."""
-    saved: dict = {}
-
-    def folder(name: str):
-        if name not in saved:
-            saved[name] = save_family(tmp_path_factory.mktemp(name), name)
-        return saved[name]
-
-    return folder
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small gain nothing from a second thread, and on a shared machine threads that wait
+    for a busy core make these tests several times slower (the whole file: 95 s against over 6 minutes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, folders):
+def family(request, tmp_path_factory):
     """(family, the folder of its tiny model)."""
-    return request.param, folders(request.param)
+    return request.param, save_family(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def load(folder):
@@ -147,14 +138,13 @@ def test_fast_decode_equals_generate(family):
     assert lines[0].startswith("decode: static, static cache of 1 x 64 tokens, checked")
 
 
-@pytest.mark.parametrize("name", [pytest.param(f, marks=() if f in QUICK_TRAIN else pytest.mark.slow) for f in FAMILIES])
-def test_training_then_merging_with_parity(name, folders, tmp_path):
+def test_training_then_merging_with_parity(family, tmp_path):
     """A few steps of `train` through the family's real path (Gemma 2: padded, with the note saying
     why), then `merge`, whose reloaded model must equal base + adapter."""
     from chatlora.recipes.merge import merge
     from chatlora.recipes.train import train
 
-    folder = folders(name)
+    name, folder = family
     lines: list[str] = []
     run = train(tiny_config(folder, tmp_path, "training.max_steps=2"), lines.append)
     batches = next(line for line in lines if line.startswith("batches:"))
