@@ -117,10 +117,12 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
 
 def varlen_mask(*args, attention_mask=None, **kwargs):
     """No mask for packed rows (the sample boundaries reach the kernel as cu_seq_lens, so the dense
-    block mask is never built); sdpa's mask for padded batches, which go to sdpa."""
+    block mask is never built); sdpa's mask for everything else, which goes to sdpa: padded batches,
+    and single sequences, whose sliding-window layers need the window as a mask. transformers marks
+    packed rows (found from their position_ids) by not letting sdpa skip the mask."""
     from transformers.masking_utils import sdpa_mask
 
-    if attention_mask is None:
+    if attention_mask is None and not kwargs.get("allow_is_causal_skip", True):
         return None
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
