@@ -117,7 +117,7 @@ def test_cuda_graph_decode_equals_the_same_steps_without_graphs(family):
     from chatlora.model.decode import StaticDecoder, parity
     from test_decode import greedy_rows
 
-    name, folder = family
+    _, folder = family
     model = load_bf16(folder).eval()
     prompts = [[5, 6, 7, 8, 9], [100, 20, 30], list(range(40, 60))]
 
