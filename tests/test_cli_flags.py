@@ -8,7 +8,7 @@ import torch
 
 from chatlora.cli import main, parser
 from chatlora.errors import ChatloraError
-from chatlora.model.decode import resolve_mode
+from chatlora.model.decode_modes import resolve_mode
 
 
 def usage_error(args: list[str], capsys) -> str:
@@ -60,7 +60,7 @@ def test_a_bad_device_is_a_usage_error_before_anything_loads(command, capsys):
 
 
 def test_device_problem_counts_the_gpus(monkeypatch):
-    from chatlora.model.decode import device_problem
+    from chatlora.model.decode_modes import device_problem
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -73,7 +73,7 @@ def _port(lowest: int):
 
 def _device(text: str) -> str:
     """argparse type: a device this machine has, checked before any model loads."""
-    from chatlora.model.decode import device_problem
+    from chatlora.model.decode_modes import device_problem
 
     why = device_problem(text)
     if why:
@@ -131,7 +131,7 @@ examples:
 
 
 def _decode_arg(p: argparse.ArgumentParser) -> None:
-    from chatlora.model.decode import MODE_HELP, MODES
+    from chatlora.model.decode_modes import MODE_HELP, MODES
 
     p.add_argument("--decode", choices=MODES, default="auto", help=MODE_HELP + " (default auto)")
 

@@ -18,7 +18,9 @@ shift fits all).
 
 The model is transformers' own: this cache is handed to its forward in place of a `Cache` (it has
 the `update` method every attention layer calls) and the 4D mask is passed ready-made, which
-transformers uses as is. Works across transformers 5.17-5.24, whose cache classes differ.
+transformers uses as is. Models with sliding-window layers (Gemma 2 and 3, Mistral v0.1) get a second
+mask that also closes the columns outside the window, for those layers. Works across transformers
+5.17-5.25, whose cache classes differ.
 """
 
 from __future__ import annotations
@@ -29,162 +31,11 @@ from dataclasses import dataclass
 import torch
 
 from chatlora.errors import ChatloraError
+from chatlora.model.decode_modes import resolve_mode
 from chatlora.model.fuse import fuse_projections
+from chatlora.model.kv_cache import SlotCache, base, buckets, cache_keyword, plan_columns, text_config, unsupported, window
 
 log = logging.getLogger(__name__)
-
-MODES = ("auto", "graphs", "compile", "static", "eager")
-MODE_HELP = ("decoding: graphs = static KV cache with CUDA graphs (the default on CUDA), compile = the same "
-             "with torch.compile's fused kernels (the fastest per token; about 1.5 minutes of compiling at the "
-             "first start on a 7B model), "
-             "static = static KV cache without graphs (CPU too), eager = transformers' plain forward with a "
-             "growing cache (the default on CPU), auto = graphs on CUDA, eager elsewhere")
-
-
-def device_problem(name: torch.device | str) -> str | None:
-    """Why `name` (a --device value) is no device to load a model on here, or None when it is one.
-    Asked before any weight loads: torch's own errors come only later, as tracebacks ("Invalid device
-    string", "Torch not compiled with CUDA enabled")."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        return f"{name!r} is not a device name; use cpu, cuda or cuda:N"
-    if device.type == "cpu":
-        return None
-    # cuda, mps and xpu each have a torch module that says whether (and how many) are here; other
-    # device types (meta, hpu, ...) cannot hold a model chatlora loads.
-    backend = getattr(torch, device.type, None)
-    if not hasattr(backend, "is_available"):
-        return f"{device.type} devices cannot run a model here; use cpu, cuda or cuda:N"
-    if not backend.is_available():
-        if device.type == "cuda" and torch.version.cuda is None and torch.version.hip is None:
-            return "this torch was built without CUDA (a CPU-only build); use --device cpu, or install a CUDA build of torch"
-        return f"no {device.type} device is available on this machine; use --device cpu"
-    count = backend.device_count()
-    if device.index is not None and device.index >= count:
-        names = f"{device.type}:0" if count == 1 else f"{device.type}:0 to {device.type}:{count - 1}"
-        return f"this machine has {count} {device.type} device{'s' if count != 1 else ''} ({names})"
-    return None
-
-
-def resolve_mode(mode: str, device: torch.device | str) -> str:
-    """The decode mode to use on `device`; raises ChatloraError for a mode the device cannot run, or
-    a device that is not here."""
-    why = device_problem(device)
-    if why:
-        raise ChatloraError(f"--device {device}: {why}")
-    device = torch.device(device)
-    if mode not in MODES:
-        raise ChatloraError(f"--decode {mode}: choose one of {', '.join(MODES)}")
-    if mode == "auto":
-        return "graphs" if device.type == "cuda" else "eager"
-    if mode == "graphs" and device.type != "cuda":
-        raise ChatloraError("--decode graphs needs a CUDA device (CUDA graphs); use --decode static on this device")
-    return mode
-
-
-def unsupported(model) -> str | None:
-    """Why the static cache cannot decode this model (None: it can). Sliding-window attention would
-    need its own mask; models that are not plain decoder stacks have no `num_hidden_layers`."""
-    config = _base(model).config
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if not hasattr(config, "num_hidden_layers"):
-        return "the model config has no num_hidden_layers"
-    types = getattr(config, "layer_types", None)
-    if types is not None:
-        if any(t != "full_attention" for t in types):
-            return f"layers of type {sorted(set(types) - {'full_attention'})}"
-    elif getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
-    return None
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def cache_keyword(model) -> str:
-    """transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns); the GPU
-    image's 5.17 knows only the old one."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(type(_base(model)).forward).parameters else "past_key_values"
-
-
-class SlotCache:
-    """Keys and values of `slots` rows x `columns` positions per layer, written in place.
-
-    Quacks like a transformers Cache where the model's forward touches one: attention layers call
-    `update` (5.17 passes cache_kwargs positionally, 5.24 as `kwargs=`; neither is needed here).
-    """
-
-    is_compileable = True
-
-    def __init__(self, layers: int, slots: int, columns: int, kv_heads: int, head_dim: int, dtype, device):
-        shape = (slots, kv_heads, columns, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.column = torch.zeros(1, dtype=torch.long, device=device)
-        """Where a decode step writes (a tensor, so a recorded graph reads the current value)."""
-        self.batch, self.width = slots, columns
-        """The rows and columns the next decode step attends over (the bucket)."""
-        self.prefill: tuple[int, int] | None = None
-        """(row, first column) while one row's prompt is prefilled."""
-
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if self.prefill is not None:
-            # A prompt attends only to itself: store it, hand the fresh keys back.
-            row, start = self.prefill
-            end = start + key_states.shape[2]
-            self.keys[layer_idx][row, :, start:end] = key_states[0]
-            self.values[layer_idx][row, :, start:end] = value_states[0]
-            return key_states, value_states
-        keys = self.keys[layer_idx][: self.batch, :, : self.width]
-        values = self.values[layer_idx][: self.batch, :, : self.width]
-        keys.index_copy_(2, self.column, key_states)
-        values.index_copy_(2, self.column, value_states)
-        return keys, values
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0  # only asked when no position ids are given, and they always are
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def buckets(limit: int, start: int) -> list[int]:
-    """Powers of two from `start` below `limit`, then `limit`: each one is a recorded graph."""
-    out, size = [], start
-    while size < limit:
-        out.append(size)
-        size *= 2
-    return out + [limit]
-
-
-def plan_columns(model, slots: int, want: int, memory_share: float = 0.5) -> int:
-    """Cache columns per row: `want`, or fewer so that the cache takes at most `memory_share` of the
-    free GPU memory. Raises ChatloraError when not even 256 columns fit."""
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        return want
-    shape = _shape(model)
-    per_column = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * shape["dtype"].itemsize * slots
-    free = torch.cuda.mem_get_info(device)[0]
-    fits = int(free * memory_share // per_column) // 64 * 64
-    if fits < min(want, 256):
-        raise ChatloraError(f"the KV cache for {slots} rows does not fit in the GPU's free memory ({free / 2**30:.1f} GiB): "
-                            f"lower --max-batch")
-    return min(want, fits)
-
-
-def _shape(model) -> dict:
-    config = _base(model).config
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    dtype = _base(model).get_input_embeddings().weight.dtype
-    return {"layers": config.num_hidden_layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": dtype}
 
 
 @dataclass
@@ -213,15 +64,20 @@ class StaticDecoder:
             raise ChatloraError(f"the fast decode path does not support this model ({why}); use --decode eager")
         self.model, self.mode, self.slots, self.columns = model, mode, slots, columns
         self.device = next(model.parameters()).device
-        shape = _shape(model)
-        self.dtype = shape["dtype"]
-        self.cache = SlotCache(shape["layers"], slots, columns, shape["kv_heads"], shape["head_dim"], self.dtype, self.device)
+        self.dtype = base(model).get_input_embeddings().weight.dtype
+        self.cache = SlotCache(text_config(model).num_hidden_layers, slots, columns, self.device)
         self.cache_kw = cache_keyword(model)
         self.ids = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         # Additive mask (0: attend, dtype min: not), which sdpa and eager attention both take.
         self.blocked = torch.finfo(self.dtype).min
         self.mask = torch.full((slots, 1, 1, columns), self.blocked, dtype=self.dtype, device=self.device)
+        size, self.full_layers = window(model)
+        # A window as wide as the cache never closes a column: such a model needs no second mask.
+        self.window = size if size is not None and size < columns else None
+        """Tokens a sliding-window layer sees, itself included; None when no window narrows what the cache holds."""
+        self.sliding = self.mask.clone() if self.window else None
+        """`mask` with the columns outside the window closed (made from it at each step)."""
         self.batch_buckets = sorted(set(batch_buckets or buckets(slots, 1)))
         if self.batch_buckets[-1] != slots:
             self.batch_buckets.append(slots)
@@ -239,6 +95,8 @@ class StaticDecoder:
             # batch size above 1; batch 1 is compiled on its own (dynamo specialises sizes of 1).
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
             self._forward = torch.compile(self._eager_forward, dynamic=True)
+        self.add([0])  # a first prefill gives each layer's cache its shape (kv_cache.SlotCache)
+        self.reset()
 
     @property
     def live(self) -> int:
@@ -271,10 +129,14 @@ class StaticDecoder:
         row, start = self.live, self.col - length
         ids = torch.tensor([prompt], device=self.device)
         positions = torch.arange(length, device=self.device)[None]
-        causal = torch.full((length, length), self.blocked, dtype=self.dtype, device=self.device).triu(1)[None, None]
+        causal = torch.full((length, length), self.blocked, dtype=self.dtype, device=self.device).triu(1)
+        sliding = None
+        if self.window:
+            far = positions[0, :, None] - positions[0, None, :] >= self.window
+            sliding = causal.masked_fill(far, self.blocked)[None, None]
         self.cache.prefill = (row, start)
         try:
-            out = self.model(input_ids=ids, position_ids=positions, attention_mask=causal, use_cache=True,
+            out = self.model(input_ids=ids, position_ids=positions, attention_mask=self._masks(causal[None, None], sliding), use_cache=True,
                              logits_to_keep=1, **{self.cache_kw: self.cache})
         finally:
             self.cache.prefill = None
@@ -300,6 +162,10 @@ class StaticDecoder:
         tokens = torch.as_tensor(tokens, device=self.device).view(n, 1)
         self.ids[:n].copy_(tokens)
         self.mask[:n, :, :, self.col] = 0  # the new token sees itself
+        if self.sliding is not None:
+            self.sliding[:n] = self.mask[:n]
+            if self.col >= self.window:  # a key `window` or more tokens back is out of sight
+                self.sliding[:n, :, :, : self.col - self.window + 1] = self.blocked
         self.cache.column.fill_(self.col)
         batch = next(b for b in self.batch_buckets if b >= n)
         width = next(w for w in self.length_buckets if w > self.col)
@@ -311,10 +177,18 @@ class StaticDecoder:
 
     def _eager_forward(self, batch: int, width: int) -> torch.Tensor:
         self.cache.batch, self.cache.width = batch, width
+        sliding = None if self.sliding is None else self.sliding[:batch, :, :, :width]
         out = self.model(input_ids=self.ids[:batch], position_ids=self.positions[:batch],
-                         attention_mask=self.mask[:batch, :, :, :width], use_cache=True, logits_to_keep=1,
-                         **{self.cache_kw: self.cache})
+                         attention_mask=self._masks(self.mask[:batch, :, :, :width], sliding), use_cache=True,
+                         logits_to_keep=1, **{self.cache_kw: self.cache})
         return out.logits[:, -1]
+
+    def _masks(self, full: torch.Tensor, sliding: torch.Tensor | None):
+        """The attention mask the model takes: one 4D mask for every layer, or, for a model with
+        layers of both kinds, one per layer type (transformers takes such a dict as it is)."""
+        if sliding is None:
+            return full
+        return {"full_attention": full, "sliding_attention": sliding} if self.full_layers else sliding
 
     def _run(self, batch: int, width: int) -> torch.Tensor:
         if self.mode == "static" or self.device.type != "cuda":
@@ -417,7 +291,7 @@ def reference(model, steps: int = 8) -> tuple[list[int], list[int], list[torch.T
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    vocab = _base(model).get_input_embeddings().weight.shape[0]
+    vocab = base(model).get_input_embeddings().weight.shape[0]
     prompt = [(17 * i + 3) % vocab for i in range(16)]
     cache = {cache_keyword(model): DynamicCache()}
     out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, **cache)
@@ -456,7 +330,7 @@ def fast_decoder(model, mode: str, slots: int = 1, columns: int = 4096, echo=log
     if why:
         echo(f"decode: eager (the static cache does not support {why})")
         return None
-    context = getattr(_base(model).config, "max_position_embeddings", None) or columns
+    context = getattr(base(model).config, "max_position_embeddings", None) or columns
     columns = plan_columns(model, slots, min(columns, context))
     started = time.perf_counter()
     # A wrong answer fast is worse than a right one slow: the fast path is compared with the model's

@@ -6,8 +6,10 @@ does each of these in one kernel a direction, with nothing to compile: 0.123 -> 
 the recipe with CUDA graphs, and its 3 epochs in 68 s on an H100 (docs/benchmarks.md, 2026-12-05).
 
 Liger patches transformers' code for the model's architecture, so it is applied before the model is
-built and holds for the rest of the process. The output layer and the loss stay chatlora's (only
-the trained positions, in chunks): Liger's fused cross-entropy is left off.
+built and holds for the rest of the process. Which of its kernels fit an architecture, Liger's own
+defaults say: GeGLU rather than SwiGLU for Gemma, no RoPE kernel for GLM-4 (which refuses it) or
+DeepSeek (its interleaved partial RoPE), so they are kept as they are. The output layer and the loss
+stay chatlora's (only the trained positions, in chunks): Liger's fused cross-entropy is left off.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import importlib.util
 import inspect
 
-# What Liger replaces: each its own kernel. Its loss kernels are off (chatlora's loss is leaner).
-LIGER = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False, "fused_linear_cross_entropy": False}
+# Liger's loss kernels, turned off: chatlora's loss is leaner.
+LOSSES = ("cross_entropy", "fused_linear_cross_entropy")
+# The order its other kernels are named in.
+KERNELS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu")
 
 
 def why_not_liger(on_gpu: bool, compile_layers: bool) -> str | None:
@@ -42,8 +46,9 @@ def use_liger(model_type: str, on_gpu: bool, compile_layers: bool) -> str:
         if apply is None:
             why = f"Liger has no kernels for model type {model_type!r}"
         else:
-            accepted = inspect.signature(apply).parameters
-            apply(**{name: on for name, on in LIGER.items() if name in accepted})
-            fused = [name for name in ("rms_norm", "rope", "swiglu") if name in accepted]
+            params = inspect.signature(apply).parameters
+            apply(**{name: False for name in LOSSES if name in params})
+            fused = sorted((name for name, p in params.items() if p.default is True and name not in LOSSES),
+                           key=lambda name: KERNELS.index(name) if name in KERNELS else len(KERNELS))
             return f"kernels: Liger's {', '.join(fused)} for {model_type}"
     return f"note: model.kernels=liger ignored: {why}"

@@ -163,12 +163,13 @@ def load_model(source: Source, cfg: ModelConfig, tokenizer, generation_config, d
     if quantize and dtype == torch.float32:
         dtype = torch.bfloat16  # QLoRA computes in bf16; the unquantized parts stay in it too
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    attn = cfg.attn_implementation
-    if attn is None and attention.available() and dtype in (torch.bfloat16, torch.float16):
-        attn = attention.register()  # packed rows at flash speed; padded batches fall back to sdpa
-    if attn:
-        kwargs["attn_implementation"] = attn
     try:
+        attn = cfg.attn_implementation
+        if (attn is None and attention.available() and dtype in (torch.bfloat16, torch.float16)
+                and attention.unsupported(model_config(source, cfg)) is None):
+            attn = attention.register()  # packed rows at flash speed; padded batches fall back to sdpa
+        if attn:
+            kwargs["attn_implementation"] = attn
         if cfg.random_init:
             config = AutoConfig.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code, **source.kwargs())
             with torch.device(device or "cpu"):

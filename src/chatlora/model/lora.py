@@ -13,8 +13,22 @@ def linear_names(model) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
+def unmatched_targets(model, targets: list[str] | str) -> list[str]:
+    """The names of a `lora.target_modules` list that adapted nothing in the peft `model`. peft adapts
+    the names that match a module (its name ends with one) and says nothing of the others: a list
+    written for one family ([q_proj, k_proj, v_proj, gate_proj, ...]) misses most of Phi-3's fused
+    qkv_proj and gate_up_proj. (The names peft maps onto an MoE model's fused experts, which are
+    parameters, not modules, leave its list of target modules: those did adapt something.)"""
+    if isinstance(targets, str):  # all-linear, or a regex: peft itself refuses one that matches nothing
+        return []
+    kept = set(next(iter(model.peft_config.values())).target_modules or ())
+    names = [name for name, _ in model.named_modules()]
+    return [t for t in targets if t in kept and not any(name == t or name.endswith("." + t) for name in names)]
+
+
 def add_lora(model, settings: LoraSettings, gradient_checkpointing: bool = False):
-    """A peft model with only the LoRA weights trainable. Raises ConfigError for unknown targets."""
+    """A peft model with only the LoRA weights trainable. Raises ConfigError for unknown targets, or
+    for dropout on targets peft cannot drop out (an MoE model's fused experts)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(
@@ -35,6 +49,14 @@ def add_lora(model, settings: LoraSettings, gradient_checkpointing: bool = False
             raise ConfigError(
                 f"lora.target_modules {settings.target_modules!r} matches no layer of this model; "
                 f"its linear layers are: {', '.join(linear_names(model))}"
+            ) from None
+        if "does not work with lora_dropout" in str(e):
+            # transformers 5 keeps an MoE model's routed experts as fused 3D weights, which peft adapts
+            # as parameters: their LoRA has no input of its own to drop out.
+            raise ConfigError(
+                f"lora.dropout={settings.dropout}: peft cannot apply dropout to the fused expert weights of this "
+                f"{model.config.model_type} model, which lora.target_modules={settings.target_modules!r} adapts; "
+                "set lora.dropout=0, or list target modules without the experts (e.g. [q_proj, k_proj, v_proj, o_proj])"
             ) from None
         raise
 

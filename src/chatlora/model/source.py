@@ -70,10 +70,25 @@ def resolve(cfg: ModelConfig) -> Source:
             raise ModelError(f"model.name {name!r}: no such folder or file")
         if path.is_file():
             return Source(str(path.parent), path.name, "gguf")
+        if not cfg.gguf_file:
+            _check_code(path, cfg)
         return Source(str(path), cfg.gguf_file, kind)
     if kind == "modelscope":
-        return Source(_modelscope_download(name.removeprefix(MODELSCOPE_PREFIX), cfg.revision), cfg.gguf_file, "modelscope")
+        folder = _modelscope_download(name.removeprefix(MODELSCOPE_PREFIX), cfg.revision)
+        if not cfg.gguf_file:
+            _check_code(Path(folder), cfg)
+        return Source(folder, cfg.gguf_file, "modelscope")
     return Source(name, cfg.gguf_file, "hf", cfg.revision)
+
+
+def _check_code(folder: Path, cfg: ModelConfig) -> None:
+    """Raise ModelError for a model whose architecture is code shipped with it that cannot run as
+    configured (model/remote.py)."""
+    from chatlora.model.remote import remote_code_problem
+
+    why = remote_code_problem(folder, cfg.trust_remote_code)
+    if why:
+        raise ModelError(why)
 
 
 def _modelscope_download(model_id: str, revision: str | None) -> str:

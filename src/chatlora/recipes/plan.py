@@ -7,6 +7,7 @@ run replayed → memory and speed → auto choices. `train` prints the same plan
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -102,14 +103,36 @@ def describe(plan: Plan, where: str, other: Memory | None = None) -> list[str]:
     return lines
 
 
+def packing_for(cfg: Config, source, echo: Callable[[str], None] = print) -> Config:
+    """`cfg`, with packing turned off (and a note saying why) for a model whose attention cannot
+    take packed rows as varlen attention does (model/attention.py: packing_problem)."""
+    from chatlora.model.attention import packing_problem
+    from chatlora.model.load import model_config
+
+    if not cfg.data.packing:
+        return cfg
+    try:
+        config = model_config(source, cfg.model)
+    except (OSError, ValueError):
+        return cfg  # loading the model reports it
+    why = packing_problem(config)
+    if why is None:
+        return cfg
+    budget = f"; data.batch_tokens={cfg.data.batch_tokens} ignored" if cfg.data.batch_tokens else ""
+    echo(f"packing: off for {config.model_type} ({why}); padded batches instead{budget}")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, packing=False, batch_tokens=None))
+
+
 def plan_for(cfg: Config, source, samples: Samples, echo: Callable[[str], None] = print, on_gpu: bool | None = None) -> tuple[Config, Plan | None]:
     """Print the plan of `cfg`; resolve its auto values. Returns the config to train with (autos
-    replaced) and the plan (None when the architecture cannot be planned: a model this plan does not
-    know; training then goes on, unless it asked for auto values).
+    replaced, packing off where the model refuses it: packing_for) and the plan (None when the
+    architecture cannot be planned: a model this plan does not know; training then goes on, unless
+    it asked for auto values).
 
     Raises ConfigError when auto values are asked for and nothing fits, or cannot be planned."""
     from chatlora.plan.plan import resolved
 
+    cfg = packing_for(cfg, source, echo)
     wants_auto = cfg.data.batch_tokens == "auto" or cfg.training.get("gradient_checkpointing") == "auto"
     try:
         arch: Arch = read_arch(source, cfg.model, cfg.lora)

@@ -19,7 +19,7 @@ from chatlora.model.kernels import use_liger
 from chatlora.model.layers import compile_layers
 from chatlora.model import quant
 from chatlora.model.load import load_model, model_config
-from chatlora.model.lora import add_lora, count_parameters
+from chatlora.model.lora import add_lora, count_parameters, linear_names, unmatched_targets
 from chatlora.recipes.data_check import check_data, load_data
 from chatlora.recipes.plan import plan_for, samples_of
 from chatlora.run import RunDir, replace_dir
@@ -189,7 +189,12 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         echo(use_liger(model_type, _trains_on_gpu(args), cfg.model.compile == "layers"))
     model = load_model(checked.source, cfg.model, tokenizer, checked.generation_config, device)
     set_seed(seed)  # the adapter's initial weights depend on the seed alone, not on what loading drew
+    layers = linear_names(model)
     model = add_lora(model, cfg.lora, args.gradient_checkpointing)
+    unmatched = unmatched_targets(model, cfg.lora.target_modules)
+    if unmatched:
+        echo(f"warning: lora.target_modules {', '.join(unmatched)} match no layer of this {model.config.model_type} "
+             f"model and adapt nothing; its linear layers: {', '.join(layers)}")
     trainable, total = count_parameters(model)
     echo(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
