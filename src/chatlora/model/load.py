@@ -168,6 +168,8 @@ def load_model(source: Source, cfg: ModelConfig, tokenizer, generation_config, d
         if (attn is None and attention.available() and dtype in (torch.bfloat16, torch.float16)
                 and attention.unsupported(model_config(source, cfg)) is None):
             attn = attention.register()  # packed rows at flash speed; padded batches fall back to sdpa
+        elif attn is None and attention.packing_problem(model_config(source, cfg)):
+            attn = "eager"  # soft-capped attention logits (Gemma 2): sdpa and flash kernels would skip the cap
         if attn:
             kwargs["attn_implementation"] = attn
         if cfg.random_init:
