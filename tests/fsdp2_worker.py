@@ -147,8 +147,9 @@ def main(model_dir: str, out: Path) -> None:
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     from transformers import AutoTokenizer
 
-    from chatlora.data.collate import PackCollator
+    from chatlora.data.collate import PackCollator, PadCollator
     from chatlora.data.render import Renderer
+    from chatlora.evaluate.loss import held_out_batches, held_out_loss
     from chatlora.model.generate import generate_replies
     from chatlora.trainer.fsdp import full_adapter_state, gathered_through_backward, sharded
     from chatlora.trainer.grads import all_finite, clip_sharded, local_grads, sharded_grads
@@ -187,6 +188,16 @@ def main(model_dir: str, out: Path) -> None:
             ref_optimizer.step()
             ref_optimizer.zero_grad()
             result["reference_losses"].append((ref_total / ref_count).item())
+
+    # The held-out loss on the sharded model (evaluate/loss.py): 5 samples split 3/2 over the
+    # processes, 2 per batch, packed into passes of at most 40 tokens: 3 passes on rank 0, 2 on
+    # rank 1, which must keep stepping with rank 0 (lockstep), counting nothing, or both hang.
+    held = [sample for step in STEPS for sample in step][:5]
+    collate = PackCollator(max_tokens=40)
+    result["held_out"] = held_out_loss(model, held_out_batches(held, collate, 2, rank, world), distributed=True,
+                                       lockstep=True, spare=collate(held[:1])).loss
+    if reference is not None:
+        result["held_out_reference"] = held_out_loss(reference, held_out_batches(held, PadCollator(0), 8)).loss
 
     # Clipping and the finite check on the local shards (trainer/grads.py) against torch on the whole
     # gradients: one more backward, clipped to half its norm, and no optimizer step after it.

@@ -39,6 +39,13 @@ def test_loss_on_the_sharded_model_equals_one_process(fsdp2):
     assert result["losses"] == pytest.approx(result["reference_losses"], rel=1e-5)
 
 
+def test_held_out_loss_on_the_sharded_model_equals_one_process(fsdp2):
+    """Each process evaluates its share in lockstep (uneven batches and passes: a hang otherwise);
+    the loss of the whole set equals the unsharded model's on all of it."""
+    result = json.loads((fsdp2 / "result.json").read_text())
+    assert result["held_out"] == pytest.approx(result["held_out_reference"], rel=1e-5)
+
+
 def test_the_adapter_is_saved_whole(fsdp2):
     """Each process holds half of every LoRA weight; the saved adapter has every weight whole, equal
     to the one trained in a single process."""

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys

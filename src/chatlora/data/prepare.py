@@ -20,7 +20,7 @@ from chatlora.config.schema import DataConfig
 from chatlora.data.formats import Conversation, detect_format, to_conversations
 from chatlora.data.read import MalformedLines, read_rows
 from chatlora.data.render import Renderer, RenderError
-from chatlora.data.truncate import REPLY_TOO_LONG, REPLY_TRUNCATED, fit
+from chatlora.data.truncate import REPLY_TOO_LONG, fit
 from chatlora.errors import DataError, Problem, refuse_file_in_the_way
 
 # Bump when the rendering or masking logic changes, so old caches are not reused.

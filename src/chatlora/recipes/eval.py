@@ -10,25 +10,20 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-
-import torch
 
 from chatlora.config.schema import Config, DataConfig
 from chatlora.data.collate import PadCollator
 from chatlora.data.formats import Conversation
 from chatlora.data.prepare import load_conversations, read_conversations
-from chatlora.data.render import Renderer
-from chatlora.data.truncate import fit
 from chatlora.errors import ChatloraError
+from chatlora.evaluate.loss import held_out_batches, held_out_loss, held_out_samples
 from chatlora.evaluate.metrics import ReplyStats, reply_stats
 from chatlora.model.from_run import Loaded, load_target
 from chatlora.model.generate import Reply, generate_replies
 from chatlora.run import RunDir, write_atomic
-from chatlora.trainer.loss import trained_token_loss
 
 SIDES = ("base", "adapter")
 
@@ -61,45 +56,34 @@ def held_out(target: str | Path, data: str | None) -> tuple[list[Conversation], 
     return load_conversations(cfg.data)[1], "validation"
 
 
-@torch.no_grad()
-def held_out_loss(model, renderer: Renderer, conversations: list[Conversation], max_length: int, batch_size: int = 8,
-                  progress=None) -> tuple[float, int]:
-    """(mean cross-entropy per trained token, trained tokens) over the conversations, masked and
-    truncated exactly as in training."""
-    samples = [s for c in conversations for s, _cut in fit(c.messages, renderer, max_length, "drop", Counter())]
-    collate = PadCollator(renderer.tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(samples), batch_size):
-        batch = samples[start : start + batch_size]
-        inputs = collate([{"input_ids": s.input_ids, "labels": s.labels} for s in batch])
-        loss, n = trained_token_loss(model, {k: v.to(device) for k, v in inputs.items()})
-        total, count = total + float(loss), count + int(n)
+def _counted(batches, progress):
+    for batch in batches:
+        yield batch
         if progress is not None:
-            progress.update(len(batch))
-    return (total / count if count else math.nan), count
+            progress.update(len(batch["input_ids"]))
 
 
-def side_by_side(loaded: Loaded, conversations: list[Conversation], max_new_tokens: int, max_length: int,
+def side_by_side(loaded: Loaded, conversations: list[Conversation], max_new_tokens: int, samples: list[dict],
                  batch_size: int = 8) -> tuple[dict[str, dict], dict[str, list[Reply]]]:
-    """Loss, perplexity and reply statistics of the base model and the adapter, and their replies."""
+    """Held-out loss and perplexity on `samples` (evaluate/loss.py), and reply statistics on the
+    conversations, of the base model and the adapter; and their replies."""
     from tqdm.auto import tqdm
 
     prompts = [c.messages[:-1] for c in conversations]
     references = [c.messages[-1]["content"] for c in conversations]
     results: dict[str, dict] = {}
     replies: dict[str, list[Reply]] = {}
+    batches = held_out_batches(samples, PadCollator(loaded.renderer.tokenizer.pad_token_id), batch_size)
     for side in SIDES:
         # The base model is the same peft model with its adapter switched off: no second copy in memory.
         with loaded.model.disable_adapter() if side == "base" else contextlib.nullcontext():
-            with tqdm(total=len(conversations), desc=f"held-out loss ({side})", unit="row", leave=False) as bar:
-                loss, tokens = held_out_loss(loaded.model, loaded.renderer, conversations, max_length, batch_size, bar)
+            with tqdm(total=len(samples), desc=f"held-out loss ({side})", unit="row", leave=False) as bar:
+                loss = held_out_loss(loaded.model, _counted(batches, bar))
             with tqdm(total=len(prompts), desc=f"greedy replies ({side})", unit="prompt", leave=False) as bar:
                 replies[side] = generate_replies(loaded.model, loaded.renderer, prompts, max_new_tokens, batch_size, progress=bar)
         got = replies[side]
         stats: ReplyStats = reply_stats([r.ids for r in got], [r.stopped for r in got], [r.text for r in got], references)
-        results[side] = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "trained_tokens": tokens,
-                         **asdict(stats)}
+        results[side] = {"loss": loss.loss, "perplexity": loss.perplexity, "trained_tokens": loss.tokens, **asdict(stats)}
     return results, replies
 
 
@@ -171,22 +155,25 @@ def evaluate(target: str, data: str | None = None, *, model: str | None = None, 
     folder = report_folder(target, out)
     for path in (folder / f"{name}.json", folder / f"{name}.md"):
         _may_replace(path, folder / f"{name}.json")
-    conversations = [c for c in conversations if c.messages[-1]["role"] == "assistant"]
     if limit:
         conversations = conversations[:limit]
-    if not conversations:
+    # The loss is over every held-out conversation, as training's is; replies are compared for those
+    # that end with one.
+    replied = [c for c in conversations if c.messages[-1]["role"] == "assistant"]
+    if not replied:
         raise ChatloraError(f"no held-out conversation ends with an assistant reply to compare against ({name})")
     echo(f"evaluating on {len(conversations)} held-out conversations ({data or 'the run validation data'})")
     loaded = load_target(target, model, device)
-    max_length = loaded.config.data.max_length if loaded.config else 2048
-    results, replies = side_by_side(loaded, conversations, max_new_tokens, max_length, batch_size)
+    max_length, overlong = (loaded.config.data.max_length, loaded.config.data.overlong) if loaded.config else (2048, "drop")
+    samples = held_out_samples([c.messages for c in conversations], loaded.renderer, max_length, overlong)
+    results, replies = side_by_side(loaded, replied, max_new_tokens, samples, batch_size)
     report = {
-        "target": str(target), "data": data or "validation (from the run config)", "rows": len(conversations),
-        "max_new_tokens": max_new_tokens, "results": results,
+        "target": str(target), "data": data or "validation (from the run config)", "rows": len(replied),
+        "loss_rows": len(samples), "max_new_tokens": max_new_tokens, "results": results,
         "replies": [{"prompt": c.messages[-2]["content"], "reference": c.messages[-1]["content"],
                      **{side: {"text": replies[side][i].text, "stopped": replies[side][i].stopped,
                                "tokens": len(replies[side][i].ids)} for side in SIDES}}
-                    for i, c in enumerate(conversations)],
+                    for i, c in enumerate(replied)],
     }
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / f"{name}.json", _json(report))
@@ -196,6 +183,9 @@ def evaluate(target: str, data: str | None = None, *, model: str | None = None, 
     if results["adapter"]["trained_tokens"] == 0:
         echo(f"warning: no conversation fits data.max_length={max_length} with its reply, so there is no held-out loss "
              "(shown as nan); the replies are still compared")
+    elif len(samples) < len(conversations):
+        echo(f"note: {len(conversations) - len(samples)} of {len(conversations)} conversations are left out of the held-out "
+             f"loss: a reply alone is longer than data.max_length={max_length}")
     for side in SIDES:
         if results[side]["stop_rate"] == 0:
             echo(f"warning: no {side} reply ended on the end-of-turn token within {max_new_tokens} tokens")

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from chatlora.data.collate import PadCollator
 from chatlora.data.formats import Conversation
 from chatlora.errors import ChatloraError, DataError, file_in_the_way
+from chatlora.evaluate.loss import held_out_batches, held_out_loss, held_out_samples
 from chatlora.model import quant
 from chatlora.model.from_run import Loaded, default_device, load_target
 from chatlora.model.load import add_stop_tokens, resolve_dtype, stop_ids
@@ -134,6 +136,12 @@ def merge(target: str, out: str, *, model: str | None = None, dtype: str = "auto
 
     echo(f"reference: base + adapter logits on {len(texts)} {kind}")
     reference = logits_of(loaded.model, texts)
+    # The held-out loss (evaluate/loss.py) of the rows that end with a reply, before and after: the
+    # number `chatlora eval` and training report, for the merged model too.
+    max_length, overlong = (loaded.config.data.max_length, loaded.config.data.overlong) if loaded.config else (2048, "drop")
+    samples = held_out_samples([m for m in conversations if m[-1]["role"] == "assistant"], renderer, max_length, overlong)
+    batches = held_out_batches(samples, PadCollator(tokenizer.pad_token_id), 8)
+    loss_before = held_out_loss(loaded.model, batches) if samples else None
     four_bit = quant.is_4bit(loaded.model.get_base_model())
     if four_bit:
         merged = merge_dequantized(loaded.model, adapter_file(target).parent, echo)
@@ -160,6 +168,9 @@ def merge(target: str, out: str, *, model: str | None = None, dtype: str = "auto
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=save_dtype, device_map=device or default_device())
         reloaded.eval()
         result = compare(reference, logits_of(reloaded, texts))
+        if loss_before is not None:
+            result["held_out_loss"] = {"rows": len(samples), "trained_tokens": loss_before.tokens,
+                                       "adapter": loss_before.loss, "merged": held_out_loss(reloaded, batches).loss}
         saved_stops = stop_ids(reloaded.generation_config)
         del reloaded
         atol, top1 = TOLERANCE.get(save_dtype, TOLERANCE[torch.float32])
@@ -169,6 +180,10 @@ def merge(target: str, out: str, *, model: str | None = None, dtype: str = "auto
                       stop_tokens=stops, source=str(target))
         echo(f"parity on {result['positions']} positions: max |logit difference| {result['max_abs_diff']:.3g} "
              f"(allowed {atol:g}), top-1 agreement {result['top1_agreement']:.2%} (required {top1:.0%})")
+        if "held_out_loss" in result:
+            held = result["held_out_loss"]
+            echo(f"held-out loss on {held['rows']} of those rows: {held['adapter']:.4f} base + adapter, "
+                 f"{held['merged']:.4f} merged")
         if end_of_turn is not None and end_of_turn not in saved_stops:
             raise ChatloraError("the saved generation config does not stop on the end-of-turn token")
         if not result["max_abs_diff"] <= atol or result["top1_agreement"] < top1:

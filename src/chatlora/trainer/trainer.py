@@ -8,7 +8,9 @@ from contextlib import nullcontext
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import EvalLoopOutput
 
+from chatlora.evaluate.loss import held_out_batches, held_out_loss
 from chatlora.trainer import fsdp, walks
 from chatlora.trainer.balance import train_dataloader
 from chatlora.trainer.grads import clip_sharded, sharded_grads, sharded_norm
@@ -260,19 +262,43 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
         return (self.cuda_graphs and "trained_positions" in inputs and inputs["input_ids"].is_cuda
                 and num_items_in_batch is not None and self.accelerator.num_processes == 1)
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        # Each held-out sample on one process only (Trainer's sharding repeats some to fill batches).
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):
+            dataset = self.eval_dataset[dataset]
+        return held_out_batches(dataset, self.data_collator, self.args.eval_batch_size,
+                                self.args.process_index, self.args.world_size)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Trainer.evaluate()'s loop: the held-out loss as chatlora defines it (evaluate/loss.py), which
+        `chatlora eval` and merge report too, instead of Trainer's mean of the batches' mean losses."""
+        model = self._wrap_model(self.model, training=False)
+        if len(self.accelerator._models) == 0 and model is self.model:
+            # evaluate() before train(): the model prepared as Trainer.evaluation_loop does it (FSDP
+            # shards it; otherwise it is only placed, and distributed.undo_evaluation_prepare lets
+            # train() wrap it in DDP afterwards).
+            model = (self.accelerator.prepare(model) if self.is_fsdp_enabled and not self.args.torch_compile
+                     else self.accelerator.prepare_model(model, evaluation_mode=True))
+            if self.is_fsdp_enabled:
+                self.model = model
+            if model is not self.model:
+                self.model_wrapped = model
+        dataset = dataloader.dataset
+        spare = self.data_collator([dataset[0]]) if self.lockstep and len(dataset) else None
+        result = held_out_loss(model, dataloader, device=self.args.device, distributed=self.accelerator.num_processes > 1,
+                               lockstep=self.lockstep, spare=spare)
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics={f"{metric_key_prefix}_loss": result.loss},
+                              num_samples=len(dataset))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        parts = inputs["chunks"] if "chunks" in inputs else [inputs]  # evaluation of a chunked batch
         # peft casts every LoRA layer's input to the adapter's float32: a copy of each activation,
         # kept for backward. Under bf16/fp16 autocast the LoRA matmuls run in half precision anyway,
         # so the copies are pure cost (a third of the step's memory on a 7B model).
         if self._tuner_layers is None:
             self._tuner_layers = walks.tuner_layers(self.model)
         with walks.no_input_casting(self._tuner_layers, active=self.args.bf16 or self.args.fp16):
-            sums = [trained_token_loss(model, part) for part in parts]
-            if not model.training:  # evaluation: as many passes as every other process (see passes())
-                for _ in range(self.passes(len(parts)) - len(parts)):
-                    trained_token_loss(model, parts[-1])
-        total, count = sum(s for s, _ in sums), sum(c for _, c in sums)
+            total, count = trained_token_loss(model, inputs)  # one pass: step_loss splits a step's chunks
         if num_items_in_batch is None:
             loss = total / count.clamp_min(1)
         else:
@@ -283,5 +309,5 @@ class ChatTrainer(SafeTrainer):  # SafeTrainer: atomic, stamped checkpoints; los
                 loss = loss * self.accelerator.num_processes
         if self.loss_weight != 1.0:
             loss = loss * self.loss_weight
-        return (loss, {}) if return_outputs else loss  # no logits kept: evaluation is loss-only
+        return (loss, {}) if return_outputs else loss
 
