@@ -46,7 +46,10 @@ def check(dataset, tokenizer, stop_ids: list[int], end_of_turn: int | None) -> P
             "would never train the model to stop. Give the tokenizer another pad token"
         )
     empty, unstopped, past = [], [], []
-    stops = set(stop_ids)
+    # The end-of-turn and eos tokens: a trained one before the end of its reply means the reply holds
+    # it as text (or the template writes more after it). Other stop tokens (model.stop_tokens) may be
+    # ordinary text a reply contains.
+    stops = {end_of_turn, tokenizer.eos_token_id} - {None}
     for labels, origin, cut in zip(dataset["labels"], dataset["origin"], dataset["cut"]):
         trained = [t for t in labels if t != IGNORE]
         if not trained:
