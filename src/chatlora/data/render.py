@@ -19,6 +19,7 @@ and TRL's completion masks assume a prefix-consistent template.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -182,7 +183,7 @@ class Renderer:
             alone = self._turn(messages, i)
             for turns, sample in groups:
                 if sample.input_ids[: len(alone)] == alone.input_ids:
-                    sample.labels[: len(alone)] = [a if a != IGNORE else b for a, b in zip(alone.labels, sample.labels)]
+                    _overlay(sample, alone)
                     turns.insert(0, i)
                     break
             else:
@@ -203,7 +204,7 @@ class Renderer:
             alone = self._turn(messages, i)
             if sample.input_ids[: len(alone)] != alone.input_ids:
                 raise RenderError(f"turn {i} is rendered differently once later turns follow; it cannot share a sample with turn {last}")
-            sample.labels[: len(alone)] = [a if a != IGNORE else b for a, b in zip(alone.labels, sample.labels)]
+            _overlay(sample, alone)
         return sample
 
     def _turn(self, messages: list[dict], i: int) -> Tokenized:
@@ -244,7 +245,7 @@ class Renderer:
         lead = body[:start]
         if lead.startswith(prompt):
             return body, start
-        shared = len(_common_prefix(prompt, lead))
+        shared = len(os.path.commonprefix([prompt, lead]))
         extra, written = prompt[shared:], lead[shared:]
         reply = body[start:]
         if _OPEN_THINK_AT_END.search(extra) and THINK_OPEN not in written:
@@ -322,6 +323,11 @@ STRATEGY_WHY = {
 }
 
 
+def _overlay(sample: Tokenized, alone: Tokenized) -> None:
+    """Train in `sample` what `alone` (a turn whose sample is a prefix of it) trains."""
+    sample.labels[: len(alone)] = [a if a != IGNORE else b for a, b in zip(alone.labels, sample.labels)]
+
+
 def _assistant(message: dict, reply: str, thought: str | None) -> dict:
     out = {k: v for k, v in message.items() if k != "reasoning_content"}
     out["content"] = reply
@@ -346,12 +352,3 @@ def _before_open_think(text: str, at: int) -> int:
     """`at` moved back over a `<think>` tag (and the whitespace after it) that directly precedes it."""
     head = text[:at].rstrip()
     return len(head) - len(THINK_OPEN) if head.endswith(THINK_OPEN) else at
-
-
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return a[:n]
