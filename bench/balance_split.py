@@ -1,5 +1,5 @@
 """How unevenly a step's samples load the GPUs when split by count (accelerate's sharding) and by
-tokens (chatlora's split, trainer/balance.py), on real data; CPU only, seconds.
+tokens (chatlora's split, trainer/distributed/balance.py), on real data; CPU only, seconds.
 
     python bench/balance_split.py --tokenizer ../shared/data/qwen-tokenizer --data ../shared/data/huanhuan.json
 

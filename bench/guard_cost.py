@@ -65,7 +65,7 @@ def measure(a) -> dict:
     from chatlora.config.schema import LoraSettings
     from chatlora.model.layers import compile_layers, decoder_layers
     from chatlora.model.lora import add_lora
-    from chatlora.trainer import walks
+    from chatlora.trainer.speed import walks
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dims = dict(QWEN15_7B, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128, vocab_size=1000)

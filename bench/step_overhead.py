@@ -1,5 +1,5 @@
 """CPU time of Trainer's per-step bookkeeping on a 7B-shaped LoRA model: the full walks against
-trainer/walks.py's lists made once.
+trainer/speed/walks.py's lists made once.
 
     python bench/step_overhead.py
 
@@ -48,8 +48,9 @@ def main() -> None:
     from accelerate import Accelerator
     from peft.helpers import disable_input_dtype_casting
 
-    from chatlora.trainer import walks
-    from chatlora.trainer.grads import all_finite, local_grads
+    from chatlora.trainer import overrides
+    from chatlora.trainer.speed import walks
+    from chatlora.trainer.speed.grads import all_finite, local_grads
 
     torch.manual_seed(0)
     model = model_7b_shaped()
@@ -76,8 +77,8 @@ def main() -> None:
 
     # The full walks, kept before walks.py puts its shortcuts on the model.
     walk_train, walk_zero = model.train, model.zero_grad
-    assert walks.skip_unchanged_train(model)
-    walks.zero_trained_grads_only(model, trained)
+    assert overrides.skip_unchanged_train(model)
+    overrides.zero_trained_grads_only(model, trained)
     grads = [p.grad for p in trained]
 
     def zero_then_restore(zero):  # set_to_none drops the gradients: put back, so every call has work

@@ -320,7 +320,7 @@ THROUGHPUT = ["training.per_device_train_batch_size=128", "training.gradient_acc
               "data.batch_tokens=8192", "training.gradient_checkpointing=false", "lora.dropout=0.0"]
 # Each decoder layer compiled once with symbolic sizes (model.compile=layers), not the whole model.
 LAYERS = ["model.compile=layers"]
-# Each packed pass replayed from a CUDA graph recorded per padded shape (trainer/graphs.py).
+# Each packed pass replayed from a CUDA graph recorded per padded shape (trainer/speed/graphs.py).
 GRAPHS = ["model.cuda_graphs=true"]
 # Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (model.kernels=liger, model/kernels.py).
 LIGER = ["model.kernels=liger"]

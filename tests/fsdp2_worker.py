@@ -48,7 +48,7 @@ def uneven_clip(mesh) -> dict:
     process holds an empty shard), against the whole gradients."""
     from torch.distributed.fsdp import fully_shard
 
-    from chatlora.trainer.grads import clip_sharded, sharded_grads
+    from chatlora.trainer.speed.grads import clip_sharded, sharded_grads
 
     class Uneven(torch.nn.Module):
         def __init__(self):
@@ -84,8 +84,8 @@ def passes_of_a_step(model_dir: str, mesh) -> dict:
     from torch.distributed.tensor import DTensor
 
     from chatlora.data.collate import PackCollator
-    from chatlora.trainer.fsdp import gathered_through_backward, kept_between_passes
-    from chatlora.trainer.loss import trained_token_loss
+    from chatlora.trainer.distributed.fsdp import gathered_through_backward, kept_between_passes
+    from chatlora.model.loss import trained_token_loss
 
     model = build(model_dir)
     layers = model.base_model.model.model.layers
@@ -151,9 +151,9 @@ def main(model_dir: str, out: Path) -> None:
     from chatlora.data.render import Renderer
     from chatlora.evaluate.loss import held_out_batches, held_out_loss
     from chatlora.model.generate import generate_replies
-    from chatlora.trainer.fsdp import full_adapter_state, gathered_through_backward, sharded
-    from chatlora.trainer.grads import all_finite, clip_sharded, local_grads, sharded_grads
-    from chatlora.trainer.loss import separable_head, trained_token_loss
+    from chatlora.trainer.distributed.fsdp import full_adapter_state, gathered_through_backward, sharded
+    from chatlora.trainer.speed.grads import all_finite, clip_sharded, local_grads, sharded_grads
+    from chatlora.model.loss import separable_head, trained_token_loss
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # a rank left waiting fails the test soon
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -199,7 +199,7 @@ def main(model_dir: str, out: Path) -> None:
     if reference is not None:
         result["held_out_reference"] = held_out_loss(reference, held_out_batches(held, PadCollator(0), 8)).loss
 
-    # Clipping and the finite check on the local shards (trainer/grads.py) against torch on the whole
+    # Clipping and the finite check on the local shards (trainer/speed/grads.py) against torch on the whole
     # gradients: one more backward, clipped to half its norm, and no optimizer step after it.
     total, count = trained_token_loss(model, PackCollator()(STEPS[0][2 * rank : 2 * rank + 2]))
     total.backward()

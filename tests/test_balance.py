@@ -1,4 +1,4 @@
-"""The token-balanced split of each optimizer step's samples over the processes (trainer/balance.py),
+"""The token-balanced split of each optimizer step's samples over the processes (trainer/distributed/balance.py),
 without processes: the partition itself, and the batches each rank's sampler yields."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 import pytest
 
 from chatlora.data.groups import split
-from chatlora.trainer.balance import BalancedSteps
+from chatlora.trainer.distributed.balance import BalancedSteps
 
 
 def totals(groups: list[list[int]], lengths: list[int]) -> list[int]:
@@ -106,7 +106,7 @@ def test_through_accelerate_each_rank_takes_its_part_of_the_one_process_steps(mi
     from accelerate.data_loader import prepare_data_loader, skip_first_batches
     from torch.utils.data import DataLoader, RandomSampler
 
-    from chatlora.trainer.balance import not_resharded
+    from chatlora.trainer.distributed.balance import not_resharded
 
     rng = random.Random(1)
     data, samples_per_step = list(range(24)), 8

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from chatlora.errors import ConfigError
-from chatlora.trainer.distributed import check_resume, distributed_arguments, split_step
+from chatlora.trainer.distributed.split import check_resume, distributed_arguments, split_step
 from chatlora.trainer.plot import read_metrics
-from chatlora.trainer.world import World
+from chatlora.trainer.distributed.world import World
 from conftest import FIXTURES, run_cli, tiny_config
 
 ROWS = [str(FIXTURES / "alpaca.json"), str(FIXTURES / "sharegpt.json"), str(FIXTURES / "openai.jsonl")]  # 10 + 3 + 3
@@ -267,14 +267,14 @@ def record(processes: int, strategy: str = "ddp", samples: int = 16) -> dict:
 
 
 def test_resume_on_the_same_processes_is_silent(tmp_path):
-    from chatlora.trainer.distributed import write_record
+    from chatlora.trainer.distributed.split import write_record
 
     write_record(tmp_path, record(2))
     assert check_resume(tmp_path, record(2)) is None
 
 
 def test_resume_with_ddp_on_other_processes_is_handled(tmp_path):
-    from chatlora.trainer.distributed import write_record
+    from chatlora.trainer.distributed.split import write_record
 
     write_record(tmp_path, record(4))
     assert check_resume(tmp_path, record(2)) == ("resuming on 2 processes (the run began on 4): "
@@ -283,7 +283,7 @@ def test_resume_with_ddp_on_other_processes_is_handled(tmp_path):
 
 
 def test_resume_that_would_change_the_training_is_refused(tmp_path):
-    from chatlora.trainer.distributed import write_record
+    from chatlora.trainer.distributed.split import write_record
 
     write_record(tmp_path, record(2))
     with pytest.raises(ConfigError, match="trained with 16 samples per optimizer step, now 32.*samples_per_step=16"):

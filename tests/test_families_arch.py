@@ -15,7 +15,7 @@ from chatlora.config.schema import LoraSettings
 from chatlora.data.collate import PackCollator, PadCollator
 from chatlora.model.decode import StaticDecoder, fast_decoder
 from chatlora.model.lora import add_lora, unmatched_targets
-from chatlora.trainer.loss import packing_is_exact, trained_token_loss
+from chatlora.model.loss import packing_is_exact, trained_token_loss
 from conftest import tiny_config
 from families import ADAPTED, ATTENTION, FAMILIES, MLP, UNMATCHED, WINDOW, save_family
 from test_decode import greedy_rows

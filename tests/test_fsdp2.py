@@ -89,7 +89,7 @@ def test_clipping_and_the_finite_check_on_local_shards_equal_torch_on_whole_grad
 
 def test_a_step_of_several_passes_gathers_the_weights_once(fsdp2):
     """Units that keep their weights gathered through backward (reshard_after_forward=false) keep
-    them from one pass of a step to the next (trainer/fsdp.py): a step of 2 passes gathers each
+    them from one pass of a step to the next (trainer/distributed/fsdp.py): a step of 2 passes gathers each
     unit's weights once, not twice, shards them after its last pass, and computes the gradients of
     the step in one pass."""
     passes = json.loads((fsdp2 / "result.json").read_text())["passes"]

@@ -8,7 +8,7 @@ import torch
 
 from chatlora.data.collate import PackCollator, PadCollator, model_inputs
 from chatlora.model import attention
-from chatlora.trainer.loss import packing_is_exact, trained_token_loss
+from chatlora.model.loss import packing_is_exact, trained_token_loss
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not attention.available(), reason="needs CUDA and torch varlen attention")]
 

@@ -17,7 +17,7 @@ from chatlora.config.schema import LoraSettings, ModelConfig
 from chatlora.data.collate import PackCollator, PadCollator
 from chatlora.model import attention
 from chatlora.model.lora import add_lora
-from chatlora.trainer.loss import packing_is_exact, trained_token_loss
+from chatlora.model.loss import packing_is_exact, trained_token_loss
 from families import FAMILIES, save_family
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not attention.available(), reason="needs CUDA and torch varlen attention")]
@@ -85,7 +85,7 @@ def test_varlen_packed_rows_equal_padded_sdpa(family):
 
 
 def test_a_packed_pass_replayed_from_a_cuda_graph_equals_it_eager(family):
-    from chatlora.trainer.graphs import PassGraphs
+    from chatlora.trainer.speed.graphs import PassGraphs
 
     name, folder = family
     if name == "gemma2":  # trains on padded batches, which graphs do not take (recipes/train.py)

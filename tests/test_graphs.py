@@ -1,4 +1,4 @@
-"""CUDA graphs over the training pass (trainer/graphs.py): what the CPU can check, and the GPU runs.
+"""CUDA graphs over the training pass (trainer/speed/graphs.py): what the CPU can check, and the GPU runs.
 
 The rows a graph replays are padded (PackCollator's pad_to); padding must not change the loss or a
 gradient. Recording and replaying need a GPU: those tests are marked gpu (`pytest -m gpu`)."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chatlora.data.collate import PackCollator
-from chatlora.trainer.loss import trained_token_loss
+from chatlora.model.loss import trained_token_loss
 from chatlora.trainer.plot import read_metrics
 from conftest import tiny_config
 
@@ -120,7 +120,7 @@ def test_gradients_accumulate_into_the_runs_own_tensors():
     """The tensors recorded passes add into stay on the parameters: zeroed when a step starts (every
     gradient dropped, as Trainer's zero_grad does), kept within a step, and a gradient put there by
     someone else (a callback) is copied in rather than lost."""
-    from chatlora.trainer.graphs import PassGraphs
+    from chatlora.trainer.speed.graphs import PassGraphs
 
     params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
     graphs = PassGraphs(params)

@@ -30,7 +30,7 @@ def one_gpu(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 # fsdp2-kept: each process makes its share of a step in 2 passes of 1 sample, and the layers keep their
-# weights gathered through backward, and so from one pass to the next (trainer/fsdp.py).
+# weights gathered through backward, and so from one pass to the next (trainer/distributed/fsdp.py).
 KEPT = ["training.fsdp_config.reshard_after_forward=false", "training.per_device_train_batch_size=1"]
 
 

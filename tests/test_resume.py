@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from chatlora.errors import EXIT_PREEMPTED, EXIT_STORAGE, Preempted, ResumeError
-from chatlora.trainer.checkpoint import STAGING, STAMP, complete_checkpoints
+from chatlora.run import STAMP, complete_checkpoints
+from chatlora.trainer.lifecycle.checkpoint import STAGING
 from chatlora.trainer.plot import read_metrics
 from conftest import FIXTURES, tiny_config
 from snapshot import snapshot
@@ -338,7 +339,7 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model
 
 
 def test_metrics_past_the_checkpoint_and_a_torn_line_are_dropped_on_resume(tmp_path):
-    from chatlora.trainer.lifecycle import _truncate_metrics
+    from chatlora.trainer.lifecycle.folder import _truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 0, "eval_loss": 3.0}, {"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.4}, {"step": 3, "loss": 2.3}]
@@ -381,7 +382,7 @@ def test_a_verdict_read_late_between_logs_stops_and_skips_as_one_read_at_once(ti
 
 
 def test_a_stamp_from_before_non_blocking_was_left_out_resumes():
-    from chatlora.trainer.resume import differences
+    from chatlora.trainer.lifecycle.resume import differences
 
     accelerate = {"split_batches": False, "even_batches": True}
     old = {"config_hash": "a", "config": {"training.accelerator_config": {**accelerate, "non_blocking": False}}}

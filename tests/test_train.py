@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chatlora.data.collate import PackCollator, PadCollator, model_inputs
-from chatlora.trainer.loss import packing_is_exact, trained_token_loss
+from chatlora.model.loss import packing_is_exact, trained_token_loss
 from chatlora.trainer.plot import read_metrics
 from conftest import FIXTURES, REPO, run_cli, tiny_config
 
@@ -153,7 +153,7 @@ def test_head_only_on_trained_positions_in_chunks_matches_full_logits(tiny_model
 
     from chatlora.config.schema import LoraSettings
     from chatlora.model.lora import add_lora
-    from chatlora.trainer import loss as loss_module
+    from chatlora.model import loss as loss_module
 
     torch.manual_seed(0)
     model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSettings(r=4, dropout=0.0))

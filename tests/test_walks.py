@@ -1,12 +1,13 @@
-"""trainer/walks.py: Trainer's per-step bookkeeping from lists made once gives what the full walks
-of the model give (modes, input casting, FLOPs, gradient norms)."""
+"""trainer/speed/walks.py and the shortcuts of trainer/overrides.py: Trainer's per-step bookkeeping
+from lists made once gives what the full walks of the model give (modes, input casting, FLOPs, gradient norms)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from chatlora.trainer import walks
+from chatlora.trainer import overrides
+from chatlora.trainer.speed import walks
 
 
 def lora_model(folder, **lora):
@@ -19,7 +20,7 @@ def lora_model(folder, **lora):
 
 def test_train_returns_at_once_only_when_every_module_is_in_that_mode(tiny_model_dir):
     model = lora_model(tiny_model_dir)
-    assert walks.skip_unchanged_train(model)
+    assert overrides.skip_unchanged_train(model)
     dropout = next(m for m in model.modules() if isinstance(m, torch.nn.Dropout))
     model.eval()
     assert not any(m.training for m in model.modules())
@@ -37,7 +38,7 @@ def test_train_returns_at_once_only_when_every_module_is_in_that_mode(tiny_model
 
 def test_train_keeps_the_full_walk_when_a_module_does_more(tiny_model_dir):
     model = lora_model(tiny_model_dir, use_dora=True)  # DoRA layers clear a cache at every train(True)
-    assert not walks.skip_unchanged_train(model)
+    assert not overrides.skip_unchanged_train(model)
     assert "train" not in vars(model)
 
 
@@ -88,7 +89,7 @@ def test_trainer_bookkeeping_equals_the_full_walks(tiny_model_dir, tmp_path, byt
 def test_zero_grad_drops_the_trained_gradients(tiny_model_dir):
     model = lora_model(tiny_model_dir)
     trained = walks.trainable(model)
-    walks.zero_trained_grads_only(model, trained)
+    overrides.zero_trained_grads_only(model, trained)
     ids = torch.randint(0, 200, (1, 6))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in trained)
@@ -109,26 +110,25 @@ def test_guard_reads_the_norm_trainer_took(tiny_model_dir, tmp_path, clipped):
 
     model = lora_model(tiny_model_dir)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_grad_norm=1.0 if clipped else 0.0)
-    trainer = ChatTrainer(model=model, args=args)
+    trainer = ChatTrainer(model=model, args=args, guard=NonFiniteGuard("stop", print))
     trainer.losses_finite = None
-    guard = NonFiniteGuard(trainer, "stop", print)
     state = TrainerState(global_step=3, max_steps=10)
     ids = torch.randint(0, 200, (1, 6))
     model(input_ids=ids, labels=ids).loss.backward()
     take = trainer._clip_grad_norm if clipped else trainer._get_grad_norm
     take(model)
     assert torch.is_tensor(trainer.step_grad_norm)
-    guard.on_pre_optimizer_step(args, state, None)  # finite: goes on, and the norm is used up
+    trainer.before_optimizer_step(state)  # finite: goes on, and the norm is used up
     assert trainer.step_grad_norm is None
 
     trainer.trainable()[0].grad[0, 0] = float("inf")  # the loss was finite; one gradient is not
     take(model)
     with pytest.raises(NonFiniteError, match="step 4 of 10: the gradient norm was NaN or inf"):
-        guard.on_pre_optimizer_step(args, state, None)
+        trainer.before_optimizer_step(state)
     trainer.step_grad_norm = None  # no norm taken this step: the guard checks the gradients itself
     trainer.trainable()[0].grad[0, 0] = float("nan")
     with pytest.raises(NonFiniteError):
-        guard.on_pre_optimizer_step(args, state, None)
+        trainer.before_optimizer_step(state)
 
 
 def test_the_model_gets_its_own_methods_back_after_training(tiny_model_dir, tmp_path, monkeypatch):

@@ -102,7 +102,7 @@ class Preempted(ChatloraError):
 
     exit_code = EXIT_PREEMPTED
     label = "stopped"
-    shared = True  # every rank stops at the same step (trainer.stop): rank 0 says it
+    shared = True  # every rank stops at the same step (trainer/lifecycle/stop.py): rank 0 says it
 
 
 def file_in_the_way(path: Path) -> str | None:

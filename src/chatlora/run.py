@@ -4,16 +4,18 @@
     adapter/         adapter_model.safetensors + adapter_config.json (peft)
     tokenizer/       tokenizer files with the chat template and the pad token used in training
     data_report.json what the data pipeline did (rows, truncation rules, lengths)
-    distributed.json how the run was split over processes (trainer.distributed.record)
+    distributed.json how the run was split over processes (trainer.distributed.split.record)
     metrics.jsonl    one JSON object per log line (loss, lr, grad norm, tokens/s, eval loss)
     loss.png         the loss curve
-    checkpoints/     Trainer checkpoints (checkpoint-N), each complete or absent (trainer/checkpoint.py)
+    checkpoints/     Trainer checkpoints (checkpoint-N), each complete or absent (trainer/lifecycle/checkpoint.py;
+                     latest_checkpoint below finds them)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -84,6 +86,14 @@ class RunDir:
     def write_json(self, path: Path, data: Any) -> None:
         write_atomic(path, json.dumps(data, ensure_ascii=False, indent=2))
 
+    def complete_checkpoints(self) -> list[Path]:
+        """The run's complete checkpoints, oldest step first (complete_checkpoints below)."""
+        return complete_checkpoints(self.checkpoints)
+
+    def latest_checkpoint(self) -> Path | None:
+        """The run's last complete checkpoint, or None."""
+        return latest_checkpoint(self.checkpoints)
+
 
 def write_atomic(path: Path, text: str) -> None:
     """Write a file via a temporary name and rename, so a reader never sees half of it."""
@@ -103,3 +113,30 @@ def replace_dir(tmp: Path, final: Path) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# -- checkpoints: which folders under checkpoints/ are complete (trainer/lifecycle/checkpoint.py writes them)
+
+STAMP = "chatlora_resume.json"
+"""The file a checkpoint gets last, once everything else is in it: the fingerprints resume compares."""
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def step_of(path: Path) -> int | None:
+    """The step of a checkpoint folder named checkpoint-N, else None."""
+    match = _CHECKPOINT_NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints in a checkpoints/ folder, oldest step first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if step_of(p) is not None and (p / STAMP).is_file() and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: step_of(p) or 0)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = complete_checkpoints(folder)
+    return found[-1] if found else None

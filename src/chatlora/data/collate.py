@@ -44,7 +44,7 @@ class PackCollator:
 
     Each row also carries `trained_positions`: the positions whose next token is trained, found here
     on the CPU so that the loss need not search the labels on the device (a host sync per pass; see
-    trainer/loss.py). With `pad_to` (CUDA graphs, trainer/graphs.py) a row is padded to a multiple of
+    model/loss.py). With `pad_to` (CUDA graphs, trainer/speed/graphs.py) a row is padded to a multiple of
     that many tokens by a sample of its own that trains nothing, and its trained positions to a
     multiple of a quarter of the row by a position with no target, so that many steps share a shape;
     max_length then is the row's length, the same for every row of that length. `pad_to` must be a

@@ -1,4 +1,4 @@
-"""Samples grouped by tokens: a step's samples over processes (trainer/balance.py), a process's share
+"""Samples grouped by tokens: a step's samples over processes (trainer/distributed/balance.py), a process's share
 over forward passes (PackCollator's token budget)."""
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from chatlora.data.truncate import fit
-from chatlora.trainer.loss import trained_token_loss
+from chatlora.model.loss import trained_token_loss
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from chatlora.model.load import (add_stop_tokens, fix_pad_token, load_generation
                                  stop_ids, unreadable)
 from chatlora.model.source import resolve
 from chatlora.run import RunDir
-from chatlora.trainer.checkpoint import latest_checkpoint
 
 
 @dataclass
@@ -145,7 +144,7 @@ def _adapter_fix(folder: Path) -> str:
     run = RunDir(folder.parent)
     if not run.config.is_file():
         return "save or download the adapter again"
-    last = latest_checkpoint(run.checkpoints)
+    last = run.latest_checkpoint()
     return f"retrain, or use the adapter of the run's last checkpoint (give {last} as RUN)" if last else "retrain"
 
 
@@ -189,7 +188,7 @@ def _run_tokenizer(run: RunDir):
     """The tokenizer the run was trained with (its tokenizer/ folder); ModelError when missing or damaged."""
     from transformers import AutoTokenizer
 
-    last = latest_checkpoint(run.checkpoints)
+    last = run.latest_checkpoint()
     # Every checkpoint holds a copy of the tokenizer (Trainer saves it there).
     fix = (f"copy the tokenizer files of its checkpoint {last} (tokenizer*.json, chat_template.jinja) into {run.tokenizer}, "
            "or retrain" if last else "retrain")

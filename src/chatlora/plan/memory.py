@@ -21,7 +21,7 @@ dropout. With gradient checkpointing a layer keeps only its input (a x h) and on
 is recomputed during backward.
 
 The output layer runs on trained positions only, in chunks of at most CHUNK_ELEMENTS logits
-(trainer/loss.py) recomputed in backward; a chunk's backward holds its float32 log-softmax, its
+(model/loss.py) recomputed in backward; a chunk's backward holds its float32 log-softmax, its
 gradient and the gradient of the input (3 x 4 bytes per logit).
 """
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chatlora.plan.arch import Arch
-from chatlora.trainer.loss import CHUNK_ELEMENTS
+from chatlora.model.loss import chunk_rows
 
 GiB = 2**30
 # NF4 with double quantization (QLoRA's recipe): 4 bits per weight, an 8-bit absmax per block of 64,
@@ -40,8 +40,8 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 # alive: about the MLP's gate, up and product gradients and two hidden-width ones.
 LAYER_BACKWARD = lambda arch, a: a * (3 * arch.intermediate + 2 * arch.hidden)  # noqa: E731
 # The card needs more than the allocated peak: the CUDA context (~0.5 GiB, not counted by the
-# allocator) and blocks the caching allocator holds but cannot reuse (measured 4-16% of the
-# allocated peak on an H200 with packed batches of varying length).
+# allocator) and blocks the caching allocator holds but cannot reuse (a few to 15% of the allocated
+# peak with packed batches of varying length, as measured: docs/benchmarks.md, "Memory plan").
 CONTEXT_BYTES = 0.75 * GiB
 FRAGMENTATION = 0.15
 
@@ -113,7 +113,7 @@ def layer_bytes_per_token(arch: Arch, setup: Setup) -> float:
 
 
 def logits_chunk_rows(arch: Arch) -> int:
-    return max(64, CHUNK_ELEMENTS // max(arch.vocab, 1))  # trainer/loss.py's chunk
+    return chunk_rows(arch.vocab)  # the loss's own rule (model/loss.py)
 
 
 def estimate(arch: Arch, setup: Setup, tokens: int, trained: int) -> Memory:

@@ -4,7 +4,6 @@ choices `data.batch_tokens=auto` / `training.gradient_checkpointing=auto` make f
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 from chatlora.config.schema import Config
@@ -13,7 +12,8 @@ from chatlora.plan.arch import Arch
 from chatlora.plan.batches import Batching, PassStats, Samples, run_steps, simulate
 from chatlora.plan.memory import GiB, Memory, Setup, estimate
 from chatlora.plan.speed import Gpu, Speed, estimate_speed
-from chatlora.trainer.distributed import DEFAULT_MICRO_BATCH, samples_per_step, split_step
+from chatlora.trainer.distributed.split import DEFAULT_MICRO_BATCH, samples_per_step, split_step
+from chatlora.trainer.distributed.world import size_from_env
 
 # TrainingArguments' own defaults, for keys a config leaves out.
 DEFAULT_EPOCHS = 3.0
@@ -55,7 +55,7 @@ def batching_of(cfg: Config, samples: Samples, budget: int | None | str = "confi
     t = cfg.training
     per = int(t.get("per_device_train_batch_size", DEFAULT_MICRO_BATCH))
     step = samples_per_step(cfg)  # the global batch, as training splits it
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = size_from_env()
     if step % processes:  # training refuses this split with its own message; plan one process's step
         processes = 1
     micro, _ = split_step(step, processes, per)

@@ -12,12 +12,13 @@ A step also costs time that does not shrink with fewer tokens: at the seed recip
 pass, the GPU waits on the CPU to launch ~15,000 small kernels (docs/benchmarks.md). That cost is per
 decoder layer and forward pass, and larger with checkpointing (the recompute and its hooks).
 
-Calibrated on an H200 (bench/results/train_speed-h200-2026-11-27.json; torch 2.11, varlen attention):
-seed semantics (1 pass of ~1,088 tokens, no checkpointing) 0.228 s/step, throughput mode (~1.9
-passes of <= 8,192 tokens) 0.789 s/step, seed semantics with checkpointing 0.528 s/step. Solving the
-first two for the two unknowns gives MATMUL_EFFICIENCY and PASS_SECONDS_PER_LAYER; the third gives
-the checkpointed per-pass cost. The per-pass cost depends on the host CPU and the library versions,
-the efficiency on the card: on other cards read the estimate as a rough guide.
+Calibrated on measured step times of three settings (the runs, their card, versions and date:
+docs/benchmarks.md, "the eager settings and TRL"): seed semantics (1 pass of ~1,088 tokens, no
+checkpointing), throughput mode (~1.9 passes of <= 8,192 tokens) and seed semantics with
+checkpointing. Solving the first two for the two unknowns gives MATMUL_EFFICIENCY and
+PASS_SECONDS_PER_LAYER; the third gives the checkpointed per-pass cost. The per-pass cost depends on
+the host CPU and the library versions, the efficiency on the card: on other cards read the estimate
+as a rough guide.
 """
 
 from __future__ import annotations

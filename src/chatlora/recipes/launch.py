@@ -21,7 +21,7 @@ def die_with_launcher() -> None:
     """In a process started by `--gpus`: be told when the launcher dies, even by SIGKILL, so the process
     saves a checkpoint and stops instead of training on with no parent (torchrun starts its workers in
     a session of their own, out of reach of the launcher's terminal). Linux only."""
-    from chatlora.trainer.stop import LAUNCHER_GONE
+    from chatlora.trainer.lifecycle.stop import LAUNCHER_GONE
 
     launcher = os.environ.get(LAUNCHER)
     if not launcher or LAUNCHER_GONE is None or not sys.platform.startswith("linux"):

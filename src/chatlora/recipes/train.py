@@ -13,7 +13,6 @@ import torch
 from chatlora.config.load import to_dict
 from chatlora.config.schema import Config
 from chatlora.data.collate import PackCollator, PadCollator
-from chatlora.errors import ConfigError
 from chatlora.model.generate import generate_replies
 from chatlora.model.kernels import use_liger
 from chatlora.model.layers import compile_layers
@@ -22,70 +21,18 @@ from chatlora.model.load import load_model, model_config
 from chatlora.model.lora import add_lora, count_parameters, linear_names, unmatched_targets
 from chatlora.recipes.data_check import check_data, load_data
 from chatlora.recipes.plan import plan_for, samples_of
+from chatlora.model.loss import packing_is_exact
 from chatlora.run import RunDir, replace_dir
-from chatlora.trainer import distributed
-from chatlora.trainer.callbacks import MetricsLog, Progress
-from chatlora.trainer.evaluation import GenerationMonitor, evaluation_arguments, log_tensorboard_to
-from chatlora.trainer.fsdp import ShardedModel, full_adapter_state
-from chatlora.trainer.graphs import GRAPH_PAD, PassGraphs
-from chatlora.trainer.lifecycle import RunLifecycle
-from chatlora.trainer.loss import packing_is_exact
+from chatlora.trainer.arguments import TRAINING_DEFAULTS, training_arguments  # noqa: F401 - training_arguments: also the recipe's
+from chatlora.trainer.callbacks import GenerationMonitor, MetricsLog, Progress, log_tensorboard_to
+from chatlora.trainer.distributed import split
+from chatlora.trainer.distributed.fsdp import full_adapter_state
+from chatlora.trainer.distributed.world import start as start_world
+from chatlora.trainer.lifecycle.folder import RunLifecycle
+from chatlora.trainer.overrides import attention_implementation, undo_evaluation_prepare
 from chatlora.trainer.plot import plot_losses
+from chatlora.trainer.speed.graphs import GRAPH_PAD, PassGraphs
 from chatlora.trainer.trainer import ChatTrainer
-from chatlora.trainer.world import start as start_world
-
-# chatlora's defaults for TrainingArguments; anything under `training:` in the config wins.
-TRAINING_DEFAULTS = {
-    "logging_steps": 10,
-    "report_to": "none",
-    "save_strategy": "no",
-    "include_num_input_tokens_seen": "non_padding",  # real tokens/s in the progress bar and metrics
-    "remove_unused_columns": False,
-    "label_names": ["labels"],
-    "prediction_loss_only": True,
-    "dataloader_pin_memory": torch.cuda.is_available(),
-    # ChatTrainer leaves non-finite losses out of the logged loss on the device instead: Trainer's
-    # filter reads every loss on the host, which makes it wait for the GPU at every step.
-    "logging_nan_inf_filter": False,
-    "seed": 42,
-}
-
-
-def training_arguments(cfg: Config, run: RunDir, processes: int = 1):
-    from transformers import TrainingArguments
-
-    kwargs = {**TRAINING_DEFAULTS, **cfg.training, "output_dir": str(run.checkpoints)}
-    if "save_steps" in cfg.training and "save_strategy" not in cfg.training:
-        # save_steps alone means saving every N steps, as in TrainingArguments itself (whose default
-        # strategy is "steps"); chatlora's default of not saving must not swallow it.
-        kwargs["save_strategy"] = "steps"
-    # This process's share of the global batch (distributed.samples_per_step), and DDP/FSDP2 settings.
-    kwargs = distributed.distributed_arguments(cfg, kwargs, processes)
-    if cfg.data.batch_tokens:
-        # The whole optimizer step's samples come as one batch; PackCollator splits it into forward
-        # passes by the token budget, so the samples per step stay the recipe's.
-        kwargs["per_device_train_batch_size"] = kwargs.get("per_device_train_batch_size", 8) * kwargs.pop("gradient_accumulation_steps", 1)
-        kwargs["gradient_accumulation_steps"] = 1
-    if not torch.cuda.is_available() and (kwargs.get("bf16") or kwargs.get("fp16")):
-        # The GPU presets ask for bf16 mixed precision; on a CPU it is slow or unsupported.
-        kwargs["bf16"] = kwargs["fp16"] = False
-    if kwargs.get("dataloader_pin_memory") and "accelerator_config" not in kwargs:
-        # Batches go to the GPU from pinned memory without the host waiting for the copy (and so for
-        # all the work queued before it): the CPU prepares the next step while the GPU runs this one.
-        kwargs["accelerator_config"] = {"non_blocking": True}
-    kwargs = evaluation_arguments(cfg, kwargs)  # best-checkpoint saving completed (save_strategy=best, keep 1)
-    try:
-        args = TrainingArguments(**kwargs)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"training: {e}") from None
-    if processes == 1 and torch.cuda.device_count() > 1:
-        # One process that sees several GPUs: Trainer would wrap the model in nn.DataParallel, which
-        # splits every batch by rows (a packed batch is one row: the loss then fails) and is the slow
-        # way to use several GPUs anyway. Train on one; `--gpus N` (torchrun, DDP) uses them all.
-        _ = args.device  # Trainer's device setup counts the GPUs; the count is then set to one
-        args._n_gpu = 1
-    return args
-
 
 def _builds_on_gpu(cfg: Config, fsdp, plan) -> bool:
     """Where the base model is built. FSDP2 loads on the CPU (the model need not fit one GPU) and
@@ -112,7 +59,7 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
 
     Raises ChatloraError for bad input, Preempted after SIGTERM or a first Ctrl-C (a checkpoint is
     saved), NonFiniteError on a NaN/inf loss, StorageError when the disk refuses a write
-    (trainer/lifecycle.py: what is kept of the run folder in each case)."""
+    (trainer/lifecycle/folder.py: what is kept of the run folder in each case)."""
     with RunLifecycle(cfg, echo) as life:
         return _train(cfg, echo, callbacks, life)
 
@@ -154,12 +101,12 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         quant.require_cuda_for_training()
     run = RunDir(world.share(str(RunDir.for_config(cfg).path)))  # rank 0's name: it holds the time
     args = training_arguments(cfg, run, world.size)  # checked before the run folder exists: a bad value leaves nothing
-    split = distributed.record(cfg, args, world.size, world.nodes)
+    record = split.record(cfg, args, world.size, world.nodes)
 
     def decide():  # rank 0 alone makes (or reuses) the run folder; an error there stops every process
         checkpoint = life.start(run, args, data.train.key)  # a new folder, or the checkpoint to resume from
         if checkpoint:
-            note = distributed.check_resume(life.run.path, split)  # a changed world size: handled or refused
+            note = split.check_resume(life.run.path, record)  # a changed world size: handled or refused
             if note:
                 echo(note)
         return life.decision()
@@ -175,7 +122,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         run.write_config(to_dict(cfg))
         run.write_json(run.data_report, checked.report)
         tokenizer.save_pretrained(run.tokenizer)
-        distributed.write_record(run.path, split)
+        split.write_record(run.path, record)
     echo(f"run folder: {run.path}")
     if world.size == 1 and torch.cuda.device_count() > 1:
         echo(f"training on 1 of the {torch.cuda.device_count()} GPUs here; `chatlora train --gpus {torch.cuda.device_count()} ...` uses them all")
@@ -201,7 +148,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     # 3. Train.
     collator = PadCollator(tokenizer.pad_token_id)
     if cfg.data.packing:
-        if args.fsdp or packing_is_exact(model):  # FSDP2: checked on the sharded model (fsdp.ShardedModel)
+        if args.fsdp or packing_is_exact(model):  # FSDP2: checked on the sharded model (ChatTrainer.train_begins)
             collator = PackCollator(cfg.data.batch_tokens)
         else:
             echo("warning: this model lets packed samples attend to each other; padding instead (data.packing=false)")
@@ -219,12 +166,12 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         echo(f"compile: {layers} decoder layers, compiled at the first steps" if layers
              else "compile: no decoder layer stack found; training eagerly")
     # A step's samples packed into passes by a token budget: memory depends on the budget, not on the
-    # number of samples, so several processes may take different numbers (trainer/balance.py).
+    # number of samples, so several processes may take different numbers (trainer/distributed/balance.py).
     token_passes = bool(cfg.data.batch_tokens) and isinstance(collator, PackCollator)
-    echo(f"batches: {distributed.describe(args, world.size, token_passes)}, "
+    echo(f"batches: {split.describe(args, world.size, token_passes)}, "
          + (f"packed into forward passes of at most {cfg.data.batch_tokens} tokens" if token_passes
             else f"{args.per_device_train_batch_size} per forward pass, " + ("packed" if isinstance(collator, PackCollator) else "padded"))
-         + f"; attention: {model.config._attn_implementation}")
+         + f"; attention: {attention_implementation(model)}")
     progress = Progress()
     write = lambda line: progress.bar.write(line) if progress.bar is not None else echo(line)  # noqa: E731
     monitor = GenerationMonitor.build(cfg, checked.renderer, data.val_conversations, write)
@@ -238,16 +185,19 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         lengths=samples.lengths,
         uneven_shares=token_passes,
         cuda_graphs=graphs,
+        # Stamped atomic checkpoints, the NaN guard, stop on SIGTERM / first Ctrl-C: the trainer calls them.
+        stamp=life.stamp,
+        guard=life.guard(),
+        stop=life.stop,
         processing_class=tokenizer,
-        callbacks=[*([ShardedModel(isinstance(collator, PackCollator))] if args.fsdp else []),  # before the monitor
-                   progress, MetricsLog(run.metrics, run.plot, progress), *([monitor] if monitor else []), *(callbacks or [])],
+        callbacks=[progress, MetricsLog(run.metrics, run.plot, progress), *([monitor] if monitor else []), *(callbacks or [])],
     )
     if monitor:
         monitor.trainer = trainer
     log_tensorboard_to(trainer, run.path / "tensorboard")
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    life.attach(trainer)  # stamped atomic checkpoints, the NaN guard, stop on SIGTERM / first Ctrl-C
+    life.attach(trainer)
     # FSDP2: accelerate must shard the model and its optimizer together, which train() does; an
     # evaluate() before it is refused ("a model and optimizer must be passed together"). So the
     # held-out loss before training is taken inside train(), at step 0, and read back from the log.
@@ -255,7 +205,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     if evaluate_in_train:
         args.eval_on_start = True
     before = None if evaluate_in_train else life.eval_loss_before() if resume else trainer.evaluate()["eval_loss"] if data.validation else None
-    distributed.undo_evaluation_prepare(trainer)  # else DDP would never wrap the model (see there)
+    undo_evaluation_prepare(trainer)  # else DDP would never wrap the model (see there)
     trainer.train(resume_from_checkpoint=resume)
     life.finished_training(trainer)  # raises Preempted when a signal stopped it early
     if trainer.graphs is not None:

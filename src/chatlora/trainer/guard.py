@@ -6,26 +6,29 @@ changed the weights with it, so the weights and every checkpoint saved so far ar
 drops the step (no update, no moment change) and counts it.
 
 On a GPU, reading the verdict at once would make the host wait for the GPU at every step (see
-trainer/readback.py). There, when the optimizer is torch's fused Adam or AdamW, the verdict goes to
+trainer/speed/readback.py). There, when the optimizer is torch's fused Adam or AdamW, the verdict goes to
 the optimizer on the device instead (`found_inf`: the step is skipped on the GPU when it is set, the
 way GradScaler skips fp16 steps), and the host reads it a step later, or at once before anything is
 logged or saved: a stop is then raised at the next step's optimizer step at the latest, and the bad
 step never touched the weights. Elsewhere (CPU, other optimizers, fp16, FSDP2 shards) the verdict is
 read at once and a skipped step's gradients are dropped.
+
+The trainer (trainer.py) owns the guard and hands it each step's facts (Step): the guard never reads
+the trainer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
 
 from chatlora.errors import NonFiniteError
-from chatlora.trainer.grads import all_finite, local_grads
-from chatlora.trainer.readback import Readback
-from chatlora.trainer.stop import several_processes
+from chatlora.trainer.distributed.ranks import several_processes
+from chatlora.trainer.speed.grads import all_finite, local_grads
+from chatlora.trainer.speed.readback import Readback
 
 
 def reads_late(args) -> bool:
@@ -33,75 +36,93 @@ def reads_late(args) -> bool:
     return args.device.type == "cuda"
 
 
-class NonFiniteGuard(TrainerCallback):
-    def __init__(self, trainer, policy: str, write: Callable[[str], None]):
-        self.trainer, self.policy, self.write = trainer, policy, write
+@dataclass
+class Step:
+    """What one optimizer step is judged by, as the trainer hands it over."""
+
+    losses_finite: torch.Tensor | None
+    """A boolean tensor: every micro-batch loss of the step was finite (None: none noted)."""
+    norm: torch.Tensor | None
+    """The norm Trainer took of the step's gradients (to clip, to log), if it took one."""
+    params: list[torch.nn.Parameter]
+    """The trained parameters."""
+    optimizer: torch.optim.Optimizer | None
+    """torch's optimizer (inside accelerate's wrapper)."""
+    scaler: bool
+    """An fp16 GradScaler sets the optimizer's found_inf itself."""
+    plain_grads: bool
+    """The gradients are plain tensors on this process (trainer.local_clipping())."""
+
+
+def torch_optimizer(optimizer) -> torch.optim.Optimizer | None:
+    return getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
+
+
+def forget_found_inf(optimizer) -> None:
+    if getattr(optimizer, "found_inf", None) is not None:
+        del optimizer.found_inf
+
+
+class NonFiniteGuard:
+    def __init__(self, policy: str, write: Callable[[str], None]):
+        self.policy, self.write = policy, write
         self.skipped: list[int] = []
         self._logged = 0
         self.pending: list[tuple[int, Readback]] = []
         """(step, its verdict on the device) not read yet: [not finite, the loss was not]."""
-        # ChatTrainer reads these before anything is logged or saved (an evaluation, a save at an
-        # epoch's end, a signal's save included), so nothing is logged or saved past a bad step.
-        getattr(trainer, "late_reads", []).append(lambda: self.settle(trainer.state))
+        self.step: Step | None = None
+        """The step being judged."""
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def begin(self, optimizer) -> None:
+        """Training begins (the trainer calls it, as every method here)."""
         self.pending.clear()
-        self.forget_found_inf()
+        forget_found_inf(torch_optimizer(optimizer))
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def before_optimizer_step(self, args, state, step: Step) -> None:
         # The last step's verdict. Waiting for it does not idle the GPU: this step's pass is queued
         # behind it. Every rank of a distributed run decides here, at the same step.
+        self.step = step
         self.settle(state)
-        step = state.global_step + 1
+        number = state.global_step + 1
         verdict = self.verdict(args)
         if verdict is None:
             return
         optimizer = self.skipping_optimizer(args) if reads_late(args) else None
         if optimizer is not None:
             optimizer.found_inf = verdict[0].float()
-            self.pending.append((step, Readback(verdict)))
+            self.pending.append((number, Readback(verdict)))
         else:
             bad, loss_bad = (bool(v) for v in verdict.tolist())  # one device-to-host sync per step
-            self.judge(step, bad, loss_bad, state, now=True)
+            self.judge(number, bad, loss_bad, state, now=True)
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.forget_found_inf()  # the next step sets its own (or none)
+    def after_optimizer_step(self) -> None:
+        if self.step is not None:
+            forget_found_inf(self.step.optimizer)  # the next step sets its own (or none)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.log_skipped()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.forget_found_inf()
+    def end(self, state, optimizer) -> None:
+        forget_found_inf(torch_optimizer(optimizer))
         self.settle(state)
-        self.log_skipped()
 
-    def torch_optimizer(self) -> torch.optim.Optimizer | None:
-        return getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)  # inside accelerate's wrapper
-
-    def forget_found_inf(self) -> None:
-        optimizer = self.torch_optimizer()
-        if getattr(optimizer, "found_inf", None) is not None:
-            del optimizer.found_inf
-
-    def log_skipped(self) -> None:
+    def newly_skipped(self) -> int | None:
+        """The count of skipped steps when it grew since it was last asked (to log), else None."""
         if len(self.skipped) > self._logged:
             self._logged = len(self.skipped)
-            self.trainer.log({"nonfinite_skipped_steps": len(self.skipped)})
+            return len(self.skipped)
+        return None
 
     def verdict(self, args) -> torch.Tensor | None:
         """[not finite, the loss was not] for this step on every rank, on the device; None when
         there is nothing to check."""
-        trainer = self.trainer
-        losses_finite, trainer.losses_finite = trainer.losses_finite, None
-        norm, trainer.step_grad_norm = trainer.step_grad_norm, None
-        if torch.is_tensor(norm):
+        step = self.step
+        if torch.is_tensor(step.norm):
             # The norm Trainer took of the step's gradients (to clip or to log) is NaN or inf exactly
             # when one of them is: no second pass over them.
-            grads_finite = norm.isfinite()
+            grads_finite = step.norm.isfinite()
         else:
             # This process's gradients (its shards under FSDP2: the all-reduce below covers the others).
-            grads = local_grads(p for p in trainer.trainable() if p.grad is not None)
+            grads = local_grads(p for p in step.params if p.grad is not None)
             grads_finite = all_finite(grads) if grads else None
+        losses_finite = step.losses_finite
         several = several_processes()
         if grads_finite is None and losses_finite is None and not several:
             return None
@@ -116,11 +137,11 @@ class NonFiniteGuard(TrainerCallback):
     def skipping_optimizer(self, args) -> torch.optim.Optimizer | None:
         """The optimizer, when it can skip a step on the device: torch's fused Adam/AdamW (which read
         `found_inf`) over plain tensors, with no fp16 GradScaler setting found_inf itself."""
-        optimizer = self.torch_optimizer()
+        step = self.step
+        optimizer = step.optimizer
         fused_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(
             group.get("fused") for group in optimizer.param_groups)
-        no_scaler = getattr(self.trainer.accelerator, "scaler", None) is None
-        return optimizer if fused_adam and no_scaler and self.trainer.local_clipping() else None
+        return optimizer if fused_adam and not step.scaler and step.plain_grads else None
 
     def settle(self, state) -> None:
         """Acts on the verdicts not read yet (waiting for their copies, not for later work)."""
@@ -143,7 +164,7 @@ class NonFiniteGuard(TrainerCallback):
                 "on_nonfinite=skip to skip such steps."
             )
         if now:
-            for p in self.trainer.trainable():
+            for p in self.step.params:
                 p.grad = None  # an optimizer skips parameters without a gradient
         self.skipped.append(step)
         if state.is_world_process_zero:

@@ -4,7 +4,9 @@ Trainer writes checkpoint-N/ file by file, so a run killed half way through a sa
 loss, a full disk) would leave a folder that looks like a checkpoint and holds half of one. chatlora's
 trainer writes each checkpoint into checkpoints/.saving/checkpoint-N/, adds a stamp (STAMP: the
 fingerprints of the config and data it was made with) and only then renames it into place. So a
-folder named checkpoint-N with a stamp is complete, and resume takes nothing else.
+folder named checkpoint-N with a stamp is complete, and resume takes nothing else. Which ones are
+complete is the run folder's to say (chatlora.run: RunDir.latest_checkpoint), since commands that
+only read a run (chat, eval, merge) look for them too.
 """
 
 from __future__ import annotations
@@ -19,12 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from chatlora.errors import StorageError
-from chatlora.run import replace_dir
+from chatlora.run import STAMP, TRAINER_STATE, latest_checkpoint, replace_dir
 
 STAGING = ".saving"
-STAMP = "chatlora_resume.json"
-TRAINER_STATE = "trainer_state.json"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 # Errors that mean "the disk would not take it" rather than a bug: full disk, quota, file size
 # limit, permissions, read-only file system, failing device.
@@ -34,24 +33,6 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.E
 # quoting the OS error.
 _TORCH_WRITER = re.compile(r"inline_container|PytorchStreamWriter|file write failed")
 _OS_TEXT = re.compile(r"No space left|Disk quota|File too large|Permission denied|Read-only file system|I/O error", re.I)
-
-
-def step_of(path: Path) -> int | None:
-    match = _NAME.match(path.name)
-    return int(match.group(1)) if match else None
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """The complete checkpoints in a checkpoints/ folder, oldest step first."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if step_of(p) is not None and (p / STAMP).is_file() and (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda p: step_of(p) or 0)
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = complete_checkpoints(folder)
-    return found[-1] if found else None
 
 
 def read_stamp(checkpoint: Path) -> dict[str, Any]:
@@ -82,7 +63,7 @@ def storage_reason(error: BaseException) -> str | None:
 def save_atomically(trainer, save: Callable[[], None]) -> None:
     """Run Trainer's own checkpoint save into the staging folder, stamp it, then rename it into place.
 
-    `trainer` is a SafeTrainer: while `staging_root` is set, its `_get_output_dir` points Trainer's
+    `trainer` is a TrainerOverrides (trainer/overrides.py): while `staging_root` is set, its `_get_output_dir` points Trainer's
     save there. Raises StorageError when the disk refuses (the earlier checkpoints stay as they were).
     """
     args, state = trainer.args, trainer.state

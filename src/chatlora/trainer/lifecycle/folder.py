@@ -18,12 +18,12 @@ from pathlib import Path
 
 from chatlora.config.schema import Config
 from chatlora.errors import ChatloraError, Preempted, ResumeError, StorageError, refuse_file_in_the_way
-from chatlora.run import RunDir
-from chatlora.trainer import checkpoint as ckpt
+from chatlora.run import RunDir, step_of
 from chatlora.trainer.guard import NonFiniteGuard
+from chatlora.trainer.lifecycle import checkpoint as ckpt
 from chatlora.trainer.plot import read_metrics
-from chatlora.trainer.resume import Plan, check_unchanged, fingerprint, plan
-from chatlora.trainer.stop import StopOnSignal
+from chatlora.trainer.lifecycle.resume import Plan, check_unchanged, fingerprint, plan
+from chatlora.trainer.lifecycle.stop import StopOnSignal
 
 # Files a run writes while training, removed when an unfinished run with no checkpoint starts over.
 RESTART_REMOVES = ("metrics.jsonl", "loss.png", "compare.txt", "tensorboard", ".adapter.tmp")
@@ -59,7 +59,7 @@ class RunLifecycle:
             args.output_dir = str(run.checkpoints)  # resume=PATH names the run folder
         self.stamp = fingerprint(self.cfg, args, data_key)
         if self.plan.kind == "finished":
-            last = ckpt.latest_checkpoint(run.checkpoints)
+            last = run.latest_checkpoint()
             more = (f" To train it further, resume from {last} with resume={last} resume_allow_changes=true and a higher "
                     "training.max_steps." if last else "")
             self.echo(f"resume=auto: the run in {run.path} has finished (its adapter is in {run.adapter}); nothing to do.{more}")
@@ -68,7 +68,7 @@ class RunLifecycle:
             changes = check_unchanged(self.plan.checkpoint, self.stamp, self.cfg.resume_allow_changes)
             for line in changes:
                 self.echo(f"warning: resuming with a change (resume_allow_changes=true): {line}")
-            self.echo(f"resuming from {self.plan.checkpoint} (step {ckpt.step_of(self.plan.checkpoint)})")
+            self.echo(f"resuming from {self.plan.checkpoint} (step {step_of(self.plan.checkpoint)})")
             ckpt.remove_partial(run.checkpoints)
             return str(self.plan.checkpoint)
         if self.plan.kind == "restart":
@@ -100,16 +100,18 @@ class RunLifecycle:
         args.output_dir = str(self.plan.run.checkpoints)
         self.stamp = fingerprint(self.cfg, args, data_key)
 
-    def attach(self, trainer) -> None:
-        """Stamped atomic checkpoints, the non-finite guard and stop-on-signal for this trainer. On a
-        resume, drops the metrics logged after the checkpoint (they are logged again)."""
-        trainer.stamp = self.stamp
-        self.trainer = trainer
+    def guard(self) -> NonFiniteGuard:
+        """The non-finite guard for the trainer (which calls it at each step), as the config asks."""
         write = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-        trainer.add_callback(NonFiniteGuard(trainer, self.cfg.on_nonfinite, write))
-        trainer.add_callback(self.stop)
+        return NonFiniteGuard(self.cfg.on_nonfinite, write)
+
+    def attach(self, trainer) -> None:
+        """The training loop is about to begin with this trainer (built with the stamp, the guard and
+        stop-on-signal from here). On a resume, drops the metrics logged after the checkpoint (they
+        are logged again)."""
+        self.trainer = trainer
         if self.plan and self.plan.kind == "resume":
-            _truncate_metrics(self.run.metrics, ckpt.step_of(self.plan.checkpoint) or 0)
+            _truncate_metrics(self.run.metrics, step_of(self.plan.checkpoint) or 0)
         self.training = True
 
     def eval_loss_before(self) -> float:
@@ -122,7 +124,7 @@ class RunLifecycle:
         """Raises Preempted when a signal stopped training before its last step (the checkpoint is saved)."""
         state = trainer.state
         if self.stop.requested and state.global_step < state.max_steps:
-            where = ckpt.latest_checkpoint(self.run.checkpoints)
+            where = self.run.latest_checkpoint()
             raise Preempted(
                 f"{self.stop.requested} at step {state.global_step} of {state.max_steps}: saved {where}. "
                 f"Continue exactly from there with the same command and resume=auto output_dir={self.run.path}."
@@ -182,7 +184,7 @@ class RunLifecycle:
 
     def _what_is_kept(self) -> str:
         run = self.run
-        last = ckpt.latest_checkpoint(run.checkpoints)
+        last = run.latest_checkpoint()
         if last is not None:
             return (f"The run folder {run.path} keeps its last complete checkpoint, {last.name}: continue from it "
                     f"with resume=auto output_dir={run.path} (add resume_allow_changes=true to change settings).")

@@ -12,32 +12,19 @@
   memory does not grow.
 - generate() must keep every rank stepping until all are done (each forward gathers weights from
   all): transformers does it for modules that fully_shard marks as FSDP-managed (synced_gpus), and
-  generate() runs FSDP's gather hooks once registered as a forward method (ShardedModel below).
+  generate() runs FSDP's gather hooks once registered as a forward method (register_generate).
 The loss takes the model's own logits: a sharded output layer cannot be applied outside the forward
-pass (trainer.loss.separable_head).
+pass (model.loss.separable_head).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
-
 import torch
-from transformers import TrainerCallback
 
 from chatlora.errors import ConfigError
-
-
-def sharded(model, weights=None) -> bool:
-    """Whether the model is sharded by FSDP2: it is an FSDP module, or one of `weights` (default: all
-    its parameters) is a DTensor shard."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support
-        return False
-    return isinstance(model, FSDPModule) or any(isinstance(p, DTensor) for p in (model.parameters() if weights is None else weights))
+from chatlora.model.sharding import sharded
 
 
 def full_adapter_state(model) -> dict[str, torch.Tensor] | None:
@@ -71,15 +58,9 @@ def gathered_through_backward(model) -> list:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
         return []
-    units = []
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            groups = module._get_fsdp_state()._fsdp_param_groups
-            # torch's own record of the unit's setting (FSDPParamGroup._reshard_after_forward reads it);
-            # a torch without it: the unit is left as it is.
-            if groups and all(getattr(g, "post_forward_mesh_info", True) is None for g in groups):
-                units.append(module)
-    return units
+    from chatlora.trainer.overrides import keeps_weights_through_backward
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule) and keeps_weights_through_backward(m)]
 
 
 @contextmanager
@@ -97,46 +78,31 @@ def kept_between_passes(units: list) -> Iterator[None]:
             unit.set_reshard_after_backward(True, recurse=False)
 
 
-class ShardedModel(TrainerCallback):
-    """What FSDP2 needs once Trainer (accelerate) has sharded the model, which happens at the first
-    evaluation or at the start of training, whichever comes first. Put it before the callbacks that
-    generate (trainer.evaluation.GenerationMonitor).
-
-    - generate() runs FSDP's gather hooks like forward() does. Trainer registers that when training
-      starts; the evaluation before training comes earlier.
-    - With `check_packing`, trainer.loss.packing_is_exact on the sharded model before the first step
-      (every rank runs it: each forward needs all of them). A model whose attention crosses packed
-      samples stops the run: there is no falling back to padding once training has begun.
-    """
-
-    def __init__(self, check_packing: bool):
-        self.check_packing = check_packing
-
-    def on_evaluate(self, args, state, control, model=None, **kwargs: Any):
-        _register_generate(model)
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs: Any):
-        from torch.distributed.fsdp import FSDPModule
-
-        from chatlora.trainer.loss import packing_is_exact
-        from chatlora.trainer.stop import any_rank
-
-        _register_generate(model)
-        if not self.check_packing:
-            return
-        # A check that failed on one process only (kernel rounding) must stop them all, or the others
-        # wait for it in a collective for ever.
-        exact = not any_rank(not packing_is_exact(model), args.device)
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()  # as Trainer leaves it before the first step
-        if not exact:
-            raise ConfigError("this model lets packed samples attend to each other; with distributed.strategy=fsdp2 "
-                              "set data.packing=false (padded batches)")
-
-
-def _register_generate(model) -> None:
+def register_generate(model) -> None:
+    """Let generate() run FSDP's gather hooks like forward() does, once the model is sharded
+    (Trainer registers it when training starts; an evaluation before training comes earlier). The
+    trainer calls it before anything generates (trainer.py)."""
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     if sharded(model) and not hasattr(model.generate, "__wrapped__"):  # once: Trainer may have done it
         register_fsdp_forward_method(model, "generate")
+
+
+def check_packing(model, device) -> None:
+    """model.loss.packing_is_exact on the sharded model before the first step (every rank runs it:
+    each forward needs all of them). A model whose attention crosses packed samples stops the run:
+    there is no falling back to padding once training has begun."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from chatlora.model.loss import packing_is_exact
+    from chatlora.trainer.distributed.ranks import any_rank
+
+    # A check that failed on one process only (kernel rounding) must stop them all, or the others
+    # wait for it in a collective for ever.
+    exact = not any_rank(not packing_is_exact(model), device)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()  # as Trainer leaves it before the first step
+    if not exact:
+        raise ConfigError("this model lets packed samples attend to each other; with distributed.strategy=fsdp2 "
+                          "set data.packing=false (padded batches)")

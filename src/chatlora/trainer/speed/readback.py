@@ -2,7 +2,7 @@
 
 Why: `.item()` on a CUDA tensor waits until the GPU has run everything queued so far. Done once per
 step, the GPU then idles while the CPU prepares and queues the next step (collating the batch,
-launching the pass: about 12 ms of a 0.12 s step with CUDA graphs on an H100, 2026-12-05). A value
+launching the pass: a tenth of a short step with CUDA graphs; docs/benchmarks.md). A value
 copied to pinned host memory as soon as it is computed can be read once that copy is done, while
 the GPU goes on with what follows: the CPU stays a step ahead.
 """

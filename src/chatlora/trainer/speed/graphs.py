@@ -1,12 +1,11 @@
 """CUDA graphs over the training pass (`model.cuda_graphs=true`): each packed forward and backward
 pass recorded once per shape and replayed.
 
-Why: the recipe's step (16 short samples, about 1,060 tokens) gives a 7B model's GPU about 65 ms of
-work, and the CPU takes longer than that to issue it: about 2.2 ms per compiled decoder layer call
-and direction, plus the guards (0.155-0.175 s per step with compiled layers). A CUDA graph holds
-every kernel of the pass and launches them all at once, so the CPU's cost no longer depends on how
-many there are: 0.088 s per step on an H100, 21.7x the tutorial's code there (docs/benchmarks.md,
-2026-12-05). Graphs need fixed shapes and fixed addresses, so:
+Why: the recipe's step (16 short samples, about 1,060 tokens) gives a 7B model's GPU little work,
+and the CPU takes longer than that to issue it: a launch per kernel of every decoder layer call and
+direction, plus torch.compile's guards. A CUDA graph holds every kernel of the pass and launches them
+all at once, so the CPU's cost no longer depends on how many there are (the step times, with and
+without graphs: docs/benchmarks.md). Graphs need fixed shapes and fixed addresses, so:
 
 - rows are padded to a multiple of GRAPH_PAD tokens by a sample of their own that trains nothing,
   and the trained positions to a multiple of a quarter of the row by a position with no target

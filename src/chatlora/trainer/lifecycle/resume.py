@@ -2,7 +2,7 @@
 
 Exactness itself is transformers' Trainer's: `train(resume_from_checkpoint=...)` restores the adapter,
 optimizer, scheduler, step, RNG states and skips the batches already seen. What chatlora adds: only
-complete checkpoints are taken (trainer/checkpoint.py), and each carries a fingerprint of everything
+complete checkpoints are taken (trainer/lifecycle/checkpoint.py), and each carries a fingerprint of everything
 that changes the steps taken, so resuming with another config or other data is refused by name
 instead of silently giving a run that matches neither.
 """
@@ -19,8 +19,8 @@ from chatlora.config.load import to_dict
 from chatlora.config.schema import Config
 from chatlora.errors import ResumeError
 from chatlora.model.load import unreadable
-from chatlora.run import RunDir
-from chatlora.trainer.checkpoint import STAMP, complete_checkpoints, latest_checkpoint, read_stamp, step_of
+from chatlora.run import STAMP, RunDir, complete_checkpoints, latest_checkpoint, step_of
+from chatlora.trainer.lifecycle.checkpoint import read_stamp
 
 # Config keys that do not change the steps taken: where things are written, what is printed, logged
 # or evaluated, when checkpoints are saved, and machine-speed settings. The data files are compared
@@ -74,7 +74,7 @@ def fingerprint(cfg: Config, args, data_key: str) -> dict[str, Any]:
         if key not in IGNORED_TRAINING and key not in PROCESS_SPLIT:
             flat[f"training.{key}"] = _steps_part(f"training.{key}", value)
     # The global batch, not how it is split over processes and micro-batches: a DDP run resumed on
-    # another number of processes trains the same steps (trainer/distributed.py's check_resume
+    # another number of processes trains the same steps (trainer/distributed/split.py's check_resume
     # decides which world-size changes are allowed, and says so).
     flat["samples_per_step"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     flat = {k: v for k, v in flat.items() if k not in IGNORED and k.split(".")[0] not in IGNORED}

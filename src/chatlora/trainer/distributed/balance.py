@@ -82,14 +82,14 @@ def train_dataloader(trainer, lengths: Sequence[int] | None, uneven: bool):
     from transformers.trainer_utils import seed_worker
 
     args, accelerator = trainer.args, trainer.accelerator
-    sampler = trainer._get_train_sampler()
+    sampler = trainer.train_sampler()
     if sampler is None or isinstance(sampler, BatchRebalanceSampler):
         return None
     if lengths is None:
         lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
     if len(lengths) != len(trainer.train_dataset):
         raise ValueError(f"{len(lengths)} sample lengths for {len(trainer.train_dataset)} training samples")
-    steps = BalancedSteps(sampler, lengths, trainer._train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
+    steps = BalancedSteps(sampler, lengths, trainer.micro_batch_size() * args.gradient_accumulation_steps * accelerator.num_processes,
                           accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps, uneven,
                           args.dataloader_drop_last)
     loader = DataLoader(trainer.train_dataset, batch_sampler=steps, collate_fn=trainer.data_collator,

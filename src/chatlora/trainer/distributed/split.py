@@ -4,7 +4,7 @@ TrainingArguments, and the record of how a run was split (for resuming it).
 The global batch (distributed.samples_per_step) stays what the config says whatever the number of
 processes N. Every process draws the same shuffled order as one process would, and step k takes its
 k-th slice of samples_per_step samples; the slice is split over the processes by tokens
-(trainer/balance.py): samples_per_step / N samples each, or, where a process's share is packed into
+(trainer/distributed/balance.py): samples_per_step / N samples each, or, where a process's share is packed into
 passes by a token budget (data.batch_tokens), as many as even out the tokens. So the loss curve and
 the trained adapter do not depend on N (tests/test_distributed.py checks it on 2 processes).
 """
@@ -82,7 +82,7 @@ def distributed_arguments(cfg: Config, kwargs: dict[str, Any], processes: int) -
 
 def describe(args, processes: int, uneven: bool = False) -> str:
     """How a step's samples are split, for the `batches:` line. `uneven`: the processes' shares may
-    hold different numbers of samples (trainer/balance.py)."""
+    hold different numbers of samples (trainer/distributed/balance.py)."""
     per = args.per_device_train_batch_size * args.gradient_accumulation_steps
     if processes == 1:
         return f"{per} samples per optimizer step"
@@ -129,23 +129,3 @@ def check_resume(run_path: Path, now: dict[str, Any]) -> str | None:
             f"FSDP2 checkpoints are sharded per process: resume it on {before['processes']} processes")
     return (f"resuming on {now['processes']} processes (the run began on {before['processes']}): "
             f"the same {now['samples_per_step']} samples per step, split differently")
-
-
-def undo_evaluation_prepare(trainer) -> None:
-    """Let the next train() wrap the model in DDP after an evaluate() that came first.
-
-    Trainer.evaluate() before train() hands the model to accelerate's prepare_model in evaluation
-    mode: no DDP wrapper, but the model is marked as prepared. train() then asks accelerate to
-    prepare it again, accelerate returns it as it is, and every process trains alone on its own
-    samples with no gradient averaging: the losses look plausible, the adapter is wrong
-    (accelerate 1.15 with transformers 5.24; tests/test_distributed.py catches it). FSDP is not
-    affected (evaluate() shards the model for real), nor is one process.
-    """
-    model = trainer.model
-    accelerator = trainer.accelerator
-    if accelerator.num_processes == 1 or trainer.is_fsdp_enabled or trainer.model_wrapped is not model:
-        return
-    if getattr(model, "_is_accelerate_prepared", False):
-        del model._is_accelerate_prepared
-        if model in accelerator._models:
-            accelerator._models.remove(model)

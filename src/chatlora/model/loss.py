@@ -6,6 +6,11 @@ trained token makes the model skip the rest inside its own forward, so peft and 
 apply. While the loss runs, the output layer is swapped for an identity, so the forward returns
 hidden states at those positions; the real head is then applied in chunks whose logits are
 recomputed in the backward pass instead of kept, so at most one chunk of logits exists at a time.
+
+Why in model/: this is the one definition of the token loss, which training (trainer/trainer.py's
+compute_loss), the held-out loss (evaluate/loss.py) and the memory plan's chunk size (plan/memory.py)
+all use. It needs only the model and a batch, and evaluate/ sits below trainer/, so it lives below
+both; it was model/loss.py, which made evaluate/ import trainer/ while trainer/ imported evaluate/.
 """
 
 from __future__ import annotations
@@ -18,12 +23,21 @@ from torch.utils.checkpoint import checkpoint
 
 from chatlora.data.collate import model_inputs
 from chatlora.data.render import IGNORE
+from chatlora.model.sharding import sharded
 
 # Config attributes of models that transform logits after the head (softcapping, scaling): for
 # them the head cannot be split off, and the loss uses the model's own logits.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 # Elements of float32 logits in one chunk (1 GiB).
 CHUNK_ELEMENTS = 2**28
+# Rows of a chunk, at least: a small vocabulary still gets chunks worth a kernel launch.
+MIN_CHUNK_ROWS = 64
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows (positions) of one chunk of logits over a vocabulary of `vocab` tokens: the rule the
+    loss runs by, and the one the memory plan (plan/memory.py) predicts the output layer's peak by."""
+    return max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(vocab, 1))
 
 
 def causal_lm(model):
@@ -36,8 +50,6 @@ def causal_lm(model):
 def separable_head(model) -> torch.nn.Linear | None:
     """The output layer when logits are exactly `head(hidden)` and it can run outside the model's
     forward pass, else None."""
-    from chatlora.trainer.fsdp import sharded
-
     base = causal_lm(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or any(getattr(base.config, a, None) for a in LOGIT_TRANSFORMS):
@@ -72,7 +84,7 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
     """Sum of cross-entropy of `head(hidden)` against targets, one chunk of rows at a time."""
-    rows = max(64, CHUNK_ELEMENTS // head.weight.shape[0])
+    rows = chunk_rows(head.weight.shape[0])
     if hidden.shape[0] <= rows:
         return _chunk_loss(hidden, head.weight, head.bias, targets)
     total = hidden.new_zeros((), dtype=torch.float32)

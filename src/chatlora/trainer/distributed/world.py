@@ -30,6 +30,11 @@ def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def size_from_env() -> int:
+    """The number of processes of the job as the launcher set it (1 when not launched as several)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 class PeerFailed(ChatloraError):
     """Another process failed at a point where all wait for each other; it reports its own error (rank 0
     repeats it, so it shows once, whichever rank it came from)."""
@@ -128,7 +133,7 @@ def start(training: dict[str, Any]) -> World:
     """This process's place in the job. When launched as several processes, joins the job's process
     group through accelerate (NCCL on GPUs, gloo on CPUs; `training.ddp_backend` and
     `training.ddp_timeout` apply, as they would in Trainer) and opens the gloo group of the waits."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = size_from_env()
     if size == 1:
         return World()
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]

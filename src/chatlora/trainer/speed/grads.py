@@ -4,9 +4,9 @@ Why: a LoRA model has hundreds of small trainable tensors (448 on a 7B model). D
 (an isfinite per gradient), a check costs hundreds of kernel launches per optimizer step. Under FSDP2
 the gradients are DTensors and it is far worse: every per-tensor op goes through DTensor's Python
 dispatch, and a norm of a sharded tensor is a partial value that costs an all-reduce of its own when
-read. torch's clip_grad_norm_ on them took about 1 s of CPU per step on the Qwen1.5-7B architecture
-(2 x H200, 2026-11-28: profile in docs/benchmarks.md). Here every process reduces the shards it holds
-with plain tensors, and the processes add up one number.
+read. torch's clip_grad_norm_ on them costs a large share of a 7B model's step in CPU time alone
+(the profile: docs/benchmarks.md). Here every process reduces the shards it holds with plain
+tensors, and the processes add up one number.
 """
 
 from __future__ import annotations

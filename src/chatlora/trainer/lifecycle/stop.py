@@ -13,8 +13,7 @@ import signal
 import sys
 import threading
 
-import torch
-from transformers import TrainerCallback
+from chatlora.trainer.distributed.ranks import any_rank
 
 # What a process of `chatlora train --gpus N` receives when its launcher dies (recipes.launch). The
 # kernel sends it again each time a thread of the dying launcher exits: repeats are one request.
@@ -22,7 +21,7 @@ LAUNCHER_GONE = getattr(signal, "SIGUSR2", None)
 SIGNALS = (signal.SIGINT, signal.SIGTERM, *([LAUNCHER_GONE] if LAUNCHER_GONE else []))
 
 
-class StopOnSignal(TrainerCallback):
+class StopOnSignal:
     def __init__(self):
         self.requested: str | None = None
         """The name of the signal that asked training to stop (SIGTERM, SIGINT), or None."""
@@ -52,10 +51,11 @@ class StopOnSignal(TrainerCallback):
         print(f"\n{self.requested}: saving a checkpoint at the end of this step, then stopping "
               "(Ctrl-C again to stop at once, without it)", file=sys.stderr, flush=True)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def train_begins(self) -> None:
         self.in_loop = True
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def step_ends(self, args, state, control) -> None:
+        """At the end of each optimizer step (the trainer calls it): stop there, saving, when asked."""
         if any_rank(self.requested is not None, args.device):
             # Every rank stops at the same step: a signal may reach the ranks of a torchrun job at
             # slightly different moments, and a rank left training alone would wait forever.
@@ -64,23 +64,5 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def train_ends(self) -> None:
         self.in_loop = False
-
-
-def several_processes() -> bool:
-    """Whether this process is one of several in a distributed job (collectives then need them all)."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def any_rank(flag: bool, device) -> bool:
-    """True when `flag` is true on any rank of a distributed job, so all ranks take the same branch."""
-    import torch.distributed as dist
-
-    if not several_processes():
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # one tiny collective per optimizer step
-    return bool(t.item())
