@@ -74,7 +74,7 @@ def test_huanhuan_training_section_builds_training_arguments(tmp_path):
 def test_huanhuan_preset_saves_a_checkpoint_every_100_steps_as_the_tutorial(tmp_path):
     """chatlora saves no checkpoints by default; `save_steps` alone still means saving every N steps,
     as TrainingArguments has it (the tutorial sets only save_steps=100)."""
-    from chatlora.recipes.train import training_arguments
+    from chatlora.trainer.arguments import training_arguments
     from chatlora.run import RunDir
 
     args = training_arguments(load_config(HUANHUAN), RunDir(tmp_path / "run"))

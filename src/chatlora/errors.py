@@ -23,7 +23,7 @@ class ChatloraError(Exception):
 
     exit_code = EXIT_USER_ERROR
     shared = False
-    """Set on an error that rank 0 reports for every process of a multi-process run (trainer.world)."""
+    """Set on an error that rank 0 reports for every process of a multi-process run (trainer/distributed/world.py)."""
     label = "error"
     """What the CLI prints before the message."""
 

@@ -23,7 +23,7 @@ from chatlora.recipes.data_check import check_data, load_data
 from chatlora.recipes.plan import plan_for, samples_of
 from chatlora.model.loss import packing_is_exact
 from chatlora.run import RunDir, replace_dir
-from chatlora.trainer.arguments import TRAINING_DEFAULTS, training_arguments  # noqa: F401 - training_arguments: also the recipe's
+from chatlora.trainer.arguments import TRAINING_DEFAULTS, training_arguments
 from chatlora.trainer.callbacks import GenerationMonitor, MetricsLog, Progress, log_tensorboard_to
 from chatlora.trainer.distributed import split
 from chatlora.trainer.distributed.fsdp import full_adapter_state

@@ -56,7 +56,7 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
 
 def _steps_part(key: str, value: Any) -> Any:
     """The part of a setting that changes the steps taken: accelerate's settings less how batches are
-    copied to the GPU (non_blocking, which a GPU run sets: recipes/train.py)."""
+    copied to the GPU (non_blocking, which a GPU run sets: trainer/arguments.py)."""
     if key == "training.accelerator_config" and isinstance(value, dict):
         return {k: v for k, v in value.items() if k != "non_blocking"}
     return value
