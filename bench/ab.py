@@ -44,7 +44,9 @@ def side(tree: Path, gpu: int | None, cores: str | None, a, out: Path) -> subpro
     # An empty compile cache for each side and run: a cache warmed by the other side or the first run
     # would make compiling look free (train_wall_s compares the compile times too).
     cache = out.with_suffix(".inductor")
-    env = {**os.environ, "PYTHONPATH": str(tree / "src"), "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": str(cache),
+    # The tree's src first; what PYTHONPATH held already (wheels unpacked on a GPU machine) after it.
+    path = os.pathsep.join(filter(None, [str(tree / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": str(cache),
            "TRITON_CACHE_DIR": str(cache / "triton")}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
