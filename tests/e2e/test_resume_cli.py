@@ -17,16 +17,15 @@ import pytest
 
 from chatlora.errors import EXIT_PREEMPTED, EXIT_STORAGE
 from chatlora.trainer.checkpoint import STAGING, STAMP, complete_checkpoints
-from conftest import FIXTURES, losses, quiet_train, tiny_config
-from exact_resume import SETTINGS, adapter, assert_same_as
+from conftest import FIXTURES, quiet_train, tiny_config
+from exact_resume import SETTINGS, assert_same_as
 from snapshot import snapshot
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir, tmp_path_factory):
-    """The uninterrupted run every interrupted one must equal."""
-    run = quiet_train(tiny_config(tiny_model_dir, tmp_path_factory.mktemp("uninterrupted"), *SETTINGS))
-    return {"losses": losses(run.path), "adapter": adapter(run.path)}
+def reference(uninterrupted_run):
+    """The uninterrupted run every interrupted one must equal (conftest: trained once per session)."""
+    return uninterrupted_run
 
 
 def write_config(folder: Path, model_dir: Path) -> Path:

@@ -7,7 +7,6 @@ import importlib.util
 
 import pytest
 
-from chatlora.config import load_config
 from chatlora.trainer.plot import read_metrics
 
 pytestmark = [
@@ -16,13 +15,8 @@ pytestmark = [
 ]
 
 
-def test_training_the_demo_lowers_the_held_out_loss(tmp_path):
-    from chatlora.recipes.train import train
-
-    lines: list[str] = []
-    cfg = load_config("demo", ["training.max_steps=10", "report.compare=1", "report.max_new_tokens=16",
-                               f"output_dir={tmp_path / 'run'}"])
-    run = train(cfg, lines.append)
+def test_training_the_demo_lowers_the_held_out_loss(smollm_demo):
+    run, lines = smollm_demo  # conftest: 12 steps, shared with test_smollm_use.py
     evals = [row["eval_loss"] for row in read_metrics(run.metrics) if "eval_loss" in row]
     assert len(evals) == 2
     before, after = evals

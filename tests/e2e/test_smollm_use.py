@@ -9,7 +9,6 @@ import importlib.util
 
 import pytest
 
-from chatlora.config import load_config
 
 pytestmark = [
     pytest.mark.slow,
@@ -18,13 +17,9 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    from chatlora.recipes.train import train
-
-    out = tmp_path_factory.mktemp("smollm") / "run"
-    cfg = load_config("demo", ["training.max_steps=12", "training.eval_strategy=no", "eval.steps=0", "report.compare=0",
-                               f"output_dir={out}"])
-    return train(cfg, lambda _line: None).path
+def demo_run(smollm_demo):
+    """conftest's demo run, shared with test_smollm.py (trained once per session)."""
+    return smollm_demo[0].path
 
 
 def test_eval_adapter_beats_base(demo_run):

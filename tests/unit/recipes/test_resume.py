@@ -27,10 +27,9 @@ from snapshot import snapshot
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir, tmp_path_factory):
-    """The uninterrupted run every interrupted one must equal."""
-    run = quiet_train(tiny_config(tiny_model_dir, tmp_path_factory.mktemp("uninterrupted"), *SETTINGS))
-    return {"losses": losses(run.path), "adapter": adapter(run.path)}
+def reference(uninterrupted_run):
+    """The uninterrupted run every interrupted one must equal (conftest: trained once per session)."""
+    return uninterrupted_run
 
 
 class SignalAt(TrainerCallback):
