@@ -189,7 +189,7 @@ def undo_evaluation_prepare(trainer) -> None:
     mode: no DDP wrapper, but the model is marked as prepared. train() then asks accelerate to
     prepare it again, accelerate returns it as it is, and every process trains alone on its own
     samples with no gradient averaging: the losses look plausible, the adapter is wrong
-    (accelerate 1.15 with transformers 5.24; tests/test_distributed.py catches it). FSDP is not
+    (accelerate 1.15 with transformers 5.24; tests/e2e/test_distributed.py catches it). FSDP is not
     affected (evaluate() shards the model for real), nor is one process.
     """
     model = trainer.model

@@ -6,7 +6,7 @@ processes N. Every process draws the same shuffled order as one process would, a
 k-th slice of samples_per_step samples; the slice is split over the processes by tokens
 (trainer/distributed/balance.py): samples_per_step / N samples each, or, where a process's share is packed into
 passes by a token budget (data.batch_tokens), as many as even out the tokens. So the loss curve and
-the trained adapter do not depend on N (tests/test_distributed.py checks it on 2 processes).
+the trained adapter do not depend on N (tests/e2e/test_distributed.py checks it on 2 processes).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def distributed_arguments(cfg: Config, kwargs: dict[str, Any], processes: int) -
     if not torch.cuda.is_available():
         if cfg.distributed.strategy == "fsdp2":
             # accelerate (and so Trainer) shards models on accelerators only; torch's FSDP2 itself runs on
-            # CPUs, and tests/test_fsdp2.py checks chatlora's FSDP2 parts there.
+            # CPUs, and tests/e2e/test_fsdp2.py checks chatlora's FSDP2 parts there.
             raise ConfigError("distributed.strategy=fsdp2 needs GPUs (accelerate shards on accelerators only); "
                               "on CPU processes use distributed.strategy=ddp")
         # accelerate joins CPU processes (gloo) only with use_cpu; without it each trains alone.
