@@ -19,9 +19,9 @@ from chatlora.model.layers import compile_layers
 from chatlora.model import quant
 from chatlora.model.load import load_model, model_config
 from chatlora.model.lora import add_lora, count_parameters, linear_names, unmatched_targets
-from chatlora.recipes.data_check import check_data, load_data
-from chatlora.recipes.plan import plan_for, samples_of
 from chatlora.model.loss import packing_is_exact
+from chatlora.model.tokenized import check_data, load_data
+from chatlora.plan.entry import plan_for, samples_of
 from chatlora.run import RunDir, replace_dir
 from chatlora.trainer.arguments import TRAINING_DEFAULTS, training_arguments
 from chatlora.trainer.callbacks import GenerationMonitor, MetricsLog, Progress, log_tensorboard_to
@@ -33,6 +33,7 @@ from chatlora.trainer.overrides import attention_implementation, undo_evaluation
 from chatlora.trainer.plot import plot_losses
 from chatlora.trainer.speed.graphs import GRAPH_PAD, PassGraphs
 from chatlora.trainer.trainer import ChatTrainer
+
 
 def _builds_on_gpu(cfg: Config, fsdp, plan) -> bool:
     """Where the base model is built. FSDP2 loads on the CPU (the model need not fit one GPU) and
