@@ -28,12 +28,12 @@ import torch
 
 from chatlora.data.render import Renderer
 from chatlora.errors import ChatloraError
-from chatlora.model.load import stop_ids
 from chatlora.generate.continuous import RunningBatch
 from chatlora.generate.events import Event, RequestError
 from chatlora.generate.rows import Row, run_batch
 from chatlora.generate.sampling import Sampling
 from chatlora.generate.text import TextStream
+from chatlora.model.load import stop_ids
 
 log = logging.getLogger(__name__)
 
