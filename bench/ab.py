@@ -11,6 +11,11 @@ Each side runs bench/train_speed.py of its own tree with the same arguments (--t
 --steps, --warmup, --extra); --tiny checks the script on a CPU (no GPUs: the sides run one after the
 other), each with empty compile caches. The table gives s/step and the wall time of the whole
 variant (compiling included) for each variant and each run, and the ratios before / after.
+
+--bench decode runs bench/decode_speed.py of each tree instead (batch-1 greedy decode, --tokens new
+tokens; --variants from its list, e.g. graphs,static) and compares decode tokens/s:
+
+    python bench/ab.py --bench decode --before /tmp/before --variants graphs --tokens 256
 """
 
 from __future__ import annotations
@@ -27,15 +32,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def side(tree: Path, gpu: int | None, cores: str | None, a, out: Path) -> subprocess.Popen:
-    cmd = [sys.executable, str(tree / "bench" / "train_speed.py"), "--tokenizer", a.tokenizer, "--data", a.data,
-           "--variants", a.variants, "--steps", str(a.steps), "--warmup", str(a.warmup), "--out", str(out),
-           *(["--tiny"] if a.tiny else []), *(["--extra", *a.extra] if a.extra else [])]
+    if a.bench == "decode":
+        cmd = [sys.executable, str(tree / "bench" / "decode_speed.py"), "--tokenizer", a.tokenizer,
+               "--variants", a.variants, "--tokens", str(a.tokens), "--out", str(out), *(["--tiny"] if a.tiny else [])]
+    else:
+        cmd = [sys.executable, str(tree / "bench" / "train_speed.py"), "--tokenizer", a.tokenizer, "--data", a.data,
+               "--variants", a.variants, "--steps", str(a.steps), "--warmup", str(a.warmup), "--out", str(out),
+               *(["--tiny"] if a.tiny else []), *(["--extra", *a.extra] if a.extra else [])]
     if cores:
         cmd = ["taskset", "-c", cores, *cmd]
     # An empty compile cache for each side and run: a cache warmed by the other side or the first run
     # would make compiling look free (train_wall_s compares the compile times too).
     cache = out.with_suffix(".inductor")
-    env = {**os.environ, "PYTHONPATH": str(tree / "src"), "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": str(cache),
+    # The tree's src first; what PYTHONPATH held already (wheels unpacked on a GPU machine) after it.
+    path = os.pathsep.join(filter(None, [str(tree / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": str(cache),
            "TRITON_CACHE_DIR": str(cache / "triton")}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
@@ -47,13 +58,17 @@ def main() -> None:
     p.add_argument("--before", required=True, help="the other tree (holding src/ and bench/), e.g. from git archive")
     p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/qwen-tokenizer"))
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/huanhuan.json"))
-    p.add_argument("--variants", default="seed-compile-layers")
+    p.add_argument("--bench", choices=("train", "decode"), default="train",
+                   help="train: bench/train_speed.py's s/step; decode: bench/decode_speed.py's tokens/s")
+    p.add_argument("--variants", default=None, help="default: seed-compile-layers (train), graphs (decode)")
+    p.add_argument("--tokens", type=int, default=256, help="decode: new tokens per reply")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--extra", nargs="*", default=[])
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", help="JSON file: every run's results, labelled")
     a = p.parse_args()
+    a.variants = a.variants or ("graphs" if a.bench == "decode" else "seed-compile-layers")
     import torch
 
     trees = {"before": Path(a.before).resolve(), "after": ROOT}
@@ -79,6 +94,15 @@ def main() -> None:
                     results.append({**r, "side": name, "run": run + 1, "gpu_index": gpu})
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
+    if a.bench == "decode":
+        print(f"{'variant':32s} {'run':>3s} {'tok/s before':>12s} {'after':>8s} {'after/before':>12s}")
+        for variant in a.variants.split(","):
+            for run in (1, 2):
+                got = {r["side"]: r for r in results if r["variant"] == variant and r["run"] == run and "decode_tok_s" in r}
+                if len(got) == 2:
+                    b, f = got["before"]["decode_tok_s"], got["after"]["decode_tok_s"]
+                    print(f"{variant:32s} {run:3d} {b:12.1f} {f:8.1f} {f / b:11.3f}x")
+        return
     print(f"{'variant':32s} {'run':>3s} {'s/step before':>13s} {'after':>7s} {'ratio':>6s} {'wall s before':>13s} {'after':>7s} {'ratio':>6s}")
     for variant in a.variants.split(","):
         for run in (1, 2):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# README command two (and CI's): install with the test tools, then run the whole test suite.
+# README command two (and CI's): install with the test tools, then run the whole test suite
+# (tests/unit, tests/e2e and tests/gpu; arguments go to pytest, e.g. `scripts/test.sh tests/unit`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh --test
@@ -10,4 +11,5 @@ if ! command -v chromium >/dev/null; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null
 fi
-exec .venv/bin/python -m pytest -q "$@"
+# The 20 slowest tests are listed at the end: CI's log shows where its minutes go.
+exec .venv/bin/python -m pytest -q --durations=20 "$@"

@@ -1,9 +1,13 @@
-"""Shared fixtures: a byte-level ChatML tokenizer and a 2-layer Llama built from a config, saved to a
-folder so tests load them through chatlora's real local-folder code path. No weights downloaded."""
+"""Shared fixtures and helpers for tests/unit (in-process), tests/e2e (subprocesses, a pseudo-terminal,
+the browser, several processes) and tests/gpu: a byte-level ChatML tokenizer and a 2-layer Llama built
+from a config, saved to a folder so tests load them through chatlora's real local-folder code path (no
+weights downloaded), and runs of it trained once per session. Test files import the helpers with
+`from conftest import ...` (pyproject.toml puts tests/ on sys.path)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +23,9 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# LoRA r=4 on every linear layer of the tiny Llama (hidden 32, kv 16, mlp 64), per layer:
+# q 4*(32+32) + k 4*(32+16) + v 4*(32+16) + o 4*(32+32) + gate, up, down 3 * 4*(32+64) = 2048.
+TINY_TRAINABLE = 2 * 2048
 
 
 def build_byte_tokenizer(pad: str | None = "<|endoftext|>", template: str = CHATML):
@@ -107,6 +114,27 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
                           capture_output=True, text=True, timeout=600)
 
 
+def quiet_train(cfg, callbacks=None):
+    """chatlora's train recipe with its report lines dropped; returns the run folder (RunDir)."""
+    from chatlora.recipes.train import train
+
+    return train(cfg, echo=lambda _line: None, callbacks=callbacks)
+
+
+def losses(run) -> list[float]:
+    """The training losses logged in a run folder (a RunDir or its path), step by step."""
+    from chatlora.trainer.plot import read_metrics
+
+    return [r["loss"] for r in read_metrics(Path(getattr(run, "path", run)) / "metrics.jsonl") if "loss" in r]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server or a rendezvous another process opens)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_model_dir, tmp_path_factory):
     """A run folder trained for a few steps on the tiny model, with a held-out split: what chat, eval
@@ -129,3 +157,36 @@ def served_runs(tiny_model_dir, tmp_path_factory) -> list[Path]:
                           f"output_dir={root / name}")
         runs.append(train(cfg, echo=lambda _line: None).path)
     return runs
+
+
+@pytest.fixture(scope="session")
+def checkpointed_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A finished run with complete checkpoints at steps 1 and 2 (damage.SETTINGS). Read-only: tests
+    damage copies."""
+    from damage import SETTINGS
+
+    return quiet_train(tiny_config(tiny_model_dir, tmp_path_factory.mktemp("trained"), *SETTINGS)).path
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tiny_model_dir, tmp_path_factory) -> dict:
+    """The run of exact_resume.SETTINGS that every interrupted one must equal: its losses and adapter
+    tensors (unit/recipes/test_resume.py, e2e/test_resume_cli.py)."""
+    from exact_resume import SETTINGS, adapter
+
+    run = quiet_train(tiny_config(tiny_model_dir, tmp_path_factory.mktemp("uninterrupted"), *SETTINGS))
+    return {"losses": losses(run.path), "adapter": adapter(run.path)}
+
+
+@pytest.fixture(scope="session")
+def smollm_demo(tmp_path_factory):
+    """The demo on the real SmolLM2-135M-Instruct, trained once for e2e/test_smollm.py and
+    e2e/test_smollm_use.py: 12 of its 46 steps, the held-out loss before and after, one base vs adapter
+    reply. Returns the run folder (RunDir) and the lines training printed. Read-only."""
+    from chatlora.config import load_config
+    from chatlora.recipes.train import train
+
+    lines: list[str] = []
+    cfg = load_config("demo", ["training.max_steps=12", "report.compare=1", "report.max_new_tokens=16",
+                               f"output_dir={tmp_path_factory.mktemp('smollm') / 'run'}"])
+    return train(cfg, lines.append), lines
