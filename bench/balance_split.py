@@ -35,7 +35,7 @@ def main() -> None:
     a = p.parse_args()
 
     from chatlora.config import load_config
-    from chatlora.recipes.data_check import load_data
+    from chatlora.model.tokenized import load_data
     from chatlora.data.groups import split
 
     with tempfile.TemporaryDirectory() as tmp:

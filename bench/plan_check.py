@@ -81,8 +81,8 @@ class PassRecorder(TrainerCallback):
 def worker(a) -> dict:
     from chatlora.config import load_config
     from chatlora.plan.memory import estimate
-    from chatlora.recipes.plan import plan_for, samples_of, worst_case
-    from chatlora.recipes.data_check import check_data
+    from chatlora.plan.entry import plan_for, samples_of, worst_case
+    from chatlora.model.tokenized import check_data
     from chatlora.recipes.train import train
     from chatlora.trainer.plot import read_metrics
 

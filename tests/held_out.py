@@ -53,8 +53,8 @@ def samples_and_model(run: Path, tiny_model_dir: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from chatlora.recipes.data_check import load_data
-    from chatlora.recipes.eval import target_config
+    from chatlora.model.tokenized import load_data
+    from chatlora.run import target_config
 
     checked = load_data(target_config(run), echo=lambda _line: None)
     samples = [{"input_ids": i, "labels": lab} for i, lab in

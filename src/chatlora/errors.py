@@ -5,6 +5,8 @@ Anything else that escapes is a bug in chatlora and keeps its traceback.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,3 +120,40 @@ def refuse_file_in_the_way(path: Path, key: str, default: str) -> None:
     what = file_in_the_way(path)
     if what:
         raise ConfigError(f"{key}={path} {what}; give a folder (or leave {key} {default})")
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another process of a multi-process job is gone
+    (gloo: "Connection reset by peer", NCCL: a remote error), as opposed to a bug of this process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    text = str(e)
+    return type(e).__name__.startswith("Dist") or any(w in text for w in ("Connection reset by peer", "Connection closed by peer",
+                                                                          "remote process exited", "NCCL communicator was aborted"))
+
+
+def report(e: BaseException) -> int | None:
+    """Print what the user needs to know of `e` on stderr and return the exit code; None for an
+    exception that is a bug of chatlora (the caller lets it go on, with its traceback)."""
+    if isinstance(e, ChatloraError):
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            print(f"{e.label}: {e}", file=sys.stderr)
+        elif not (isinstance(e, ConfigError) or getattr(e, "shared", False)
+                  or isinstance(e, ModelError) and os.environ.get("LOCAL_RANK", "0") != "0"):
+            # Launched as several processes: rank 0 reports what every process meets (the config) and
+            # what they shared at a common wait (the data); a model is loaded from each node's own
+            # files, so the first process of each node reports that; the rest only what they alone met.
+            print(f"{e.label} (rank {rank}): {e}", file=sys.stderr)
+        return e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if isinstance(e, RuntimeError) and lost_peer(e):
+        # Another process of the job died (killed, out of memory): its own output says why; a
+        # traceback from each survivor's wait adds nothing.
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error (rank {os.environ.get('RANK', '0')}): lost contact with another process of the job ({first[:300]}); "
+              "it stopped first, see its own message. Continue from the last checkpoint with resume=auto", file=sys.stderr)
+        return 1
+    return None

@@ -85,6 +85,18 @@ class RunDir:
         write_atomic(path, json.dumps(data, ensure_ascii=False, indent=2))
 
 
+def run_folder(target: str | Path) -> Path | None:
+    """The run folder `target` is (or whose adapter/ folder it is); None for a bare adapter."""
+    folder = Path(target)
+    return next((c for c in (folder, folder.parent) if (c / "config.yaml").is_file()), None)
+
+
+def target_config(target: str | Path) -> Config | None:
+    """The run config of a run folder (or of the run an adapter/ folder is in); None for a bare adapter."""
+    folder = run_folder(target)
+    return RunDir.open(folder).load_config() if folder else None
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a file via a temporary name and rename, so a reader never sees half of it."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

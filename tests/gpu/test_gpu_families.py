@@ -76,7 +76,7 @@ def close(a, b, rel: float = 2e-2) -> None:
 def test_varlen_packed_rows_equal_padded_sdpa(family):
     name, folder = family
     model = adapted(load_bf16(folder))
-    if name == "gemma2":  # soft-capped attention: transformers' eager, and no packing (recipes/plan.py)
+    if name == "gemma2":  # soft-capped attention: transformers' eager, and no packing (plan/entry.py)
         assert model.config._attn_implementation == "eager"
         return
     assert model.config._attn_implementation == attention.NAME

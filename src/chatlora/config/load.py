@@ -178,7 +178,7 @@ def _check_training(training: dict[str, Any]) -> None:
         if not kind or (value is None and kind.endswith("?")):
             continue
         if key == "gradient_checkpointing" and value == "auto":
-            continue  # the memory plan decides it before TrainingArguments sees it (recipes/plan.py)
+            continue  # the memory plan decides it before TrainingArguments sees it (plan/entry.py)
         hint = {"int": int, "float": float, "bool": bool}[kind.rstrip("?")]
         _check(hint, value, f"training.{key}")  # raises ConfigError naming the key, the value and the type
 

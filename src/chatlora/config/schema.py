@@ -53,7 +53,8 @@ class ModelConfig:
     kernels: str = "none"
     """Training on a GPU: `liger` runs the model's RMSNorm, RoPE and SwiGLU as Liger's fused Triton
     kernels (`pip install 'chatlora[liger]'`; Llama, Qwen2, Mistral, Gemma and the other architectures
-    Liger covers), with nothing to compile; with cuda_graphs the recipe's step is 16% shorter on an H100.
+    Liger covers), with nothing to compile; with cuda_graphs, the recipe's fastest step
+    (docs/benchmarks.md).
     Ignored, with a note, on the CPU, with `compile: layers` (which fuses them already) or when
     liger-kernel is missing. `none`: the model's own code."""
     cuda_graphs: bool = False

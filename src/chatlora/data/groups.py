@@ -63,9 +63,8 @@ def passes(lengths: Sequence[int], budget: int | None) -> list[list[int]]:
 
     Why evened out: filled in order, 128 chat samples of 8,466 tokens under a budget of 8,192 make a
     pass of 8,192 tokens and one of 274. Every pass costs the CPU the same launches of the whole
-    model's kernels whatever its tokens (for the Qwen1.5-7B architecture with compiled layers, about
-    0.18 s per pass under the profiler: bench/results/train_speed-h200-2026-11-28-throughput.log),
-    and a pass of 274 tokens gives the GPU almost no arithmetic to do meanwhile. Two passes of about
+    model's kernels whatever its tokens (a fixed cost per pass: docs/benchmarks.md), and a pass of
+    274 tokens gives the GPU almost no arithmetic to do meanwhile. Two passes of about
     4,233 tokens each do the same work with no such idle pass. The step's loss and gradients are sums over
     its tokens whatever pass holds them.
     """

@@ -14,47 +14,18 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from chatlora.config.schema import Config, DataConfig
 from chatlora.data.collate import PadCollator
 from chatlora.data.formats import Conversation
-from chatlora.data.prepare import load_conversations, read_conversations
+from chatlora.data.pipeline import held_out
 from chatlora.errors import ChatloraError
 from chatlora.evaluate.loss import held_out_batches, held_out_loss, held_out_samples
 from chatlora.evaluate.metrics import ReplyStats, reply_stats
 from chatlora.model.from_run import Loaded, load_target
 from chatlora.generate.replies import Reply, generate_replies
 from chatlora.generate.sampling import Sampling
-from chatlora.run import RunDir, write_atomic
+from chatlora.run import run_folder, write_atomic
 
 SIDES = ("base", "adapter")
-
-
-def run_folder(target: str | Path) -> Path | None:
-    """The run folder `target` is (or whose adapter/ folder it is); None for a bare adapter."""
-    folder = Path(target)
-    return next((c for c in (folder, folder.parent) if (c / "config.yaml").is_file()), None)
-
-
-def target_config(target: str | Path) -> Config | None:
-    """The run config of a run folder (or of the run an adapter/ folder is in); None for a bare adapter."""
-    folder = run_folder(target)
-    return RunDir.open(folder).load_config() if folder else None
-
-
-def held_out(target: str | Path, data: str | None) -> tuple[list[Conversation], str]:
-    """The conversations to evaluate on and a name for them: `data`, else the run's validation split.
-
-    Raises DataError for bad rows (every one listed), ChatloraError when there is nothing to evaluate on.
-    """
-    cfg = target_config(target)
-    if data:
-        data_cfg = cfg.data if cfg else DataConfig(train=[data])
-        return read_conversations([data], data_cfg, {}), Path(data).stem
-    if cfg is None:
-        raise ChatloraError(f"{target} is not inside a run folder, so it has no validation data; give one with --data FILE")
-    if cfg.data.validation is None:
-        raise ChatloraError(f"{target} was trained without held-out data (data.validation); give some with --data FILE")
-    return load_conversations(cfg.data)[1], "validation"
 
 
 def _counted(batches, progress):

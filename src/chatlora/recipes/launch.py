@@ -76,3 +76,12 @@ def launch(processes: int, argv: list[str]) -> int:
         # A worker killed by a signal has a negative exit code; report it as the shell would.
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
     return 0
+
+
+def launched(gpus: int | None, argv: list[str]) -> int | None:
+    """`--gpus N`, N > 1: run `chatlora ARGV` on N processes and return the first failure's exit code
+    (or 0). Otherwise None: this process trains itself, stopping when a launcher it came from dies."""
+    if (gpus or 1) > 1:
+        return launch(gpus, argv)
+    die_with_launcher()  # a process of `--gpus N`: stop (with a checkpoint) when the launcher dies
+    return None

@@ -18,13 +18,13 @@ import torch
 
 from chatlora.data.collate import PadCollator
 from chatlora.data.formats import Conversation
+from chatlora.data.pipeline import held_out
 from chatlora.errors import ChatloraError, DataError, file_in_the_way
 from chatlora.evaluate.loss import held_out_batches, held_out_loss, held_out_samples
 from chatlora.model import quant
 from chatlora.model.from_run import Loaded, default_device, load_target
 from chatlora.model.load import add_stop_tokens, resolve_dtype, stop_ids
-from chatlora.recipes.eval import held_out, target_config
-from chatlora.run import replace_dir
+from chatlora.run import replace_dir, target_config
 
 # What "equal" means for merged vs adapter-on logits, by the dtype the merged weights are saved in.
 # float32: W + BA and Wx + B(Ax) differ only by rounding order (SmolLM2-135M: 1.4e-4; deeper, wider

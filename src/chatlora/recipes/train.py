@@ -21,8 +21,8 @@ from chatlora.model.layers import compile_layers
 from chatlora.model import quant
 from chatlora.model.load import load_model, model_config
 from chatlora.model.lora import add_lora, count_parameters, linear_names, unmatched_targets
-from chatlora.recipes.data_check import check_data, load_data
-from chatlora.recipes.plan import plan_for, samples_of
+from chatlora.model.tokenized import check_data, load_data
+from chatlora.plan.entry import plan_for, samples_of
 from chatlora.run import RunDir, replace_dir
 from chatlora.trainer import distributed
 from chatlora.trainer.callbacks import MetricsLog, Progress

@@ -216,7 +216,7 @@ def save_family_model(folder, family_id: str):
 @pytest.mark.parametrize("family_id,strategy,system_note", [("qwen3", "per-turn", False), ("gemma-2-2b-it", "prefix", True),
                                                             ("glm-4-9b-chat", "prefix", False)])
 def test_data_check_and_training_on_a_family(family_id, strategy, system_note, tmp_path):
-    from chatlora.recipes.data_check import check_data
+    from chatlora.model.tokenized import check_data
     from chatlora.recipes.train import train
     from conftest import tiny_config
 

@@ -11,7 +11,7 @@ from chatlora.data import preflight
 from chatlora.data.render import Renderer
 from chatlora.errors import PreflightError
 from chatlora.model.load import fix_pad_token
-from chatlora.recipes.data_check import check_data
+from chatlora.model.tokenized import check_data
 from conftest import FIXTURES, build_byte_tokenizer, tiny_config
 
 EOT, ENDOFTEXT = 256, 257

@@ -1,0 +1,102 @@
+"""The data pipeline's steps after the tokenizer is loaded, and the held-out conversations of a run.
+
+The model side (the model's source, its tokenizer and generation config) is loaded by
+model/tokenized.py, which runs these steps in order: rows read and checked (data/prepare.py) →
+template probed (`renderer_for`) → samples tokenized (data/prepare.py) → the pre-flight report and
+its checks (`report`). Nothing here loads a model or imports one.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatlora.config.schema import Config, DataConfig
+from chatlora.data import preflight
+from chatlora.data.formats import Conversation
+from chatlora.data.prepare import Prepared, load_conversations, read_conversations
+from chatlora.data.render import IGNORE, Renderer, RenderError
+from chatlora.errors import ChatloraError, PreflightError
+from chatlora.run import target_config
+
+
+@dataclass
+class Checked:
+    """Everything the data steps produced, for train to go on with."""
+
+    source: object
+    """Where the model comes from (model/source.py: Source)."""
+    tokenizer: object
+    generation_config: object
+    renderer: Renderer
+    data: Prepared
+    report: dict
+
+
+def renderer_for(cfg: Config, tokenizer, stops: list[int]) -> tuple[Renderer, int | None]:
+    """The renderer of `cfg.data` with this tokenizer, and its end-of-turn token. Renders a probe
+    conversation, so a broken template fails here, once, as a PreflightError."""
+    try:
+        renderer = Renderer(tokenizer, set(stops), cfg.data.train_on, cfg.data.reasoning)
+        return renderer, renderer.end_of_turn(strict=True)
+    except RenderError as e:
+        raise PreflightError(f"the chat template of {cfg.model.name}: {e}") from None
+
+
+def report(cfg: Config, checked: Checked, stops: list[int], echo: Callable[[str], None] = print, samples: int = 2,
+           color: bool | None = None) -> None:
+    """Print the pre-flight report of tokenized data: each split's rows, samples and tokens, a length
+    histogram, rendered samples with their trained tokens marked, and the stop tokens.
+
+    Raises PreflightError when the rendered data would train the model wrongly.
+    """
+    tokenizer, data, summary = checked.tokenizer, checked.data, checked.report
+    end_of_turn = checked.renderer.end_of_turn()
+    for split in filter(None, (data.train, data.validation)):
+        lengths = [len(ids) for ids in split.dataset["input_ids"]]
+        trained = sum(sum(1 for t in labels if t != IGNORE) for labels in split.dataset["labels"])
+        summary[split.name] = {"rows": split.rows, "samples": len(lengths), "tokens": sum(lengths),
+                               "trained_tokens": trained, "longest": max(lengths, default=0), "rules": split.rules}
+        echo(f"{split.name}: {split.rows} rows -> {len(lengths)} samples, {sum(lengths):,} tokens "
+             f"({trained:,} trained), longest {max(lengths, default=0)} of max_length {cfg.data.max_length}"
+             + (" [tokenized earlier: from cache]" if split.cached else ""))
+        if split.rules:
+            echo("  truncation: " + ", ".join(f"{k} {v}" for k, v in sorted(split.rules.items())))
+    echo("sample lengths (tokens):")
+    for line in preflight.histogram([len(ids) for ids in data.train.dataset["input_ids"]]):
+        echo(line)
+    shown = min(samples, len(data.train.dataset))
+    if shown:
+        marked = "in green" if (color if color is not None else sys.stdout.isatty()) else "inside [[ ]]"
+        echo(f"rendered samples (trained tokens {marked}):")
+    for i in range(shown):
+        row = data.train.dataset[i]
+        echo(f"--- {row['origin']}")
+        echo(preflight.show_sample(row["input_ids"], row["labels"], tokenizer, color))
+    result = preflight.check(data.train.dataset, tokenizer, stops, end_of_turn)
+    eot = preflight.token_text(tokenizer, end_of_turn) if end_of_turn is not None else None
+    echo(f"end-of-turn token: {eot}; generation stops on: "
+         + ", ".join(preflight.token_text(tokenizer, i) for i in stops) + f"; pad token: {tokenizer.pad_token}")
+    for note in checked.renderer.notes():
+        echo(note)
+    if result.failures:
+        raise PreflightError("pre-flight failed:\n" + "\n".join(f"  - {f}" for f in result.failures))
+    echo("pre-flight: ok")
+
+
+def held_out(target: str | Path, data: str | None) -> tuple[list[Conversation], str]:
+    """The conversations to evaluate on and a name for them: `data`, else the run's validation split.
+
+    Raises DataError for bad rows (every one listed), ChatloraError when there is nothing to evaluate on.
+    """
+    cfg = target_config(target)
+    if data:
+        data_cfg = cfg.data if cfg else DataConfig(train=[data])
+        return read_conversations([data], data_cfg, {}), Path(data).stem
+    if cfg is None:
+        raise ChatloraError(f"{target} is not inside a run folder, so it has no validation data; give one with --data FILE")
+    if cfg.data.validation is None:
+        raise ChatloraError(f"{target} was trained without held-out data (data.validation); give some with --data FILE")
+    return load_conversations(cfg.data)[1], "validation"

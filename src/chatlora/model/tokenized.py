@@ -1,0 +1,53 @@
+"""A config's data, tokenized with its model's tokenizer: the pre-flight of `chatlora data check`,
+`plan` and `train`. No weights are loaded.
+
+The model side lives here (the source, tokenizer and generation config, model/load.py); the data
+side is data/prepare.py and data/pipeline.py, which never import a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from chatlora.config.schema import Config
+from chatlora.data.pipeline import Checked, renderer_for, report
+from chatlora.data.prepare import load_conversations, prepare
+from chatlora.model.source import resolve
+
+
+def load_data(cfg: Config, echo: Callable[[str], None] = print) -> Checked:
+    """The data steps without the report: rows read and checked, tokenizer and template loaded,
+    samples tokenized (or loaded from the cache). `check_data` runs this, then reports and checks;
+    the other processes of a multi-process run take this alone, after rank 0 has checked the data.
+
+    Raises DataError (bad rows, before anything is loaded) or ModelError (tokenizer not found).
+    """
+    train_rows, val_rows, formats = load_conversations(cfg.data)
+    for path, fmt in formats.items():
+        echo(f"data: {path} ({fmt})")
+    source = resolve(cfg.model)
+    # Imported only now: torch and transformers take seconds to import, and a bad row or a model path
+    # that does not exist is reported before that cost.
+    from chatlora.model.load import fix_pad_token, load_generation_config, load_tokenizer, stop_ids
+
+    tokenizer = load_tokenizer(source, cfg.model)
+    generation_config = load_generation_config(source, cfg.model, tokenizer)
+    renderer, end_of_turn = renderer_for(cfg, tokenizer, stop_ids(generation_config))
+    note = fix_pad_token(tokenizer, end_of_turn)
+    if note:
+        echo(note)
+    data = prepare(cfg.data, tokenizer, renderer, train_rows, val_rows)
+    return Checked(source, tokenizer, generation_config, renderer, data, {"formats": formats})
+
+
+def check_data(cfg: Config, echo: Callable[[str], None] = print, samples: int = 2, color: bool | None = None) -> Checked:
+    """Run the data steps and print the pre-flight report (data/pipeline.py: report).
+
+    Raises DataError (bad rows, before anything is loaded), ModelError (tokenizer not found) or
+    PreflightError (the rendered data would train the model wrongly).
+    """
+    checked = load_data(cfg, echo)
+    from chatlora.model.load import stop_ids  # after load_data, which imported transformers anyway
+
+    report(cfg, checked, stop_ids(checked.generation_config), echo, samples, color)
+    return checked
