@@ -175,7 +175,7 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     variants = (args.variants or ("tutorial,eager,graphs,compile" if cuda else "tutorial,eager,static")).split(",")
 
-    from chatlora.model.decode import StaticDecoder, fast_decoder
+    from chatlora.generate.decode import StaticDecoder, fast_decoder
 
     gpu, bandwidth = card()
     model, tokenizer, prompt = build(args)

@@ -1,5 +1,5 @@
 """Aggregate generation speed of `chatlora serve` at 1, 8 and 32 concurrent streamed requests, against
-sequential `model.generate` (chatlora.model.generate.generate_replies, one prompt at a time).
+sequential `model.generate` (chatlora.generate.replies.generate_replies, one prompt at a time).
 
 Every request asks for exactly --tokens new tokens (greedy, `ignore_eos`), so all rows do the same
 work; the baseline forces the same length with `min_new_tokens`. The server runs in a child process
@@ -55,9 +55,9 @@ def build_engine(args):
     from chatlora.model.load import fix_pad_token, load_generation_config, load_model, load_tokenizer, stop_ids
     from chatlora.model.lora import add_lora
     from chatlora.model.source import resolve
-    from chatlora.serve.engine import Engine
+    from chatlora.generate.engine import Engine
 
-    from chatlora.model.decode import fast_decoder
+    from chatlora.generate.decode import fast_decoder
 
     options = dict(max_tokens=max(args.tokens, 1024), max_batch=args.max_batch)
     if args.run:
@@ -100,15 +100,16 @@ def build_engine(args):
 
 def baseline(engine, args) -> tuple[float, int, float]:
     """Sequential generate_replies (transformers' generate), one prompt at a time: (seconds, tokens, tok/s)."""
-    from chatlora.model.generate import generate_replies
+    from chatlora.generate.replies import generate_replies
+    from chatlora.generate.sampling import Sampling
 
     prompts = [conversation(i) for i in range(args.baseline_requests)]
     # Warm-up at full length on CPU, where the first pass over each new sequence length is several times slower.
     warm = args.tokens if args.device == "cpu" else 8
-    generate_replies(engine.model, engine.renderer, prompts[:1], max_new_tokens=warm, batch_size=1, min_new_tokens=warm)
+    generate_replies(engine.model, engine.renderer, prompts[:1], Sampling(max_new_tokens=warm, min_new_tokens=warm), batch_size=1)
     started = time.perf_counter()
-    replies = generate_replies(engine.model, engine.renderer, prompts, max_new_tokens=args.tokens, batch_size=1,
-                               min_new_tokens=args.tokens)
+    replies = generate_replies(engine.model, engine.renderer, prompts,
+                               Sampling(max_new_tokens=args.tokens, min_new_tokens=args.tokens), batch_size=1)
     seconds = time.perf_counter() - started
     tokens = sum(r.tokens for r in replies)
     return seconds, tokens, tokens / seconds
@@ -209,7 +210,7 @@ def main() -> None:
     p.add_argument("--sequential", type=int, default=4, help="requests at concurrency 1 and in the generate baseline")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch threads in the server (0: torch's default)")
-    p.add_argument("--decode", default="auto", help="the engine's decode mode (chatlora.model.decode.MODES; default auto)")
+    p.add_argument("--decode", default="auto", help="the engine's decode mode (chatlora.model.decode_modes.MODES; default auto)")
     p.add_argument("--max-context", type=int, default=2048, help="static cache tokens per request (default 2048)")
     p.add_argument("--baseline-requests", type=int, default=None, help="prompts in the generate baseline (default --sequential)")
     p.add_argument("--check-equal", action="store_true", help="send each request of the largest level alone too and compare")

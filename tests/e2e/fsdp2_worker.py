@@ -150,7 +150,8 @@ def main(model_dir: str, out: Path) -> None:
     from chatlora.data.collate import PackCollator, PadCollator
     from chatlora.data.render import Renderer
     from chatlora.evaluate.loss import held_out_batches, held_out_loss
-    from chatlora.model.generate import generate_replies
+    from chatlora.generate.replies import generate_replies
+    from chatlora.generate.sampling import Sampling
     from chatlora.trainer.distributed.fsdp import full_adapter_state, gathered_through_backward, sharded
     from chatlora.trainer.speed.grads import all_finite, clip_sharded, local_grads, sharded_grads
     from chatlora.model.loss import separable_head, trained_token_loss
@@ -231,7 +232,7 @@ def main(model_dir: str, out: Path) -> None:
     renderer = Renderer(tokenizer, {tokenizer.eos_token_id}, "all")
     forwards = [0]
     hook = model.base_model.model.model.layers[0].register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
-    replies = generate_replies(model, renderer, [[{"role": "user", "content": "hi"}]], max_new_tokens=3 + 5 * rank)
+    replies = generate_replies(model, renderer, [[{"role": "user", "content": "hi"}]], Sampling(max_new_tokens=3 + 5 * rank))
     hook.remove()
     counts: list = [None] * world
     dist.all_gather_object(counts, {"forwards": forwards[0], "tokens": replies[0].tokens})

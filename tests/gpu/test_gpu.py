@@ -84,7 +84,7 @@ def test_cuda_graph_decode_equals_the_same_steps_without_graphs(tiny_model_dir):
     inputs), for rows that join and leave, across batch and length buckets."""
     from transformers import AutoModelForCausalLM
 
-    from chatlora.model.decode import StaticDecoder, parity
+    from chatlora.generate.decode import StaticDecoder, parity
     from decoding import greedy_rows
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, device_map="cuda").eval()

@@ -114,7 +114,7 @@ def test_a_packed_pass_replayed_from_a_cuda_graph_equals_it_eager(family):
 
 
 def test_cuda_graph_decode_equals_the_same_steps_without_graphs(family):
-    from chatlora.model.decode import StaticDecoder, parity
+    from chatlora.generate.decode import StaticDecoder, parity
     from decoding import greedy_rows
 
     _, folder = family

@@ -33,7 +33,7 @@ class Loaded:
     adapters: list[str]
     """Adapter names loaded into the peft model (the first is active)."""
     decoder: object | None = None
-    """The fast decode path over `model` (a chatlora.model.decode.StaticDecoder), when one was made."""
+    """The fast decode path over `model` (a chatlora.generate.decode.StaticDecoder), when one was made."""
 
     @property
     def device(self) -> torch.device:

@@ -12,7 +12,7 @@ and `undo()` puts the original modules back. Only plain `nn.Linear` layers are f
 left unmerged (several adapters served on one base) or a quantized one keeps its own forward.
 
 Fusing relies on that call order, so the caller checks the fused model against the unfused one
-(chatlora.model.decode.fast_decoder compares their logits) and undoes it when they differ.
+(chatlora.generate.decode.fast_decoder compares their logits) and undoes it when they differ.
 """
 
 from __future__ import annotations

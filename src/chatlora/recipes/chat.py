@@ -2,7 +2,7 @@
 
 Loading: a single adapter is merged into the base weights in memory (one matmul per layer instead
 of three, so replies come faster), and on CUDA replies are decoded from recorded CUDA graphs over a
-static KV cache (chatlora.model.decode; `--decode eager` turns that off). `--base` needs the base
+static KV cache (chatlora.generate.decode; `--decode eager` turns that off). `--base` needs the base
 model too, so then the adapter stays unmerged and the base model's replies are generated with it
 switched off: merging and unmerging in bf16 would not give back the base weights exactly.
 """
@@ -17,7 +17,6 @@ import sys
 import time
 import unicodedata
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -25,7 +24,8 @@ from chatlora.data.formats import not_text
 from chatlora.data.read import jsonl_lines
 from chatlora.errors import ConfigError, DataError, Problem, StorageError
 from chatlora.model.from_run import Loaded, default_device, load_target
-from chatlora.model.generate import SEED_MAX, SEED_MIN, Reply, generate_replies, stream_reply
+from chatlora.generate.replies import Reply, generate_replies, stream_reply
+from chatlora.generate.sampling import SEED_MAX, SEED_MIN, Sampling
 from chatlora.run import write_atomic
 
 HELP = """commands:
@@ -37,48 +37,37 @@ HELP = """commands:
   /quit           leave (Ctrl-D works too; Ctrl-C stops a reply that is being written)"""
 
 
-@dataclass
-class Sampling:
-    """How replies are drawn; the chat command's flags."""
+CHAT_SAMPLING = Sampling(max_new_tokens=512, temperature=0.7, top_p=0.9)
+"""The chat command's defaults (its flags' defaults too)."""
 
-    max_new_tokens: int = 512
-    temperature: float = 0.7
-    """0 = greedy (always the most likely token)."""
-    top_p: float = 0.9
-    top_k: int = 0
-    """0 = off."""
-    repetition_penalty: float = 1.0
-    """1.0 = off; 1.1 discourages tokens already in the conversation."""
-    seed: int | None = None
 
-    def __post_init__(self) -> None:
-        # First: NaN passes every comparison below (nan < 0 is False) and reaches transformers' own checks.
-        for flag, value in (("temperature", self.temperature), ("top-p", self.top_p),
-                            ("repetition-penalty", self.repetition_penalty)):
-            if not math.isfinite(value):
-                raise ConfigError(f"--{flag}: {value} is not a finite number")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens: {self.max_new_tokens} must be at least 1")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature: {self.temperature} must be 0 (greedy) or more")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p: {self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise ConfigError(f"--top-k: {self.top_k} must be 0 (off) or more")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"--repetition-penalty: {self.repetition_penalty} must be positive (1.0 = off)")
-        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
-            raise ConfigError(f"--seed: {self.seed} must fit in 64 bits (-2**63 to 2**63-1)")
-
-    def kwargs(self) -> dict:
-        return asdict(self)
+def check_sampling(sampling: Sampling) -> None:
+    """Refuse options the chat command's flags cannot mean, with a ConfigError naming the flag."""
+    # First: NaN passes every comparison below (nan < 0 is False) and reaches transformers' own checks.
+    for flag, value in (("temperature", sampling.temperature), ("top-p", sampling.top_p),
+                        ("repetition-penalty", sampling.repetition_penalty)):
+        if not math.isfinite(value):
+            raise ConfigError(f"--{flag}: {value} is not a finite number")
+    if sampling.max_new_tokens is None or sampling.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: {sampling.max_new_tokens} must be at least 1")
+    if sampling.temperature < 0:
+        raise ConfigError(f"--temperature: {sampling.temperature} must be 0 (greedy) or more")
+    if not 0 < sampling.top_p <= 1:
+        raise ConfigError(f"--top-p: {sampling.top_p} must be in (0, 1]")
+    if sampling.top_k < 0:
+        raise ConfigError(f"--top-k: {sampling.top_k} must be 0 (off) or more")
+    if sampling.repetition_penalty <= 0:
+        raise ConfigError(f"--repetition-penalty: {sampling.repetition_penalty} must be positive (1.0 = off)")
+    if sampling.seed is not None and not SEED_MIN <= sampling.seed <= SEED_MAX:
+        raise ConfigError(f"--seed: {sampling.seed} must fit in 64 bits (-2**63 to 2**63-1)")
 
 
 def load_for_chat(target: str, base_model: str | None = None, compare: bool = False, device: str | None = None,
                   decode: str = "auto", echo: Callable[[str], None] = lambda line: None) -> Loaded:
     """The run's model ready to chat: adapter merged in memory, or kept switchable for `compare`;
-    with the fast decode path of `decode` (see chatlora.model.decode.MODES) recorded and checked."""
-    from chatlora.model.decode import fast_decoder, resolve_mode
+    with the fast decode path of `decode` (see chatlora.model.decode_modes.MODES) recorded and checked."""
+    from chatlora.generate.decode import fast_decoder
+    from chatlora.model.decode_modes import resolve_mode
 
     resolve_mode(decode, device or default_device())  # a mode this device cannot run fails before loading
     loaded = load_target(target, base_model, device)
@@ -129,8 +118,7 @@ class ChatSession:
             if decoder is not None:
                 decoder.variant = "base" if side == "base" else "default"  # each has its own recorded graphs
             with self.loaded.model.disable_adapter() if side == "base" else contextlib.nullcontext():
-                stream = stream_reply(self.loaded.model, self.loaded.renderer, messages, decoder=decoder,
-                                      **self.sampling.kwargs())
+                stream = stream_reply(self.loaded.model, self.loaded.renderer, messages, self.sampling, decoder=decoder)
                 try:
                     for piece in stream:
                         write(printable(piece))
@@ -297,12 +285,12 @@ def answer_file(loaded: Loaded, prompts_file: str, output: str | None, sampling:
     prompts = read_prompts(prompts_file)
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     conversations = [p if p[0]["role"] == "system" else system + p for p in prompts]
-    options = {**sampling.kwargs(), "batch_size": batch_size}
     sides = {}
     for side in (["base", "adapter"] if compare else ["adapter"]):
         with loaded.model.disable_adapter() if side == "base" else contextlib.nullcontext():
             with tqdm(total=len(prompts), desc=f"replies ({side})" if compare else "replies", unit="prompt", file=err) as bar:
-                sides[side] = generate_replies(loaded.model, loaded.renderer, conversations, progress=bar, **options)
+                sides[side] = generate_replies(loaded.model, loaded.renderer, conversations, sampling, batch_size,
+                                               progress=bar)
     rows = []
     for i, prompt in enumerate(prompts):
         single = len(prompt) == 1
@@ -335,7 +323,8 @@ def chat(target: str, *, model: str | None = None, base: bool = False, prompt: s
     `system` None keeps the run's own system prompt; "none" (or "") means none at all.
     Raises ChatloraError for a bad target, bad flags or a bad prompts file.
     """
-    sampling = sampling or Sampling()
+    sampling = sampling or CHAT_SAMPLING
+    check_sampling(sampling)
     if prompt is not None and prompts_file is not None:
         raise ConfigError("give --prompt or --prompts-file, not both")
     if output and not prompts_file:

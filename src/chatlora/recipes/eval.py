@@ -21,7 +21,8 @@ from chatlora.errors import ChatloraError
 from chatlora.evaluate.loss import held_out_batches, held_out_loss, held_out_samples
 from chatlora.evaluate.metrics import ReplyStats, reply_stats
 from chatlora.model.from_run import Loaded, load_target
-from chatlora.model.generate import Reply, generate_replies
+from chatlora.generate.replies import Reply, generate_replies
+from chatlora.generate.sampling import Sampling
 from chatlora.run import run_folder, write_atomic
 
 SIDES = ("base", "adapter")
@@ -51,7 +52,8 @@ def side_by_side(loaded: Loaded, conversations: list[Conversation], max_new_toke
             with tqdm(total=len(samples), desc=f"held-out loss ({side})", unit="row", leave=False) as bar:
                 loss = held_out_loss(loaded.model, _counted(batches, bar))
             with tqdm(total=len(prompts), desc=f"greedy replies ({side})", unit="prompt", leave=False) as bar:
-                replies[side] = generate_replies(loaded.model, loaded.renderer, prompts, max_new_tokens, batch_size, progress=bar)
+                replies[side] = generate_replies(loaded.model, loaded.renderer, prompts, Sampling(max_new_tokens=max_new_tokens),
+                                                  batch_size, progress=bar)
         got = replies[side]
         stats: ReplyStats = reply_stats([r.ids for r in got], [r.stopped for r in got], [r.text for r in got], references)
         results[side] = {"loss": loss.loss, "perplexity": loss.perplexity, "trained_tokens": loss.tokens, **asdict(stats)}

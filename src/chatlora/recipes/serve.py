@@ -21,13 +21,13 @@ def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
     """Serve until SIGTERM or Ctrl-C, then stop taking requests and give those running `drain_seconds`
     to finish (serve/drain.py). Raises ChatloraError before loading anything for a bad run folder, an
     address in use, or a non-loopback address without an API key; KeyboardInterrupt when a second
-    Ctrl-C cut the drain short. `decode` picks the decode path (chatlora.model.decode.MODES; on CUDA
+    Ctrl-C cut the drain short. `decode` picks the decode path (chatlora.model.decode_modes.MODES; on CUDA
     by default a static cache with CUDA graphs and continuous batching), `max_context` the tokens of
     one request with it."""
     from chatlora.serve import server
     from chatlora.serve.app import create_app
     from chatlora.serve.drain import Gate
-    from chatlora.serve.engine import Engine
+    from chatlora.generate.engine import Engine
 
     api_key = server.check_bind(host, api_key)
     for run in runs:

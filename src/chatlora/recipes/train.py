@@ -13,7 +13,8 @@ import torch
 from chatlora.config.load import to_dict
 from chatlora.config.schema import Config
 from chatlora.data.collate import PackCollator, PadCollator
-from chatlora.model.generate import generate_replies
+from chatlora.generate.replies import generate_replies
+from chatlora.generate.sampling import Sampling
 from chatlora.model.kernels import use_liger
 from chatlora.model.layers import compile_layers
 from chatlora.model import quant
@@ -248,9 +249,9 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
 def compare(model, renderer, conversations, max_new_tokens: int, echo: Callable[[str], None], run: RunDir | None) -> None:
     """Greedy replies of the base model and the adapter to held-out prompts, one under the other."""
     prompts = [c.messages[:-1] for c in conversations]
-    tuned = generate_replies(model, renderer, prompts, max_new_tokens)
+    tuned = generate_replies(model, renderer, prompts, Sampling(max_new_tokens=max_new_tokens))
     with model.disable_adapter():
-        base = generate_replies(model, renderer, prompts, max_new_tokens)
+        base = generate_replies(model, renderer, prompts, Sampling(max_new_tokens=max_new_tokens))
     lines = ["", "Held-out prompts, greedy replies (base model vs. trained adapter):"]
     for prompt, b, t, conv in zip(prompts, base, tuned, conversations):
         lines += [f"── {prompt[-1]['content']}",

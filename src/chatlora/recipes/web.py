@@ -24,7 +24,7 @@ def web(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8501, m
     for run in runs:
         RunDir.open(run)
     server.bind(host, port).close()  # fail now, with our message, if the port is taken
-    from chatlora.serve.engine import Engine
+    from chatlora.generate.engine import Engine
 
     echo(f"loading {', '.join(Path(r).resolve().name for r in runs)} ...")
     with server.quiet_loading():

@@ -21,8 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from chatlora import __version__
 from chatlora.serve.access import RequestLog, note
 from chatlora.serve.drain import Gate
-from chatlora.serve.engine import Engine, Ticket
-from chatlora.serve.params import Event, RequestError
+from chatlora.generate.engine import Engine, Ticket
+from chatlora.generate.events import Event, RequestError
 from chatlora.serve.refusals import invalid, unreadable
 from chatlora.serve.schema import ChatRequest, chunk_body, completion_body, error_body, models_body, new_id
 
@@ -158,7 +158,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = 1 << 
 
         # Rendering and tokenizing a long prompt takes a while: off the event loop, so other streams and
         # /health go on meanwhile; in one thread, as the tokenizer is shared.
-        ticket = await loop.run_in_executor(render, engine.submit, body.model, body.conversation(), body.params(), emit)
+        ticket = await loop.run_in_executor(render, engine.submit, body.model, body.conversation(), body.sampling(), emit)
         details["prompt_tokens"] = len(ticket.prompt)
         cid = new_id()
         if body.stream:

@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from chatlora.errors import ChatloraError
-from chatlora.serve.engine import Engine
-from chatlora.serve.params import Event, RequestError, SamplingParams
+from chatlora.generate.engine import Engine
+from chatlora.generate.events import Event, RequestError
+from chatlora.generate.sampling import Sampling
 
 _engine: Engine | None = None
 SCRIPT = Path(__file__).with_name("web_page.py")
@@ -39,10 +40,10 @@ class Reply:
     TICK = 0.5
     """Seconds between two "still thinking" ticks while no text comes."""
 
-    def __init__(self, engine: Engine, model: str, messages: list[dict], params: SamplingParams):
+    def __init__(self, engine: Engine, model: str, messages: list[dict], sampling: Sampling):
         self.events: queue.Queue[Event] = queue.Queue()
         self.started = time.perf_counter()
-        self.ticket = engine.submit(model, messages, params, self.events.put)
+        self.ticket = engine.submit(model, messages, sampling, self.events.put)
         self.text = ""
         self.note = ""
         """How it ended: "N tokens in S s", with ", stopped at the token limit" or the error."""
@@ -77,13 +78,13 @@ class Reply:
         self.ticket.cancel()  # no effect once finished
 
 
-def refusal(e: RequestError, engine: Engine, messages: list[dict], params: SamplingParams) -> str:
+def refusal(e: RequestError, engine: Engine, messages: list[dict], sampling: Sampling) -> str:
     """Why the page did not send a message, and what to do, in the page's terms (its controls)."""
     if e.code != "context_length_exceeded" or not engine.context:
         return f"Not sent: {e}"
     total = len(engine.prompt(messages))
     alone = len(engine.prompt([m for m in messages if m["role"] == "system"] + messages[-1:]))
-    reply = params.max_tokens or 1
+    reply = sampling.max_new_tokens or 1
     if alone + reply > engine.context:
         return (f"Not sent: this message is too long for the model, which reads {engine.context} tokens at most: "
                 f"the message is {alone} tokens and the reply may take {reply} more (Max new tokens). "

@@ -5,7 +5,7 @@ an error parsing the body")."""
 
 from __future__ import annotations
 
-from chatlora.serve.params import RequestError
+from chatlora.generate.events import RequestError
 from chatlora.serve.schema import json_type, param_of
 
 # pydantic's error types whose message names the expected JSON type; "got ..." is added to them.

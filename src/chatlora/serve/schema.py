@@ -15,7 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationInfo, field_validator
 
 from chatlora.data.formats import not_text
-from chatlora.serve.params import SEED_MAX, SEED_MIN, Event, RequestError, SamplingParams, Usage
+from chatlora.generate.events import Event, RequestError, Usage
+from chatlora.generate.sampling import SEED_MAX, SEED_MIN, Sampling
+from chatlora.serve.params import request_sampling
 
 Number = float  # in strict mode a float field takes ints but not strings or booleans
 
@@ -167,8 +169,9 @@ class ChatRequest(BaseModel):
             raise ValueError("the last message must be the user's (the reply continues the conversation)")
         return v
 
-    def params(self) -> SamplingParams:
-        return SamplingParams(
+    def sampling(self) -> Sampling:
+        """The engine's options for this request (RequestError for a value out of range)."""
+        return request_sampling(
             max_tokens=self.max_completion_tokens or self.max_tokens,
             temperature=1.0 if self.temperature is None else float(self.temperature),
             top_p=1.0 if self.top_p is None else float(self.top_p),

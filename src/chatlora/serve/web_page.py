@@ -12,7 +12,8 @@ import inspect
 import streamlit as st
 
 from chatlora.serve.page import Reply, current_engine, refusal, sendable
-from chatlora.serve.params import RequestError, SamplingParams
+from chatlora.generate.events import RequestError
+from chatlora.serve.params import request_sampling
 
 STOPPED = "stopped before the end"
 # Streamlit's chat box that turns into a Stop button while the script runs (its "stop" submit mode),
@@ -63,11 +64,11 @@ elif state.get("refused"):
 if prompt:
     system_turn = [{"role": "system", "content": system}] if system.strip() else []
     conversation = system_turn + sendable(state.messages) + [{"role": "user", "content": prompt}]
-    params = SamplingParams(max_tokens=int(max_tokens), temperature=float(temperature))
+    sampling = request_sampling(max_tokens=int(max_tokens), temperature=float(temperature))
     try:
-        reply = Reply(engine, model, conversation, params)
+        reply = Reply(engine, model, conversation, sampling)
     except RequestError as e:
-        state.refused = refusal(e, engine, conversation, params)
+        state.refused = refusal(e, engine, conversation, sampling)
         if NEWER_CHAT_BOX:
             state.restore = prompt
         st.rerun()

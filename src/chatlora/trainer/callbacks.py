@@ -18,7 +18,8 @@ from chatlora.config.schema import Config, EvalConfig
 from chatlora.data.formats import Conversation
 from chatlora.data.render import Renderer
 from chatlora.evaluate.metrics import reply_stats
-from chatlora.model.generate import generate_replies
+from chatlora.generate.replies import generate_replies
+from chatlora.generate.sampling import Sampling
 from chatlora.trainer.plot import plot_losses
 
 # Keys of Trainer's log dicts that are kept in metrics.jsonl and printed, with their short names.
@@ -145,7 +146,7 @@ class GenerationMonitor(TrainerCallback):
             return None  # the final evaluation after the last step's own one: same weights, same replies
         self.last_step = state.global_step
         limit = self.settings.max_new_tokens
-        replies = generate_replies(model, self.renderer, self.prompts, limit)
+        replies = generate_replies(model, self.renderer, self.prompts, Sampling(max_new_tokens=limit))
         stats = reply_stats([r.ids for r in replies], [r.stopped for r in replies], [r.text for r in replies], self.references)
         logs = {f"gen_{k}": v for k, v in asdict(stats).items() if k != "count"}
         logs["generations"] = [{"prompt": p[-1]["content"], "reply": r.text, "stopped": r.stopped, "tokens": len(r.ids)}

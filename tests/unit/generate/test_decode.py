@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from chatlora.errors import ChatloraError
-from chatlora.model.decode import StaticDecoder, fast_decoder, parity, resolve_mode
-from chatlora.serve.engine import Engine
-from chatlora.serve.params import SamplingParams
+from chatlora.generate.decode import StaticDecoder, fast_decoder, parity, resolve_mode
+from chatlora.generate.engine import Engine
+from chatlora.serve.params import request_sampling
 from decoding import PROMPTS, greedy_rows
 
 
@@ -72,14 +72,15 @@ def test_parity_check_and_modes(model):
 
 
 def test_chat_stream_uses_the_decoder_and_gives_the_same_reply(tiny_run):
-    from chatlora.model.generate import generate_replies, stream_reply
+    from chatlora.generate.replies import generate_replies, stream_reply
+    from chatlora.generate.sampling import Sampling
     from chatlora.recipes.chat import load_for_chat
 
     loaded = load_for_chat(str(tiny_run), device="cpu", decode="static")
     assert loaded.decoder is not None and loaded.decoder.columns <= 1024
     messages = [{"role": "user", "content": "Hello there"}]
-    (want,) = generate_replies(loaded.model, loaded.renderer, [messages], max_new_tokens=24)
-    stream = stream_reply(loaded.model, loaded.renderer, messages, 24, decoder=loaded.decoder)
+    (want,) = generate_replies(loaded.model, loaded.renderer, [messages], Sampling(max_new_tokens=24))
+    stream = stream_reply(loaded.model, loaded.renderer, messages, Sampling(max_new_tokens=24), decoder=loaded.decoder)
     assert stream.decoder is loaded.decoder
     assert "".join(stream).strip() == want.text and stream.reply.ids == want.ids
 
@@ -92,13 +93,13 @@ def test_engine_batches_continuously_with_replies_equal_alone(served_runs):
         assert engine.decoder is not None and engine.context == 256
         jobs = []
         for i in range(9):
-            params = SamplingParams(max_tokens=12 + 4 * (i % 3), temperature=0 if i % 2 == 0 else 0.9, seed=50 + i)
+            params = request_sampling(max_tokens=12 + 4 * (i % 3), temperature=0 if i % 2 == 0 else 0.9, seed=50 + i)
             jobs.append((engine.names[0 if i < 6 else i % 3], [{"role": "user", "content": f"Question {i}?" + " more" * (i % 4)}], params))
         alone = [engine.complete(*job)[2] for job in jobs]
         results: list = [None] * len(jobs)
         # A long reply runs while the others arrive: they must join its batch, not wait for its end.
         holder = engine.stream(engine.names[0], [{"role": "user", "content": "Hold on"}],
-                               SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+                               request_sampling(max_tokens=64, temperature=0, ignore_eos=True))
         next(holder)
 
         def one(i: int) -> None:
@@ -114,7 +115,7 @@ def test_engine_batches_continuously_with_replies_equal_alone(served_runs):
         assert results == alone
         assert engine.stats.largest_batch >= 3
         with pytest.raises(Exception, match="--max-context"):
-            engine.submit("alice", [{"role": "user", "content": "x" * 300}], SamplingParams(max_tokens=10), print)
+            engine.submit("alice", [{"role": "user", "content": "x" * 300}], request_sampling(max_tokens=10), print)
     finally:
         engine.close()
 

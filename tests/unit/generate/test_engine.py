@@ -9,11 +9,13 @@ import threading
 import pytest
 import torch
 
-from chatlora.serve.engine import Engine
-from chatlora.serve.params import RequestError, SamplingParams
-from chatlora.serve.text import TextStream
+from chatlora.generate.engine import Engine
+from chatlora.generate.events import RequestError
+from chatlora.generate.sampling import Sampling
+from chatlora.generate.text import TextStream
+from chatlora.serve.params import request_sampling
 
-GREEDY = SamplingParams(max_tokens=24, temperature=0)
+GREEDY = request_sampling(max_tokens=24, temperature=0)
 
 
 def conversation(i: int) -> list[dict]:
@@ -28,7 +30,7 @@ def engine(served_runs):
     engine.close()
 
 
-def concurrently(engine: Engine, jobs: list[tuple[str, list[dict], SamplingParams]]) -> list[tuple]:
+def concurrently(engine: Engine, jobs: list[tuple[str, list[dict], Sampling]]) -> list[tuple]:
     """Submit every job at once from its own thread, as concurrent HTTP requests do."""
     results: list = [None] * len(jobs)
     start = threading.Barrier(len(jobs))
@@ -76,7 +78,7 @@ def test_batched_replies_equal_replies_alone(engine):
     """Greedy and seeded-sampled requests of three models at once: each reply is the one it gets alone."""
     jobs = []
     for i in range(12):
-        params = GREEDY if i % 2 == 0 else SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=100 + i)
+        params = GREEDY if i % 2 == 0 else request_sampling(max_tokens=24, temperature=0.9, top_p=0.9, seed=100 + i)
         jobs.append((engine.names[i % 3], conversation(i), params))
     alone = [engine.complete(*job) for job in jobs]
     before = engine.stats.largest_batch
@@ -88,24 +90,24 @@ def test_batched_replies_equal_replies_alone(engine):
 
 
 def test_seeded_sampling_is_reproducible(engine):
-    params = SamplingParams(max_tokens=24, temperature=1.0, seed=7)
+    params = request_sampling(max_tokens=24, temperature=1.0, seed=7)
     first = engine.complete(engine.base_name, conversation(1), params)[2]
     assert engine.complete(engine.base_name, conversation(1), params)[2] == first
-    other = SamplingParams(max_tokens=24, temperature=1.0, seed=8)
+    other = request_sampling(max_tokens=24, temperature=1.0, seed=8)
     assert engine.complete(engine.base_name, conversation(1), other)[2] != first
 
 
 def test_stop_string_cuts_the_reply(engine):
-    text, last, _ = engine.complete(engine.base_name, conversation(2), SamplingParams(max_tokens=40, temperature=0))
+    text, last, _ = engine.complete(engine.base_name, conversation(2), request_sampling(max_tokens=40, temperature=0))
     assert last.finish_reason == "length" and len(text) > 8
     stop = text[5:8]
-    cut, last, _ = engine.complete(engine.base_name, conversation(2), SamplingParams(max_tokens=40, temperature=0, stop=("zzzz", stop)))
+    cut, last, _ = engine.complete(engine.base_name, conversation(2), request_sampling(max_tokens=40, temperature=0, stop=("zzzz", stop)))
     assert cut == text[: text.index(stop)] and last.finish_reason == "stop"
 
 
 def test_closing_the_stream_cancels_the_generation(engine):
     before = engine.stats.tokens, engine.stats.cancelled
-    stream = engine.stream(engine.base_name, conversation(3), SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
+    stream = engine.stream(engine.base_name, conversation(3), request_sampling(max_tokens=500, temperature=0, ignore_eos=True))
     next(stream)
     stream.close()
     for _ in range(200):
@@ -123,15 +125,15 @@ def test_limits_and_unknown_models_are_request_errors(engine):
         engine.submit("carol", conversation(0), GREEDY, print)
     assert e.value.status == 404
     with pytest.raises(RequestError, match="at most 512"):
-        engine.submit("alice", conversation(0), SamplingParams(max_tokens=513), print)
+        engine.submit("alice", conversation(0), request_sampling(max_tokens=513), print)
     long = [{"role": "user", "content": "x" * 1000}]
     with pytest.raises(RequestError, match="context is 1024 tokens") as e:
-        engine.submit("alice", long, SamplingParams(max_tokens=100), print)
+        engine.submit("alice", long, request_sampling(max_tokens=100), print)
     assert e.value.code == "context_length_exceeded"
     with pytest.raises(RequestError, match="temperature"):
-        SamplingParams(temperature=3)
+        request_sampling(temperature=3)
     # No max_tokens: as many as the context leaves, within the server's limit.
-    _, last, _ = engine.complete(engine.base_name, long, SamplingParams(temperature=0, ignore_eos=True))
+    _, last, _ = engine.complete(engine.base_name, long, request_sampling(temperature=0, ignore_eos=True))
     assert last.finish_reason == "length" and last.usage.total_tokens == 1024
 
 
@@ -151,7 +153,7 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings(byte_tokeniz
 
 def test_closing_the_engine_ends_running_and_new_requests(served_runs):
     engine = Engine.from_runs(served_runs[:1], "cpu")
-    events = engine.stream(engine.base_name, conversation(0), SamplingParams(max_tokens=900, temperature=0, ignore_eos=True))
+    events = engine.stream(engine.base_name, conversation(0), request_sampling(max_tokens=900, temperature=0, ignore_eos=True))
     next(events)
     engine.close()
     last = list(events)[-1]

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from chatlora.model.from_run import load_run
-from chatlora.model.generate import IncrementalText, generate_replies, stream_reply
+from chatlora.generate.replies import generate_replies, stream_reply
+from chatlora.generate.sampling import Sampling
+from chatlora.generate.text import TextStream
 from conftest import build_byte_tokenizer
 
 PROMPTS = [[{"role": "user", "content": "Hello there"}], [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}]]
@@ -18,9 +20,9 @@ def loaded(tiny_run):
 
 
 def test_stream_gives_the_batched_greedy_reply_piece_by_piece(loaded):
-    batched = generate_replies(loaded.model, loaded.renderer, PROMPTS, max_new_tokens=24)
+    batched = generate_replies(loaded.model, loaded.renderer, PROMPTS, Sampling(max_new_tokens=24))
     for messages, expected in zip(PROMPTS, batched):
-        stream = stream_reply(loaded.model, loaded.renderer, messages, max_new_tokens=24)
+        stream = stream_reply(loaded.model, loaded.renderer, messages, Sampling(max_new_tokens=24))
         pieces = list(stream)
         assert len(pieces) > 3, "text arrives as it is generated, not at the end"
         assert stream.reply.ids == expected.ids
@@ -32,16 +34,16 @@ def test_stream_gives_the_batched_greedy_reply_piece_by_piece(loaded):
 def test_replies_stop_on_a_stop_token(loaded):
     """Make a greedy token that is new at position k a stop token: both paths end there, without it."""
     model, renderer = loaded.model, loaded.renderer
-    free = stream_reply(model, renderer, PROMPTS[0], max_new_tokens=16)
+    free = stream_reply(model, renderer, PROMPTS[0], Sampling(max_new_tokens=16))
     list(free)
     k = next(i for i, t in enumerate(free.reply.ids) if i > 0 and t not in free.reply.ids[:i])
     stop = free.reply.ids[k]
     old = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = [256, stop]
     try:
-        stream = stream_reply(model, renderer, PROMPTS[0], max_new_tokens=8)
+        stream = stream_reply(model, renderer, PROMPTS[0], Sampling(max_new_tokens=8))
         list(stream)
-        (batched,) = generate_replies(model, renderer, PROMPTS[:1], max_new_tokens=8)
+        (batched,) = generate_replies(model, renderer, PROMPTS[:1], Sampling(max_new_tokens=8))
     finally:
         model.generation_config.eos_token_id = old
     for reply in (stream.reply, batched):
@@ -51,18 +53,18 @@ def test_replies_stop_on_a_stop_token(loaded):
 
 def test_sampling_is_repeatable_with_a_seed(loaded):
     def sample(seed):
-        return "".join(stream_reply(loaded.model, loaded.renderer, PROMPTS[0], 16, temperature=1.0, top_p=0.95, seed=seed))
+        return "".join(stream_reply(loaded.model, loaded.renderer, PROMPTS[0], Sampling(16, temperature=1.0, top_p=0.95, seed=seed)))
 
     assert sample(1) == sample(1)
     assert len({sample(s) for s in range(4)}) > 1
-    greedy = generate_replies(loaded.model, loaded.renderer, PROMPTS, 16)
-    sampled = generate_replies(loaded.model, loaded.renderer, PROMPTS, 16, temperature=1.0, seed=5)
-    assert sampled == generate_replies(loaded.model, loaded.renderer, PROMPTS, 16, temperature=1.0, seed=5)
+    greedy = generate_replies(loaded.model, loaded.renderer, PROMPTS, Sampling(16))
+    sampled = generate_replies(loaded.model, loaded.renderer, PROMPTS, Sampling(16, temperature=1.0, seed=5))
+    assert sampled == generate_replies(loaded.model, loaded.renderer, PROMPTS, Sampling(16, temperature=1.0, seed=5))
     assert [r.ids for r in sampled] != [r.ids for r in greedy]
 
 
 def test_closing_a_stream_stops_it(loaded):
-    stream = stream_reply(loaded.model, loaded.renderer, PROMPTS[0], max_new_tokens=50)
+    stream = stream_reply(loaded.model, loaded.renderer, PROMPTS[0], Sampling(max_new_tokens=50))
     next(iter(stream))
     stream.close()
     assert list(stream) == [] and len(stream.ids) < 50
@@ -71,10 +73,10 @@ def test_closing_a_stream_stops_it(loaded):
 def test_incremental_text_never_splits_a_character():
     tok = build_byte_tokenizer()  # one token per byte: 中 is three tokens
     ids = tok("  Hi 中文!", add_special_tokens=False)["input_ids"]
-    text = IncrementalText(tok)
-    pieces = [text.add(i) for i in ids] + [text.flush()]
+    text = TextStream(tok)
+    pieces = [text.push(i) for i in ids] + [text.finish()]
     assert "".join(pieces) == "Hi 中文!"  # leading spaces dropped, as in Reply.text
     assert "中" in pieces and "文" in pieces and not any("\ufffd" in p for p in pieces)
-    half = IncrementalText(tok)
-    assert [half.add(i) for i in "中".encode()[:2]] == ["", ""]
-    assert set(half.flush()) == {"\ufffd"}  # a reply cut inside a character still shows that something came
+    half = TextStream(tok)
+    assert [half.push(i) for i in "中".encode()[:2]] == ["", ""]
+    assert set(half.finish()) == {"\ufffd"}  # a reply cut inside a character still shows that something came

@@ -13,7 +13,7 @@ import torch
 
 from chatlora.config.schema import LoraSettings
 from chatlora.data.collate import PackCollator, PadCollator
-from chatlora.model.decode import StaticDecoder, fast_decoder
+from chatlora.generate.decode import StaticDecoder, fast_decoder
 from chatlora.model.lora import add_lora, unmatched_targets
 from chatlora.model.loss import packing_is_exact, trained_token_loss
 from conftest import tiny_config

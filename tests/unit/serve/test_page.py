@@ -14,13 +14,14 @@ from conftest import free_port
 def test_a_reply_stopped_on_the_page_stops_in_the_engine(served_runs):
     """Reply.cancel, which the page calls however its script run ends, stops the generation at the
     next token; the page's history then leaves out an exchange whose reply has no text."""
-    from chatlora.serve.engine import Engine
+    from chatlora.generate.engine import Engine
     from chatlora.serve.page import Reply, refusal, sendable
-    from chatlora.serve.params import RequestError, SamplingParams
+    from chatlora.generate.events import RequestError
+    from chatlora.serve.params import request_sampling
 
     engine = Engine.from_runs(served_runs[:1], "cpu", "eager", max_tokens=900)
     try:
-        params = SamplingParams(max_tokens=900, temperature=0, ignore_eos=True)
+        params = request_sampling(max_tokens=900, temperature=0, ignore_eos=True)
         reply = Reply(engine, "alice", [{"role": "user", "content": "Hello"}], params)
         pieces = reply.pieces()
         while not reply.text:
@@ -39,8 +40,8 @@ def test_a_reply_stopped_on_the_page_stops_in_the_engine(served_runs):
 
         long_chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": "y" * 200} for i in range(7)]
         with pytest.raises(RequestError) as e:
-            Reply(engine, "alice", long_chat, SamplingParams(max_tokens=256))
-        why = refusal(e.value, engine, long_chat, SamplingParams(max_tokens=256))
+            Reply(engine, "alice", long_chat, request_sampling(max_tokens=256))
+        why = refusal(e.value, engine, long_chat, request_sampling(max_tokens=256))
         assert why.startswith("Not sent: the conversation has grown too long for the model, which reads 1024 tokens")
         assert "Clear history to start a new conversation" in why
     finally:
@@ -51,7 +52,7 @@ def test_missing_streamlit_is_reported_before_the_model_loads(served_runs, monke
     """The page's script imported Streamlit only after the engine had loaded the model (minutes for a
     7B model) to say it was missing."""
     from chatlora.cli import main
-    from chatlora.serve.engine import Engine
+    from chatlora.generate.engine import Engine
 
     for name in ("streamlit", "streamlit.web", "streamlit.web.bootstrap"):
         monkeypatch.setitem(sys.modules, name, None)  # as if not installed: importing it raises ImportError

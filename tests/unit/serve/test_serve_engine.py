@@ -34,14 +34,14 @@ def test_a_failing_request_ends_alone_and_the_engine_goes_on(served_runs, decode
     """Whatever fails for one request (here: a Row that cannot be made, a callback that raises) ends
     that request with an error event; the engine's thread serves the next ones. Both workers: the
     batch loop (eager) and continuous batching (static cache)."""
-    from chatlora.serve.engine import Engine
-    from chatlora.serve.params import SamplingParams
+    from chatlora.generate.engine import Engine
+    from chatlora.serve.params import request_sampling
 
     engine = Engine.from_runs(served_runs[:1], "cpu", decode, max_context=256, max_tokens=8, max_batch=4)
     try:
         assert (engine.decoder is None) == (decode == "eager")
-        # Past SamplingParams' own check, as only a bug could get it: torch's generator refuses this seed.
-        bad_seed = SamplingParams(max_tokens=4, temperature=0.8)
+        # Past request_sampling's own check, as only a bug could get it: torch's generator refuses this seed.
+        bad_seed = request_sampling(max_tokens=4, temperature=0.8)
         object.__setattr__(bad_seed, "seed", 2**64)
         events = reply_events(engine, "alice", ask(0), bad_seed)
         assert events[-1].finish_reason == "error" and "Overflow" in events[-1].error
@@ -49,10 +49,10 @@ def test_a_failing_request_ends_alone_and_the_engine_goes_on(served_runs, decode
         def broken(event) -> None:
             raise RuntimeError("the client's callback broke")
 
-        events = reply_events(engine, "alice", ask(1), SamplingParams(max_tokens=4, temperature=0), emit=broken)
+        events = reply_events(engine, "alice", ask(1), request_sampling(max_tokens=4, temperature=0), emit=broken)
         assert events[-1].finish_reason == "error" and "callback broke" in events[-1].error
         for model in engine.names:
-            events = reply_events(engine, model, ask(2), SamplingParams(max_tokens=4, temperature=0.7, seed=3))
+            events = reply_events(engine, model, ask(2), request_sampling(max_tokens=4, temperature=0.7, seed=3))
             assert events[-1].finish_reason in ("stop", "length") and events[-1].error is None
         assert engine._thread.is_alive()
     finally:

@@ -1,4 +1,4 @@
-"""The static decoder's KV cache (model/decode.py) and what it needs to know of a model: how many
+"""The static decoder's KV cache (generate/decode.py) and what it needs to know of a model: how many
 layers, key and value heads and widths, which layers attend through a sliding window, and whether
 the cache can serve the model at all.
 
@@ -64,7 +64,8 @@ def window(model) -> tuple[int | None, bool]:
 
 
 def cache_keyword(model) -> str:
-    """transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns); the GPU
+    """The name of the KV cache argument of the model's forward, for every cache chatlora hands in
+    (the static one here, transformers' DynamicCache in generate/rows.py). transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns); the GPU
     image's 5.17 knows only the old one."""
     return "cache" if "cache" in inspect.signature(type(base(model)).forward).parameters else "past_key_values"
 

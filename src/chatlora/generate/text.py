@@ -1,9 +1,13 @@
-"""Token ids -> text deltas, one token at a time, cut at stop strings.
+"""Token ids -> text deltas, one token at a time, cut at stop strings: the one incremental
+detokenizer, used by chat's streamed replies and by every row of the engine (serve, web).
 
 Decoding each new token alone is wrong for most tokenizers (SentencePiece drops the leading space,
 a multi-byte character spans several byte tokens), so new text is the difference between decoding
-a short window with and without the newest tokens, as text-generation-inference does. Text that
-could still turn out to be the start of a stop string is held back until it cannot.
+a short window with and without the newest tokens, as text-generation-inference does: time linear
+in the reply's length. Text that ends inside a multi-byte character (a byte-level token can hold half
+of a Chinese character's UTF-8 bytes, which decodes to U+FFFD) waits for the rest, and text that
+could still turn out to be the start of a stop string is held back until it cannot. Leading
+whitespace is dropped, as in Reply.text.
 """
 
 from __future__ import annotations

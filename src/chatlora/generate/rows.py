@@ -1,13 +1,15 @@
-"""One batch of requests for one model, generated together token by token with a shared KV cache.
+"""The engine's rows: one request being generated (`Row`), and the engine's mode without a static
+cache (`run_batch`): one batch of requests for one model, generated together token by token with
+transformers' growing KV cache until its last row ends (continuous batching over the static cache
+is the other mode: generate/continuous.py).
 
 Our own loop rather than `model.generate`: each row stops on its own (stop token, stop string,
-max_tokens, cancel) and leaves the batch at once, and each sampled row draws from its own seeded
+max_new_tokens, cancel) and leaves the batch at once, and each sampled row draws from its own seeded
 torch.Generator, so a seeded reply does not depend on what else was in the batch.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,8 +18,10 @@ import torch
 
 from transformers import DynamicCache
 
-from chatlora.serve.params import Event, SamplingParams, Usage
-from chatlora.serve.text import TextStream
+from chatlora.generate.events import Event, Usage
+from chatlora.generate.kv_cache import cache_keyword
+from chatlora.generate.sampling import Sampling, pick_tokens
+from chatlora.generate.text import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +31,7 @@ class Row:
     """One request inside a running batch."""
 
     prompt: list[int]
-    params: SamplingParams
+    sampling: Sampling
     emit: Callable[[Event], None]
     cancelled: Callable[[], bool]
     stream: TextStream
@@ -43,12 +47,12 @@ class Row:
         """Take the next token; emit what it adds. Returns False once the row is finished."""
         self.generated += 1
         self.unsent.append(token)
-        if token in stop_ids and not self.params.ignore_eos:
+        if token in stop_ids and not self.sampling.ignore_eos:
             return self._finish(self.stream.finish(), "stop")
         text = self.stream.push(token)
         if self.stream.stopped:
             return self._finish(text, "stop")
-        if self.generated >= self.params.max_tokens:
+        if self.generated >= self.sampling.max_new_tokens:
             return self._finish(text + self.stream.finish(), "length")
         if text:
             self.emit(Event(text, tokens=self._take_unsent()))
@@ -79,31 +83,6 @@ class Row:
     def _take_unsent(self) -> list[int]:
         out, self.unsent = self.unsent, []
         return out
-
-
-def pick_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int]:
-    """The next token of every row: argmax for greedy rows, a draw from the row's generator otherwise."""
-    tokens = logits.argmax(-1)
-    for i, row in enumerate(rows):
-        p = row.params
-        if p.greedy:
-            continue
-        probs = torch.softmax(logits[i] / p.temperature, dim=-1)
-        if p.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            # Drop tokens whose preceding mass already reaches top_p: the nucleus always keeps the top token.
-            sorted_probs[(sorted_probs.cumsum(0) - sorted_probs) >= p.top_p] = 0
-            tokens[i] = order[torch.multinomial(sorted_probs, 1, generator=row.generator)]
-        else:
-            tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
-    return tokens.tolist()
-
-
-def cache_keyword(model) -> str:
-    """transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns); the GPU
-    image's 5.17 knows only the old one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
 @torch.inference_mode()

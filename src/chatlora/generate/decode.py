@@ -1,8 +1,8 @@
 """Fast decoding: a KV cache of fixed shape that rows join and leave, and one-token steps replayed
 from CUDA graphs.
 
-Eager `generate` on a 7B model spends most of each token in Python and kernel launches (about 30
-tokens/s on an H200 where the memory bandwidth allows about 300). Here the cache never changes shape:
+Eager `generate` on a 7B model spends most of each token in Python and kernel launches, far below
+what the GPU's memory bandwidth allows (measured: docs/benchmarks.md). Here the cache never changes shape:
 `slots` rows x `columns` positions per layer, allocated once. A decode step then has the same shapes
 every time, so it can be recorded once as a CUDA graph (per batch-size and length bucket) and
 replayed for a few microseconds of CPU time. `compile` mode records `torch.compile`'s fused kernels
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 
 from chatlora.errors import ChatloraError
+from chatlora.generate.kv_cache import SlotCache, base, buckets, cache_keyword, plan_columns, text_config, unsupported, window
 from chatlora.model.decode_modes import resolve_mode
 from chatlora.model.fuse import fuse_projections
-from chatlora.model.kv_cache import SlotCache, base, buckets, cache_keyword, plan_columns, text_config, unsupported, window
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class StaticDecoder:
         if mode == "compile":
             import torch._dynamo as dynamo
 
-            # Sizes symbolic: one compile (about a minute on a 7B model) serves every length bucket and
+            # Sizes symbolic: one compile (the slow part of a start) serves every length bucket and
             # batch size above 1; batch 1 is compiled on its own (dynamo specialises sizes of 1).
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
             self._forward = torch.compile(self._eager_forward, dynamic=True)

@@ -1,5 +1,5 @@
-"""The generation engine shared by `chatlora serve` and `chatlora web`: one worker thread owns the
-model; requests wait in a queue and run in batches of the same model (adapter or base).
+"""The engine behind `chatlora serve` and `chatlora web`: one worker thread owns the model; requests
+wait in a queue and run in batches of the same model (adapter or base).
 
 Threads, not asyncio, because a forward pass holds the CPU or GPU for milliseconds at a time and
 must not stall the server's event loop. Callers get their reply as Events through a callback
@@ -7,7 +7,8 @@ must not stall the server's event loop. Callers get their reply as Events throug
 
 With a `decoder` (the fast path: a static KV cache, CUDA graphs on a GPU) batching is continuous:
 requests join the running batch between two steps and leave it the step they finish
-(serve/continuous.py). Without one, a batch runs until its last row ends (serve/batch.py).
+(generate/continuous.py). Without one, a batch runs until its last row ends (generate/rows.py).
+Both modes share the rows, the sampler (generate/sampling.py) and the detokenizer (generate/text.py).
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import torch
 
 from chatlora.data.render import Renderer
 from chatlora.errors import ChatloraError
+from chatlora.generate.continuous import RunningBatch
+from chatlora.generate.events import Event, RequestError
+from chatlora.generate.rows import Row, run_batch
+from chatlora.generate.sampling import Sampling
+from chatlora.generate.text import TextStream
 from chatlora.model.load import stop_ids
-from chatlora.serve.batch import Row, run_batch
-from chatlora.serve.continuous import RunningBatch
-from chatlora.serve.params import Event, RequestError, SamplingParams
-from chatlora.serve.text import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class Ticket:
 
     model: str
     prompt: list[int]
-    params: SamplingParams
+    sampling: Sampling
     emit: Callable[[Event], None]
     done: bool = False
     """The last Event was handed out; cancelling now changes nothing."""
@@ -88,7 +90,7 @@ class Engine:
     `adapters` are the adapter names inside `model` (a peft model), each served under its name;
     `base_name` serves the model with the adapters switched off. `max_tokens` caps one request's new
     tokens; `max_batch` the requests generated together; `max_queue` those waiting (more are refused).
-    `decoder` (a chatlora.model.decode.StaticDecoder over `model`, with `max_batch` slots) turns on
+    `decoder` (a chatlora.generate.decode.StaticDecoder over `model`, with `max_batch` slots) turns on
     continuous batching; its graphs are recorded for every served name before the engine starts.
     """
 
@@ -128,8 +130,9 @@ class Engine:
     def from_runs(cls, runs: Sequence[str | Path], device: str | None = None, decode: str = "eager",
                   max_context: int = 4096, echo: Callable[[str], None] = log.info, **options) -> "Engine":
         """Load the runs' shared base model once, with every run's adapter, and the fast decode path of
-        `decode` (chatlora.model.decode.MODES) with `max_context` tokens per request. Raises ChatloraError."""
-        from chatlora.model.decode import fast_decoder, resolve_mode
+        `decode` (chatlora.model.decode_modes.MODES) with `max_context` tokens per request. Raises ChatloraError."""
+        from chatlora.generate.decode import fast_decoder
+        from chatlora.model.decode_modes import resolve_mode
         from chatlora.model.from_run import default_device, load_run
 
         # Resolved paths: a run given as "." must still be served under its folder's name.
@@ -155,24 +158,24 @@ class Engine:
         except Exception as e:  # jinja2 raises its own errors (e.g. a template that refuses system turns)
             raise RequestError(f"the chat template cannot render these messages: {e}", param="messages") from None
 
-    def submit(self, model: str, messages: list[dict], params: SamplingParams, emit: Callable[[Event], None]) -> Ticket:
+    def submit(self, model: str, messages: list[dict], sampling: Sampling, emit: Callable[[Event], None]) -> Ticket:
         """Queue a request. `emit` is called from the engine's thread with each Event, the last with a
         finish_reason. Raises RequestError for an unknown model, a prompt that does not fit, too many
         max_tokens, or a full queue."""
         if model not in self.names:
             raise RequestError(f"The model '{model}' does not exist; this server has: {', '.join(self.names)}",
                                status=404, code="model_not_found", param="model")
-        if params.max_tokens is not None and params.max_tokens > self.max_tokens:
-            raise RequestError(f"max_tokens is {params.max_tokens}; this server allows at most {self.max_tokens}", param="max_tokens")
+        if sampling.max_new_tokens is not None and sampling.max_new_tokens > self.max_tokens:
+            raise RequestError(f"max_tokens is {sampling.max_new_tokens}; this server allows at most {self.max_tokens}", param="max_tokens")
         prompt = self.prompt(messages)
         room = self.context - len(prompt) if self.context else self.max_tokens
-        if room < 1 or (params.max_tokens or 1) > room:
+        if room < 1 or (sampling.max_new_tokens or 1) > room:
             what = "this model's context" if self.decoder is None else "this server's context (--max-context)"
             raise RequestError(f"{what} is {self.context} tokens; the prompt has {len(prompt)} and "
-                               f"max_tokens asks for {params.max_tokens or 1} more", code="context_length_exceeded", param="messages")
-        if params.max_tokens is None:
-            params = replace(params, max_tokens=min(self.max_tokens, room))
-        ticket = Ticket(model, prompt, params, emit)
+                               f"max_tokens asks for {sampling.max_new_tokens or 1} more", code="context_length_exceeded", param="messages")
+        if sampling.max_new_tokens is None:
+            sampling = replace(sampling, max_new_tokens=min(self.max_tokens, room))
+        ticket = Ticket(model, prompt, sampling, emit)
         with self._cv:
             if self._closed:
                 raise RequestError(self._reason, status=503, kind="server_error")
@@ -184,10 +187,10 @@ class Engine:
             self._cv.notify()
         return ticket
 
-    def stream(self, model: str, messages: list[dict], params: SamplingParams) -> Iterator[Event]:
+    def stream(self, model: str, messages: list[dict], sampling: Sampling) -> Iterator[Event]:
         """The reply's Events as they come. Closing the iterator early cancels the generation."""
         events: queue.Queue[Event] = queue.Queue()
-        ticket = self.submit(model, messages, params, events.put)
+        ticket = self.submit(model, messages, sampling, events.put)
         try:
             while True:
                 event = events.get()
@@ -197,10 +200,10 @@ class Engine:
         finally:
             ticket.cancel()  # no effect once finished; stops the generation when the reader left early
 
-    def complete(self, model: str, messages: list[dict], params: SamplingParams) -> tuple[str, Event, list[int]]:
+    def complete(self, model: str, messages: list[dict], sampling: Sampling) -> tuple[str, Event, list[int]]:
         """The whole reply: its text, the last Event (finish reason, usage) and the generated token ids."""
         text, tokens = [], []
-        for event in self.stream(model, messages, params):
+        for event in self.stream(model, messages, sampling):
             text.append(event.text)
             tokens += event.tokens
         return "".join(text), event, tokens
@@ -346,12 +349,12 @@ class Engine:
 
     def _row(self, t: Ticket) -> Row:
         generator = None
-        if not t.params.greedy:
+        if not t.sampling.greedy:
             generator = torch.Generator(self.device)
-            generator.manual_seed(t.params.seed if t.params.seed is not None else secrets.randbits(63))
+            generator.manual_seed(t.sampling.seed if t.sampling.seed is not None else secrets.randbits(63))
         # A closing engine stops its batch at the next token, like a cancel.
-        return Row(t.prompt, t.params, t.deliver, lambda: t.cancelled or self._closed,
-                   TextStream(self.tokenizer, t.params.stop), generator)
+        return Row(t.prompt, t.sampling, t.deliver, lambda: t.cancelled or self._closed,
+                   TextStream(self.tokenizer, t.sampling.stop), generator)
 
     def _run(self, tickets: list[Ticket]) -> None:
         started = self._rows(tickets)

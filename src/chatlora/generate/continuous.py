@@ -1,7 +1,8 @@
-"""Continuous batching: requests join a running batch between two decode steps and leave it the
-step they finish, over the static KV cache of a chatlora.model.decode.StaticDecoder.
+"""The engine's mode with a static cache, continuous batching: requests join a running batch between
+two decode steps and leave it the step they finish, over the static KV cache of a
+generate/decode.py StaticDecoder.
 
-The batch of the engine's older path (serve/batch.py) runs until its last row ends, so a request
+The batch of the engine's other mode (generate/rows.py run_batch) runs until its last row ends, so a request
 that arrives meanwhile waits for the longest reply in it. Here it waits at most one step (plus the
 prefills of those that arrive with it), and a finished row's slot is free at once.
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from chatlora.serve.batch import Row, pick_tokens
+from chatlora.generate.rows import Row
+from chatlora.generate.sampling import pick_tokens
 
 
 class RunningBatch:
