@@ -2,8 +2,8 @@
 
 Why: with CUDA graphs the recipe's step is its GPU kernels, and a third of their time is thousands
 of small elementwise kernels (eager RMSNorm alone is about 8 a call). Liger (PyPI `liger-kernel`)
-does each of these in one kernel a direction, with nothing to compile: 0.123 -> 0.103 s per step of
-the recipe with CUDA graphs, and its 3 epochs in 68 s on an H100 (docs/benchmarks.md, 2026-12-05).
+does each of these in one kernel a direction, with nothing to compile; what that saves per step of
+the recipe, on which card, is measured in docs/benchmarks.md ("the library's model.kernels=liger").
 
 Liger patches transformers' code for the model's architecture, so it is applied before the model is
 built and holds for the rest of the process. Which of its kernels fit an architecture, Liger's own
