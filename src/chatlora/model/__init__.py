@@ -1,1 +1,1 @@
-"""Model sources, tokenizer fixes, LoRA wrapping and generation."""
+"""Model sources, tokenizer fixes, LoRA wrapping, the token loss, attention and kernels; loading a run."""

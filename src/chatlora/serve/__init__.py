@@ -1,1 +1,1 @@
-"""Serving: the generation engine, the OpenAI-compatible HTTP app and the Streamlit chat page."""
+"""Serving: the OpenAI-compatible HTTP app and the Streamlit chat page, over generate/'s Engine."""
