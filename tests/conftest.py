@@ -171,7 +171,7 @@ def checkpointed_run(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def uninterrupted_run(tiny_model_dir, tmp_path_factory) -> dict:
     """The run of exact_resume.SETTINGS that every interrupted one must equal: its losses and adapter
-    tensors (unit/recipes/test_resume.py, e2e/test_resume_cli.py)."""
+    tensors (e2e/test_resume.py, e2e/test_resume_cli.py)."""
     from exact_resume import SETTINGS, adapter
 
     run = quiet_train(tiny_config(tiny_model_dir, tmp_path_factory.mktemp("uninterrupted"), *SETTINGS))
@@ -190,3 +190,8 @@ def smollm_demo(tmp_path_factory):
     cfg = load_config("demo", ["training.max_steps=12", "report.compare=1", "report.max_new_tokens=16",
                                f"output_dir={tmp_path_factory.mktemp('smollm') / 'run'}"])
     return train(cfg, lines.append), lines
+
+
+def problems_of(excinfo) -> list[tuple[str, str, str]]:
+    """A DataError's problems as (where, field, reason), for comparing in one assert."""
+    return [(p.where, p.field, p.reason) for p in excinfo.value.problems]

@@ -1,4 +1,4 @@
-"""The run every interrupted one must equal, shared by unit/recipes/test_resume.py and
+"""The run every interrupted one must equal, shared by e2e/test_resume.py and
 e2e/test_resume_cli.py: its settings, and a bit-for-bit comparison with it."""
 
 from __future__ import annotations

