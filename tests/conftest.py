@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from families import FAMILIES, save_family
+
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
 # The tutorial's data and the real Qwen tokenizer live beside the project, never inside it.
@@ -195,3 +197,22 @@ def smollm_demo(tmp_path_factory):
 def problems_of(excinfo) -> list[tuple[str, str, str]]:
     """A DataError's problems as (where, field, reason), for comparing in one assert."""
     return [(p.where, p.field, p.reason) for p in excinfo.value.problems]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Models this small gain nothing from a second thread, and on a shared machine threads that wait
+    for a busy core make the family tests several times slower (unit/model/test_families_arch.py:
+    95 s against over 6 minutes). A module asks for it with pytestmark's usefixtures."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(family, the folder of its tiny model), one per family of tests/families.py."""
+    return request.param, save_family(tmp_path_factory.mktemp(request.param), request.param)

@@ -6,25 +6,11 @@ in unit/model/test_families_arch.py."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import tiny_config
-from families import FAMILIES, save_family
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small gain nothing from a second thread (see unit/model/test_families_arch.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
-    """(family, the folder of its tiny model)."""
-    return request.param, save_family(tmp_path_factory.mktemp(request.param), request.param)
+# one_thread and family: tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_training_then_merging_with_parity(family, tmp_path):

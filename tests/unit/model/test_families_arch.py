@@ -16,7 +16,7 @@ from chatlora.data.collate import PackCollator, PadCollator
 from chatlora.generate.decode import StaticDecoder, fast_decoder
 from chatlora.model.lora import add_lora, unmatched_targets
 from chatlora.model.loss import packing_is_exact, trained_token_loss
-from families import ADAPTED, ATTENTION, FAMILIES, MLP, UNMATCHED, WINDOW, save_family
+from families import ADAPTED, ATTENTION, MLP, UNMATCHED, WINDOW, save_family
 from decoding import greedy_rows
 
 # Three samples, one longer than the families' sliding window (8 tokens).
@@ -28,20 +28,8 @@ FEATURES = [
 PROMPTS = [[5, 6, 7, 8, 9], list(range(40, 60))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small gain nothing from a second thread, and on a shared machine threads that wait
-    for a busy core make these tests several times slower (the whole file: 95 s against over 6 minutes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
-    """(family, the folder of its tiny model)."""
-    return request.param, save_family(tmp_path_factory.mktemp(request.param), request.param)
+# one_thread and family: tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load(folder):
