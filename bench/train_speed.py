@@ -7,7 +7,8 @@ Variants, each in its own process (so peak memory is its own):
   tutorial        the tutorial as written: process_func, DataCollatorForSeq2Seq, Trainer, its arguments
   seed-semantics  chatlora with every hyperparameter of the recipe (16 samples per optimizer step,
                   LoRA dropout 0.1, lr 1e-4), packed into one forward pass per step
-  seed-24gib      the preset as shipped: seed semantics with gradient checkpointing, for a 24 GB card
+  seed-24gib      the preset as shipped until 2026-12-07: seed semantics with gradient checkpointing
+  preset          the preset as shipped, no flag: the plan decides checkpointing, the autos graphs and Liger
   throughput      chatlora with 128 samples per step in passes of at most 8k tokens, LoRA dropout 0
   trl             TRL's SFTTrainer: packing (bfd, padding-free), Liger kernels, one 8k-token row per step
 and more chatlora settings in CHATLORA_SETTINGS (compiled layers: *-compile-layers; CUDA graphs:
@@ -183,8 +184,8 @@ GRAPHS = ["model.cuda_graphs=true"]
 LIGER = ["model.kernels=liger"]
 CHATLORA_SETTINGS = {
     "seed-semantics": SEED,
-    # The preset exactly as shipped (gradient checkpointing on, as in the tutorial, for a 24 GB card).
-    "seed-24gib": [],
+    # The preset as shipped before its autos: gradient checkpointing on, as in the tutorial (a 24 GB card).
+    "seed-24gib": ["training.gradient_checkpointing=true"],
     "seed-compile": [*SEED, "training.torch_compile=true"],
     "seed-compile-layers": [*SEED, *LAYERS],
     "seed-graphs": [*SEED, *GRAPHS],
@@ -196,6 +197,12 @@ CHATLORA_SETTINGS = {
     "throughput-compile": [*THROUGHPUT, "training.torch_compile=true"],
     "throughput-compile-layers": [*THROUGHPUT, *LAYERS],
 }
+# Every variant above names its fast paths itself: the defaults' autos (model.cuda_graphs,
+# model.kernels) are turned off first, so a variant means what it meant before they existed.
+EAGER = ["model.cuda_graphs=false", "model.kernels=none"]
+CHATLORA_SETTINGS = {variant: [*EAGER, *overrides] for variant, overrides in CHATLORA_SETTINGS.items()}
+# The preset exactly as shipped, no flag: the plan and the autos choose.
+CHATLORA_SETTINGS["preset"] = []
 # Probes of torch.compile's CPU overhead per compiled layer call (about 2.2 ms per direction on a 7B
 # layer, which bounds the seed step), bench-only until they measure faster:
 #   -cpp       inductor's generated wrapper in C++ instead of Python (inductor config cpp_wrapper)

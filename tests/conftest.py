@@ -98,7 +98,9 @@ def tiny_config(model_dir: Path, tmp_path: Path, *overrides: str, data: str | No
 
     raw = {
         "name": "tiny",
-        "model": {"name": str(model_dir)},
+        # On a GPU the defaults would record CUDA graphs and patch transformers with Liger for the
+        # rest of the process: tests that want them say so.
+        "model": {"name": str(model_dir), "cuda_graphs": False, "kernels": "none"},
         "data": {"train": data or str(FIXTURES / "alpaca.json"), "max_length": 128},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "training": {"per_device_train_batch_size": 2, "max_steps": 4, "learning_rate": 1e-2, "logging_steps": 1},

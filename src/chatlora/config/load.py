@@ -139,8 +139,7 @@ def training_argument_kinds() -> dict[str, str]:
     """
     from importlib.metadata import version
 
-    base = os.environ.get("CHATLORA_CACHE") or Path.home() / ".cache" / "chatlora"
-    cache = Path(base) / f"training_arguments-{version('transformers')}.json"
+    cache = cache_root() / f"training_arguments-{version('transformers')}.json"
     try:
         return json.loads(cache.read_text("utf-8"))
     except (OSError, ValueError):
@@ -181,6 +180,11 @@ def _check_training(training: dict[str, Any]) -> None:
             continue  # the memory plan decides it before TrainingArguments sees it (plan/entry.py)
         hint = {"int": int, "float": float, "bool": bool}[kind.rstrip("?")]
         _check(hint, value, f"training.{key}")  # raises ConfigError naming the key, the value and the type
+
+
+def cache_root() -> Path:
+    """chatlora's cache folder: `$CHATLORA_CACHE`, or ~/.cache/chatlora."""
+    return Path(os.environ.get("CHATLORA_CACHE") or Path.home() / ".cache" / "chatlora")
 
 
 def _unknown(key: str, valid: list[str], where: str) -> ConfigError:

@@ -50,26 +50,30 @@ class ModelConfig:
     """Training only: `layers` compiles each decoder layer with torch.compile (once, with symbolic
     sizes: every layer and every packed length reuse it), fusing the many small kernels of LoRA,
     RMSNorm, RoPE and SwiGLU; the first steps wait for the compiler. `none`: eager."""
-    kernels: str = "none"
+    kernels: str = "auto"
     """Training on a GPU: `liger` runs the model's RMSNorm, RoPE and SwiGLU as Liger's fused Triton
-    kernels (`pip install 'chatlora[liger]'`; Llama, Qwen2, Mistral, Gemma and the other architectures
+    kernels (`pip install 'chatlora[gpu]'`; Llama, Qwen2, Mistral, Gemma and the other architectures
     Liger covers), with nothing to compile; with cuda_graphs, the recipe's fastest step
-    (docs/benchmarks.md).
-    Ignored, with a note, on the CPU, with `compile: layers` (which fuses them already) or when
-    liger-kernel is missing. `none`: the model's own code."""
-    cuda_graphs: bool = False
+    (docs/benchmarks.md). Ignored, with a note, on the CPU, with `compile: layers` (which fuses them
+    already) or when liger-kernel is missing. `auto` (the default): Liger's kernels where all of that
+    allows them, the model's own code elsewhere (training says which). `none`: the model's own code."""
+    cuda_graphs: bool | str = "auto"
     """Training on one GPU: record each packed forward and backward pass as a CUDA graph and replay it,
     so the CPU no longer issues the pass's kernels one by one (it bounds small steps such as the
     recipe's). Rows are padded to a multiple of 64 tokens so that steps share a few shapes; the first
     3 steps run eagerly, then each new shape is recorded once. Needs data.packing, no gradient
-    checkpointing, one process; ignored, with a note, otherwise. Combine with `compile: layers`."""
+    checkpointing, one process; `true` is ignored, with a note, otherwise. `auto` (the default): on
+    where all of that holds and the base is not 4-bit, off elsewhere (training says which). Combine
+    with `compile: layers`."""
 
     def __post_init__(self) -> None:
         _choice("model", "source", self.source, ("auto", "local", "gguf", "hf", "modelscope"))
         _choice("model", "dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
         _choice("model", "quantize", self.quantize, ("none", "nf4"))
         _choice("model", "compile", self.compile, ("none", "layers"))
-        _choice("model", "kernels", self.kernels, ("none", "liger"))
+        _choice("model", "kernels", self.kernels, ("auto", "none", "liger"))
+        if isinstance(self.cuda_graphs, str) and self.cuda_graphs != "auto":
+            raise ConfigError(f"model.cuda_graphs: {self.cuda_graphs!r} is not true, false or auto")
 
 
 @dataclass

@@ -7,11 +7,11 @@ import torch
 from chatlora.errors import ChatloraError
 
 MODES = ("auto", "graphs", "compile", "static", "eager")
-MODE_HELP = ("decoding: graphs = static KV cache with CUDA graphs (the default on CUDA), compile = the same "
-             "with torch.compile's fused kernels (the fastest per token; about 1.5 minutes of compiling at the "
-             "first start on a 7B model), "
-             "static = static KV cache without graphs (CPU too), eager = transformers' plain forward with a "
-             "growing cache (the default on CPU), auto = graphs on CUDA, eager elsewhere")
+MODE_HELP = ("decoding: compile = static KV cache, each step replayed from a CUDA graph of torch.compile's "
+             "fused kernels (the fastest per token; the first start on a GPU compiles the decoder layers, later "
+             "starts read them from the cache on disk), graphs = the same with the model's own kernels (no "
+             "compiling), static = static KV cache without graphs (CPU too), eager = transformers' plain "
+             "forward with a growing cache (the default on CPU), auto = compile on CUDA, eager elsewhere")
 
 
 def device_problem(name: torch.device | str) -> str | None:
@@ -50,7 +50,7 @@ def resolve_mode(mode: str, device: torch.device | str) -> str:
     if mode not in MODES:
         raise ChatloraError(f"--decode {mode}: choose one of {', '.join(MODES)}")
     if mode == "auto":
-        return "graphs" if device.type == "cuda" else "eager"
+        return "compile" if device.type == "cuda" else "eager"
     if mode == "graphs" and device.type != "cuda":
         raise ChatloraError("--decode graphs needs a CUDA device (CUDA graphs); use --decode static on this device")
     return mode

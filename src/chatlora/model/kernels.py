@@ -34,10 +34,13 @@ def why_not_liger(on_gpu: bool, compile_layers: bool) -> str | None:
     return None
 
 
-def use_liger(model_type: str, on_gpu: bool, compile_layers: bool) -> str:
+def use_liger(model_type: str, on_gpu: bool, compile_layers: bool, asked: str = "liger") -> str | None:
     """Patch transformers' code for `model_type` with Liger's kernels, before the model is built.
-    Returns the line to print: what was replaced, or a note saying why nothing was (training goes
-    on with the model's own code)."""
+
+    `asked` is model.kernels: `liger` returns a note saying why nothing was patched, when nothing
+    can be; `auto` patches where Liger can and otherwise returns None (the model's own code, as
+    asked for by default), or a line when liger-kernel is merely missing on a GPU, since installing
+    it is the fix. Returns the line to print: what was replaced, or that note."""
     why = why_not_liger(on_gpu, compile_layers)
     if why is None:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
@@ -51,4 +54,6 @@ def use_liger(model_type: str, on_gpu: bool, compile_layers: bool) -> str:
             fused = sorted((name for name, p in params.items() if p.default is True and name not in LOSSES),
                            key=lambda name: KERNELS.index(name) if name in KERNELS else len(KERNELS))
             return f"kernels: Liger's {', '.join(fused)} for {model_type}"
+    if asked == "auto":
+        return f"kernels: the model's own ({why})" if on_gpu and not compile_layers else None
     return f"note: model.kernels=liger ignored: {why}"

@@ -1,4 +1,5 @@
-"""The decoder layers of a model, and compiling them for training (`model.compile=layers`).
+"""The decoder layers of a model, and compiling them: for training (`model.compile=layers`) and for
+decoding (`--decode compile`).
 
 A LoRA training step on a 7B model is bound by the CPU issuing small kernels (about 15,000 a step):
 per projection peft runs dropout, two small matmuls, a scale and an add; RMSNorm, RoPE and SwiGLU are
@@ -9,6 +10,9 @@ one decoder layer with symbolic sizes compiles once, and every layer and every l
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
 
 from torch import nn
 
@@ -24,6 +28,49 @@ def decoder_layers(model) -> nn.ModuleList | None:
     return best
 
 
+def compile_for_decode(model) -> tuple[int, Callable[[], None]]:
+    """Compile each decoder layer in place for decoding; returns how many and a function that undoes
+    it. One layer's code is traced and compiled once and serves every layer, where compiling the
+    whole model traces all of them: the first start takes a fraction of the time, and a later one
+    finds the kernels in inductor's cache on disk (`inductor_cache`). Under CUDA graphs the layers'
+    Python between compiled regions is not replayed, so this costs nothing per token."""
+    layers = decoder_layers(model)
+    if layers is None:
+        return 0, lambda: None
+    import torch
+    import torch._dynamo as dynamo
+
+    inductor_cache()
+    dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+    for layer in layers:  # an instance attribute over the class's forward: deleting it undoes this
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+
+    def undo() -> None:
+        for layer in layers:
+            del layer.forward
+
+    return len(layers), undo
+
+
+def inductor_cache() -> Path:
+    """Where torch.compile keeps its compiled kernels: `$TORCHINDUCTOR_CACHE_DIR` as the user set it,
+    else chatlora's cache folder. Inductor's own default is a folder under /tmp, which a reboot
+    empties (and which inductor writes into the variable itself once it has used it, so that value
+    counts as unset). Inductor keys each entry by the graph, the dtypes, the torch version and the
+    GPU, so one folder serves every model and card."""
+    import getpass
+    import os
+    import tempfile
+
+    from chatlora.config.load import cache_root
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    torch_default = Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"
+    if current is None or Path(current) == torch_default:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
 def compile_layers(model) -> int:
     """Compile each decoder layer in place (lazily: the first forward pass compiles), and mark the
     input embeddings' output as needing a gradient (see below). Returns how many layers; 0 when the
@@ -32,6 +79,8 @@ def compile_layers(model) -> int:
     if layers is None:
         return 0
     import torch._dynamo as dynamo
+
+    inductor_cache()
 
     # Sizes that change (the packed length, the number of samples in a pass) are symbolic from the
     # start, so they do not each cost a compile; a few specialisations (sizes 0 and 1) remain.

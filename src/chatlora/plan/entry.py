@@ -133,18 +133,22 @@ def plan_for(cfg: Config, source, samples: Samples, echo: Callable[[str], None] 
     from chatlora.plan.plan import resolved
 
     cfg = packing_for(cfg, source, echo)
-    wants_auto = cfg.data.batch_tokens == "auto" or cfg.training.get("gradient_checkpointing") == "auto"
+    asked_auto = cfg.data.batch_tokens == "auto" or cfg.training.get("gradient_checkpointing") == "auto"
     try:
         arch: Arch = read_arch(source, cfg.model, cfg.lora)
     except (ModelError, KeyError, TypeError, AttributeError) as e:
-        if wants_auto:
+        if asked_auto:
             raise ConfigError(f"data.batch_tokens=auto / training.gradient_checkpointing=auto need the memory plan, "
                               f"which cannot read this model's architecture ({e}); set them to numbers") from None
         echo(f"plan: not available for this model ({e})")
         return cfg, None
     gpu, mem, where = card(cfg)
     on_gpu = (gpu is not None or mem is not None or torch.cuda.is_available()) if on_gpu is None else on_gpu
-    if wants_auto:
+    if on_gpu and "gradient_checkpointing" not in cfg.training:
+        # Unset on a GPU means auto: recompute only when the activations would not fit. On a CPU
+        # (host memory) it stays off, as TrainingArguments has it.
+        cfg = dataclasses.replace(cfg, training={**cfg.training, "gradient_checkpointing": "auto"})
+    if asked_auto or cfg.training.get("gradient_checkpointing") == "auto":
         plan, why = choose(cfg, arch, samples, gpu, mem, on_gpu)
         cfg = resolved(cfg, plan)
     else:

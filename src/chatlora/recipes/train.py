@@ -71,15 +71,24 @@ def _trains_on_gpu(args) -> bool:
     return torch.cuda.is_available() and not args.use_cpu
 
 
-def _graphs_possible(args, processes: int, collator, echo: Callable[[str], None]) -> bool:
-    """Whether model.cuda_graphs can be used here; if not, a note says why (training goes on without)."""
+def _graphs_possible(cfg: Config, args, processes: int, collator, echo: Callable[[str], None]) -> bool:
+    """Whether model.cuda_graphs can be used here. `true` that cannot prints a note saying why
+    (training goes on without); `auto` stays quiet where graphs never apply (the CPU) and says why
+    on a GPU."""
+    asked = cfg.model.cuda_graphs
+    if asked is False:
+        return False
     why = ("it needs a CUDA GPU" if not _trains_on_gpu(args)
            else "it needs one process" if processes > 1
            else "it needs packed rows (data.packing)" if not isinstance(collator, PackCollator)
            else "it does not work with gradient checkpointing (set training.gradient_checkpointing=false)"
-           if args.gradient_checkpointing else None)
-    if why:
+           if args.gradient_checkpointing
+           else "a 4-bit base is not recorded (model.quantize)" if asked == "auto" and cfg.model.quantize != "none"
+           else None)
+    if why and asked is True:
         echo(f"note: model.cuda_graphs ignored: {why}")
+    elif why and _trains_on_gpu(args):
+        echo(f"cuda graphs: off ({why.replace('it needs', 'they need').replace('it does', 'they do')})")
     return why is None
 
 
@@ -133,9 +142,13 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     seed = int(cfg.training.get("seed", TRAINING_DEFAULTS["seed"]))
     set_seed(seed)
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if _builds_on_gpu(cfg, args.fsdp, plan) else None
-    if cfg.model.kernels == "liger":  # patches transformers' code: before the model is built
+    # Liger patches transformers' code: before the model is built. `auto` has nothing to do on a CPU.
+    # Under FSDP2 `auto` leaves the model's own code: Liger's kernels are not measured on sharded layers.
+    if cfg.model.kernels == "liger" or cfg.model.kernels == "auto" and _trains_on_gpu(args) and not args.fsdp:
         model_type = model_config(checked.source, cfg.model).model_type
-        echo(use_liger(model_type, _trains_on_gpu(args), cfg.model.compile == "layers"))
+        line = use_liger(model_type, _trains_on_gpu(args), cfg.model.compile == "layers", cfg.model.kernels)
+        if line:
+            echo(line)
     model = load_model(checked.source, cfg.model, tokenizer, checked.generation_config, device)
     set_seed(seed)  # the adapter's initial weights depend on the seed alone, not on what loading drew
     layers = linear_names(model)
@@ -154,7 +167,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
             collator = PackCollator(cfg.data.batch_tokens)
         else:
             echo("warning: this model lets packed samples attend to each other; padding instead (data.packing=false)")
-    graphs = cfg.model.cuda_graphs and _graphs_possible(args, world.size, collator, echo)
+    graphs = _graphs_possible(cfg, args, world.size, collator, echo)
     if graphs:
         pad_id = tokenizer.pad_token_id
         collator.pad_to = GRAPH_PAD

@@ -207,3 +207,25 @@ def test_train_resolves_auto_and_records_the_choice(tiny_model_dir, tmp_path):
     assert any("peak GPU memory" in line for line in lines)
     saved = run.load_config()
     assert isinstance(saved.data.batch_tokens, int) and saved.training["gradient_checkpointing"] is False
+
+
+def test_unset_checkpointing_is_auto_on_a_gpu_and_off_on_a_cpu(tiny_model_dir, tmp_path):
+    """No training.gradient_checkpointing: planning for a GPU, the plan decides it (on only when the
+    step would not fit); on a CPU it stays unset, as TrainingArguments has it (off)."""
+    from chatlora.model.source import resolve
+    from chatlora.plan.batches import Samples
+    from chatlora.plan.entry import plan_for
+
+    samples = Samples([64] * 40, [20] * 40)
+    cfg = _cfg(tiny_model_dir, tmp_path, "data.batch_tokens=256")
+    source = resolve(cfg.model)
+    on_cpu, _ = plan_for(cfg, source, samples, lambda _line: None, on_gpu=False)
+    assert "gradient_checkpointing" not in on_cpu.training
+    off = make_plan(cfg, tiny_arch(), samples, None, None, checkpointing=False).memory.card_need
+    on = make_plan(cfg, tiny_arch(), samples, None, None, checkpointing=True).memory.card_need
+    for mem, want in (((on + off) / 2, True), (off * 1.5, False)):
+        lines: list[str] = []
+        chosen, _ = plan_for(_cfg(tiny_model_dir, tmp_path, "data.batch_tokens=256", f"plan.gpu_mem={mem / GiB}"),
+                             source, samples, lines.append)
+        assert chosen.training["gradient_checkpointing"] is want
+        assert any(line.startswith(f"auto chose training.gradient_checkpointing={str(want).lower()}") for line in lines), lines
