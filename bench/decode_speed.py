@@ -11,6 +11,7 @@ Variants (in this order, on one model):
   graphs    chatlora's fast path: static KV cache, decode steps replayed from CUDA graphs
   compile   the same with torch.compile's kernels (compiling counted in warmup_s, not in decode_tok_s)
   static    the static cache without graphs (the only fast variant a CPU runs)
+  auto      what `chatlora chat` does with no --decode flag (compile on CUDA, eager on a CPU)
 
 The model is the Qwen1.5-7B architecture with random bf16 weights (no model hub is reachable; speed
 equals the real model's), or with --tiny a 2-layer one in float32 on the CPU as a smoke check. Every
@@ -216,7 +217,7 @@ def main() -> None:
     if "tutorial" in variants:  # the unmerged adapter rounds differently from the merged weights in bf16
         records[0].update(equal_to_eager=divergence(tutorial_tokens, reference) is None,
                           first_divergence=divergence(tutorial_tokens, reference))
-    for mode in (v for v in variants if v in ("graphs", "compile", "static")):
+    for mode in (v for v in variants if v in ("auto", "graphs", "compile", "static")):
         started = time.perf_counter()
         try:
             decoder = fast_decoder(merged, mode, slots=1, columns=args.columns, echo=print)
