@@ -34,7 +34,7 @@ from chatlora.errors import ChatloraError
 from chatlora.generate.kv_cache import SlotCache, base, buckets, cache_keyword, plan_columns, text_config, unsupported, window
 from chatlora.model.decode_modes import resolve_mode
 from chatlora.model.fuse import fuse_projections
-from chatlora.model.layers import compile_for_decode, inductor_cache
+from chatlora.model.layers import inductor_cache
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +89,16 @@ class StaticDecoder:
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self._forward = self._eager_forward
-        self.uncompile = lambda: None
-        """Undoes compile mode's compiling of the model's layers (when the fast path is given up)."""
         if mode == "compile":
-            # Each decoder layer compiled, sizes symbolic: one compile (the slow part of a start)
-            # serves every layer, length bucket and batch size above 1; batch 1 is compiled on its
-            # own (dynamo specialises sizes of 1).
-            _, self.uncompile = compile_for_decode(model)
+            import torch._dynamo as dynamo
+
+            # The whole step compiled, sizes symbolic: one compile (the slow part of a start) serves
+            # every length bucket and batch size above 1; batch 1 is compiled on its own (dynamo
+            # specialises sizes of 1). Compiling each decoder layer alone instead was measured slower
+            # to start and to run: dynamo recompiles per layer (docs/benchmarks.md, bench/LOG.md).
+            inductor_cache()
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+            self._forward = torch.compile(self._eager_forward, dynamic=True)
         self.add([0])  # a first prefill gives each layer's cache its shape (kv_cache.SlotCache)
         self.reset()
 
@@ -338,8 +341,8 @@ def fast_decoder(model, mode: str, slots: int = 1, columns: int = 4096, echo=log
     # own forward as loaded, before projections are fused (fusing relies on the forward's call order).
     expected = reference(model)
     if mode == "compile":  # the check below runs the compiled step first: tell why nothing happens for a while
-        echo(f"decode: compiling the decode step's layers with torch.compile (the first start on this GPU and "
-             f"torch takes a while; later starts read the kernels from {inductor_cache()})")
+        echo(f"decode: compiling the decode step with torch.compile (about 2 minutes for a 7B model at the first "
+             f"start on this GPU and torch; later starts read the kernels from {inductor_cache()})")
     fused, undo = fuse_projections(model)
     decoder = StaticDecoder(model, slots, columns, mode)
     diff = parity(decoder, expected)
@@ -348,11 +351,9 @@ def fast_decoder(model, mode: str, slots: int = 1, columns: int = 4096, echo=log
     limit = 1e-3 if decoder.dtype == torch.float32 else 0.1
     if fused and not diff <= limit:
         undo()  # perhaps the fusing: try once more without it
-        decoder.uncompile()
         fused, decoder = 0, StaticDecoder(model, slots, columns, mode)
         diff = parity(decoder, expected)
     if not diff <= limit:
-        decoder.uncompile()
         echo(f"decode: eager (the {mode} path's logits differ from the model's by {diff:.2g} of their scale, "
              f"more than {limit:g})")
         return None

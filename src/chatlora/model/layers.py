@@ -1,5 +1,5 @@
-"""The decoder layers of a model, and compiling them: for training (`model.compile=layers`) and for
-decoding (`--decode compile`).
+"""The decoder layers of a model, compiling them for training (`model.compile=layers`), and where
+torch.compile keeps what it compiled (`inductor_cache`, for training and `--decode compile`).
 
 A LoRA training step on a 7B model is bound by the CPU issuing small kernels (about 15,000 a step):
 per projection peft runs dropout, two small matmuls, a scale and an add; RMSNorm, RoPE and SwiGLU are
@@ -11,7 +11,6 @@ one decoder layer with symbolic sizes compiles once, and every layer and every l
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
@@ -26,30 +25,6 @@ def decoder_layers(model) -> nn.ModuleList | None:
             if best is None or len(module) > len(best):
                 best = module
     return best
-
-
-def compile_for_decode(model) -> tuple[int, Callable[[], None]]:
-    """Compile each decoder layer in place for decoding; returns how many and a function that undoes
-    it. One layer's code is traced and compiled once and serves every layer, where compiling the
-    whole model traces all of them: the first start takes a fraction of the time, and a later one
-    finds the kernels in inductor's cache on disk (`inductor_cache`). Under CUDA graphs the layers'
-    Python between compiled regions is not replayed, so this costs nothing per token."""
-    layers = decoder_layers(model)
-    if layers is None:
-        return 0, lambda: None
-    import torch
-    import torch._dynamo as dynamo
-
-    inductor_cache()
-    dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-    for layer in layers:  # an instance attribute over the class's forward: deleting it undoes this
-        layer.forward = torch.compile(layer.forward, dynamic=True)
-
-    def undo() -> None:
-        for layer in layers:
-            del layer.forward
-
-    return len(layers), undo
 
 
 def inductor_cache() -> Path:
