@@ -64,6 +64,8 @@ def report(cfg: Config, checked: Checked, stops: list[int], echo: Callable[[str]
              + (" [tokenized earlier: from cache]" if split.cached else ""))
         if split.rules:
             echo("  truncation: " + ", ".join(f"{k} {v}" for k, v in sorted(split.rules.items())))
+        if split is data.train and len(summary.get("sources", [])) > 1:
+            _per_source(split.dataset, summary["sources"], echo)
     echo("sample lengths (tokens):")
     for line in preflight.histogram([len(ids) for ids in data.train.dataset["input_ids"]]):
         echo(line)
@@ -84,6 +86,21 @@ def report(cfg: Config, checked: Checked, stops: list[int], echo: Callable[[str]
     if result.failures:
         raise PreflightError("pre-flight failed:\n" + "\n".join(f"  - {f}" for f in result.failures))
     echo("pre-flight: ok")
+
+
+def _per_source(dataset, sources: list[dict], echo: Callable[[str], None]) -> None:
+    """One line per training source after mixing: rows read, dropped, held out; samples and tokens."""
+    tokens: dict[str, int] = {}
+    for name, ids in zip(dataset["source"], dataset["input_ids"]):
+        tokens[name] = tokens.get(name, 0) + len(ids)
+    total = sum(tokens.values()) or 1
+    for count in sources:
+        t = tokens.get(count["name"], 0)
+        dropped = [f"{count['duplicates']} duplicates dropped"] if count["duplicates"] else []
+        dropped += [f"{count['held_out']} held out"] if count["held_out"] else []
+        count["tokens"] = t
+        echo(f"  {count['name']}: {count['rows']} rows" + (f" ({', '.join(dropped)})" if dropped else "")
+             + f" -> {count['samples']} drawn, {t:,} tokens ({100 * t / total:.1f}%)")
 
 
 def held_out(target: str | Path, data: str | None) -> tuple[list[Conversation], str]:

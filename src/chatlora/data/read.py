@@ -1,13 +1,19 @@
-"""Read JSON / JSONL files into rows, reporting every syntax and encoding problem with its place."""
+"""Read data sources into rows, reporting every syntax and encoding problem with its place.
+
+JSON and JSONL are read here; CSV, Parquet, Arrow, saved `datasets` folders and hub datasets in
+data/tables.py. `source_files` turns a folder or glob into its files.
+"""
 
 from __future__ import annotations
 
+import glob
 import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from chatlora.data import tables
 from chatlora.errors import DataError, Problem
 
 PACKAGE_PREFIX = "chatlora:"
@@ -37,19 +43,52 @@ def resolve_path(path: str) -> Path:
     return Path(path).expanduser()
 
 
+DATA_SUFFIXES = (".json", ".jsonl", *tables.TABLE_SUFFIXES)
+
+
+def source_files(path: str) -> list[str]:
+    """The data files of one source path: the path itself, or the data files (by suffix) of a folder
+    (recursively, sorted) or glob. A hub name or a saved `datasets` folder is one source of its own.
+
+    Raises DataError for a folder or glob that holds no data file."""
+    if tables.is_hub(path):
+        return [path]
+    file = resolve_path(path)
+    if file.is_dir() and not tables.is_saved_dataset(file):
+        found = sorted(str(p) for p in file.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
+        if not found:
+            _fail(path, f"the folder holds no data file ({', '.join(DATA_SUFFIXES)}) and is not a saved `datasets` folder")
+        return found
+    if not file.exists() and glob.has_magic(str(file)):
+        found = sorted(p for p in glob.glob(str(file), recursive=True) if Path(p).suffix in DATA_SUFFIXES)
+        if not found:
+            _fail(path, f"the pattern matches no data file ({', '.join(DATA_SUFFIXES)})")
+        return found
+    return [path]
+
+
 def read_rows(path: str) -> list[RawRow]:
-    """All rows of a .json (a list of objects) or .jsonl (one object per line) file.
+    """All rows of one data file or source: a .json (a list of objects) or .jsonl (one object per
+    line) file here; CSV, Parquet, Arrow, a saved `datasets` folder or a hub dataset (data/tables.py).
 
     Raises DataError listing every undecodable line, or the first JSON syntax error of a .json file (a
     JSON document cannot be parsed past it); and for a path that is missing, not a regular file,
     unreadable, empty or without rows. MalformedLines (a DataError) lists every malformed JSONL line,
     with its column, and carries the lines that did parse.
     """
+    if tables.is_hub(path):
+        return _raw(path, tables.read_hub(path))
     file = resolve_path(path)
+    if tables.is_saved_dataset(file):
+        return _raw(path, tables.read_saved(file, path))
+    if file.suffix in (".parquet", ".arrow") and file.is_file():
+        return _raw(path, tables.read_arrow(file, path))
     data = _read_bytes(file, path)
     text = _decode(data, path)
     if not text.strip():
         raise DataError([Problem(path, "", "", "the file is empty")])
+    if file.suffix == ".csv":
+        return _raw(path, tables.read_csv(file, path, text))
     # By content first: a JSON list saved as .jsonl is read as the list it is (JSONL rows are objects,
     # never lists); a .json file holding JSON Lines is told apart inside _read_json.
     if file.suffix == ".json" or text.lstrip().startswith("["):
@@ -61,11 +100,15 @@ def read_rows(path: str) -> list[RawRow]:
     return rows
 
 
+def _raw(path: str, rows: list[tuple[str, Any]]) -> list[RawRow]:
+    return [RawRow(path, where, value) for where, value in rows]
+
+
 def _read_bytes(file: Path, path: str) -> bytes:
     if not file.exists():
         return _fail(path, "no such file")
     if file.is_dir():
-        return _fail(path, "is a folder, not a data file; name the .json or .jsonl file inside it")
+        return _fail(path, "is a folder, not a data file; name a data file inside it")
     if not file.is_file():
         # A FIFO or device would block or never end; chatlora reads regular files only.
         return _fail(path, "is not a regular file")

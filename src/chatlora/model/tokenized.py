@@ -11,7 +11,9 @@ from collections.abc import Callable
 
 from chatlora.config.schema import Config
 from chatlora.data.pipeline import Checked, renderer_for, report
-from chatlora.data.prepare import load_conversations, prepare
+from dataclasses import asdict
+
+from chatlora.data.prepare import load_sources, prepare
 from chatlora.model.source import resolve
 
 
@@ -22,8 +24,8 @@ def load_data(cfg: Config, echo: Callable[[str], None] = print) -> Checked:
 
     Raises DataError (bad rows, before anything is loaded) or ModelError (tokenizer not found).
     """
-    train_rows, val_rows, formats = load_conversations(cfg.data)
-    for path, fmt in formats.items():
+    loaded = load_sources(cfg.data)
+    for path, fmt in loaded.formats.items():
         echo(f"data: {path} ({fmt})")
     source = resolve(cfg.model)
     # Imported only now: torch and transformers take seconds to import, and a bad row or a model path
@@ -36,8 +38,9 @@ def load_data(cfg: Config, echo: Callable[[str], None] = print) -> Checked:
     note = fix_pad_token(tokenizer, end_of_turn)
     if note:
         echo(note)
-    data = prepare(cfg.data, tokenizer, renderer, train_rows, val_rows)
-    return Checked(source, tokenizer, generation_config, renderer, data, {"formats": formats})
+    data = prepare(cfg.data, tokenizer, renderer, loaded.train, loaded.validation)
+    summary = {"formats": loaded.formats, "sources": [asdict(count) for count in loaded.sources]}
+    return Checked(source, tokenizer, generation_config, renderer, data, summary)
 
 
 def check_data(cfg: Config, echo: Callable[[str], None] = print, samples: int = 2, color: bool | None = None) -> Checked:
