@@ -118,3 +118,18 @@ def test_the_report_shows_rows_samples_and_tokens_per_source(tiny_model_dir, tmp
     assert sum(s["tokens"] for s in sources) == checked.report["train"]["tokens"]
     assert f"  {persona}: 10 rows" in text and "-> 20 drawn" in text
     assert f"  {general}: 40 rows" in text and "  identity: 10 rows" in text
+
+
+def test_a_source_train_on_last_trains_fewer_tokens_of_its_rows_only(tiny_model_dir, tmp_path):
+    data = str(FIXTURES / "alpaca.json")  # index 5 holds a history turn: trained with `all`, not with `last`
+    def trained(entry: str) -> tuple[int, int]:
+        cfg = tiny_config(tiny_model_dir, tmp_path, f"data.train=[{entry}]")
+        checked = check_data(cfg, lambda _line: None, samples=0)
+        row = checked.data.train.dataset[5]
+        return checked.report["train"]["trained_tokens"], sum(1 for t in row["labels"] if t != -100)
+
+    everything, history_row = trained(data)
+    last, history_row_last = trained(f"{{path: {data}, train_on: last}}")
+    assert history_row_last == len("Mint is happy in partial shade.") + 1  # the last reply and <|im_end|>
+    assert history_row - history_row_last == len("Try parsley.") + 1
+    assert everything - last == history_row - history_row_last
