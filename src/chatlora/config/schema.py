@@ -116,6 +116,11 @@ class DataConfig:
     """Drop a conversation that an earlier source already holds, identical (counted in the report)."""
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     """An identity set: "who are you / who made you" conversations with the assistant's name."""
+    streaming: bool = False
+    """For training data larger than memory: each row is read, checked and tokenized as it is read
+    (JSONL line by line) and the samples go straight to the on-disk cache, which training reads
+    memory-mapped. Bad rows are reported by line, the first 20 and a count of the rest. The sources
+    are taken whole and in order: no weight, samples, identity, fractional validation or dedup."""
     cache_dir: str | None = None
     """Where tokenized data is cached by content; default `$CHATLORA_CACHE` or ~/.cache/chatlora."""
 
@@ -124,7 +129,7 @@ class DataConfig:
             self.train = [self.train]
         if not self.train:
             raise ConfigError("data.train: give at least one training file (data.train=path/to/data.json)")
-        check_sources(self.train)
+        check_sources(self.train, self.streaming, self.identity.name is not None or isinstance(self.validation, float))
         _choice("data", "format", self.format, ("auto", "alpaca", "sharegpt", "openai"))
         _choice("data", "overlong", self.overlong, ("drop", "truncate", "error"))
         _choice("data", "train_on", self.train_on, ("all", "last"))

@@ -86,9 +86,13 @@ def as_source(entry: str | SourceConfig) -> SourceConfig:
     return entry if isinstance(entry, SourceConfig) else SourceConfig(path=entry)
 
 
-def check_sources(train: list[str | SourceConfig]) -> None:
-    """Weights that cannot be met together. Raises ConfigError."""
+def check_sources(train: list[str | SourceConfig], streaming: bool = False, needs_memory: bool = False) -> None:
+    """Weights that cannot be met together, and mixing asked of streamed data (which is read once, in
+    order: `needs_memory` is an identity set or a fractional validation split). Raises ConfigError."""
     sources = [as_source(e) for e in train]
+    if streaming and (needs_memory or any(s.weight is not None or s.samples is not None for s in sources)):
+        raise ConfigError("data.streaming reads the sources once, in order: it takes no weight or samples, "
+                          "no data.identity and no fractional data.validation (give a validation file)")
     weighted = [s for s in sources if s.weight is not None]
     if weighted and len(weighted) < len(sources):
         total = sum(s.weight for s in weighted)

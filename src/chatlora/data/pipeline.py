@@ -55,8 +55,7 @@ def report(cfg: Config, checked: Checked, stops: list[int], echo: Callable[[str]
     tokenizer, data, summary = checked.tokenizer, checked.data, checked.report
     end_of_turn = checked.renderer.end_of_turn()
     for split in filter(None, (data.train, data.validation)):
-        lengths = [len(ids) for ids in split.dataset["input_ids"]]
-        trained = sum(sum(1 for t in labels if t != IGNORE) for labels in split.dataset["labels"])
+        lengths, trained = _sizes(split.dataset)
         summary[split.name] = {"rows": split.rows, "samples": len(lengths), "tokens": sum(lengths),
                                "trained_tokens": trained, "longest": max(lengths, default=0), "rules": split.rules}
         echo(f"{split.name}: {split.rows} rows -> {len(lengths)} samples, {sum(lengths):,} tokens "
@@ -67,7 +66,7 @@ def report(cfg: Config, checked: Checked, stops: list[int], echo: Callable[[str]
         if split is data.train and len(summary.get("sources", [])) > 1:
             _per_source(split.dataset, summary["sources"], echo)
     echo("sample lengths (tokens):")
-    for line in preflight.histogram([len(ids) for ids in data.train.dataset["input_ids"]]):
+    for line in preflight.histogram(_sizes(data.train.dataset)[0]):
         echo(line)
     shown = min(samples, len(data.train.dataset))
     if shown:
@@ -88,11 +87,23 @@ def report(cfg: Config, checked: Checked, stops: list[int], echo: Callable[[str]
     echo("pre-flight: ok")
 
 
+def _sizes(dataset) -> tuple[list[int], int]:
+    """Each sample's length and the trained tokens of all, computed by Arrow on the memory-mapped
+    columns: a streamed split may hold more tokens than Python lists of them would fit in memory."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
+    trained = pc.sum(pc.not_equal(pc.list_flatten(dataset.data.column("labels")), IGNORE)).as_py() or 0
+    return lengths, trained
+
+
 def _per_source(dataset, sources: list[dict], echo: Callable[[str], None]) -> None:
     """One line per training source after mixing: rows read, dropped, held out; samples and tokens."""
-    tokens: dict[str, int] = {}
-    for name, ids in zip(dataset["source"], dataset["input_ids"]):
-        tokens[name] = tokens.get(name, 0) + len(ids)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = pa.table({"source": dataset.data.column("source"), "n": pc.list_value_length(dataset.data.column("input_ids"))})
+    tokens = {row["source"]: row["n_sum"] for row in table.group_by("source").aggregate([("n", "sum")]).to_pylist()}
     total = sum(tokens.values()) or 1
     for count in sources:
         t = tokens.get(count["name"], 0)

@@ -50,14 +50,18 @@ def check(dataset, tokenizer, stop_ids: list[int], end_of_turn: int | None) -> P
     # it as text (or the template writes more after it). Other stop tokens (model.stop_tokens) may be
     # ordinary text a reply contains.
     stops = {end_of_turn, tokenizer.eos_token_id} - {None}
-    for labels, origin, cut in zip(dataset["labels"], dataset["origin"], dataset["cut"]):
-        trained = [t for t in labels if t != IGNORE]
-        if not trained:
-            empty.append(origin)
-        elif not cut and trained[-1] not in stop_ids:
-            unstopped.append(f"{origin} (ends on {token_text(tokenizer, trained[-1])!r})")
-        if any(t in stops and k + 1 < len(labels) and labels[k + 1] != IGNORE for k, t in enumerate(labels)):
-            past.append(origin)
+    # A Dataset in batches (a streamed split may not fit in memory as Python lists); a dict of columns whole.
+    columns = ["labels", "origin", "cut"]
+    batches = dataset.select_columns(columns).iter(batch_size=1024) if hasattr(dataset, "select_columns") else [dataset]
+    for batch in batches:
+        for labels, origin, cut in zip(batch["labels"], batch["origin"], batch["cut"]):
+            trained = [t for t in labels if t != IGNORE]
+            if not trained:
+                empty.append(origin)
+            elif not cut and trained[-1] not in stop_ids:
+                unstopped.append(f"{origin} (ends on {token_text(tokenizer, trained[-1])!r})")
+            if any(t in stops and k + 1 < len(labels) and labels[k + 1] != IGNORE for k, t in enumerate(labels)):
+                past.append(origin)
     if empty:
         out.failures.append(f"{len(empty)} sample(s) have no trained token: {_few(empty)}")
     if past:

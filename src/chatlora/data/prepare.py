@@ -200,13 +200,10 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
     datasets.disable_progress_bars()  # our own bar says what is happening; theirs would add two more
     key = cache_key(conversations, cfg, fingerprint)
     folder = cache / key if cache else None
-    if folder is not None and (folder / "split.json").is_file():
-        try:
-            meta = json.loads((folder / "split.json").read_text())
-            dataset = _with_origin(datasets.load_from_disk(str(folder / "data")), conversations)
-            return Split(name, dataset, meta["rows"], meta["rules"], cached=True, key=key)
-        except (OSError, ValueError, KeyError):  # a damaged entry (pyarrow's errors are ValueErrors): made again
-            shutil.rmtree(folder, ignore_errors=True)
+    found = load_split(folder, name, key) if folder is not None else None
+    if found is not None:
+        found.dataset = _with_origin(found.dataset, conversations)
+        return found
     columns: dict[str, list] = {"input_ids": [], "labels": [], "row": [], "cut": []}
     counts: Counter[str] = Counter()
     problems, unrendered = [], 0
@@ -215,7 +212,7 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
         before = counts[REPLY_TOO_LONG]
         want = conv.train_on or renderer.train_on
         if want not in renderers:
-            renderers[want] = _trains_on(renderer, want)
+            renderers[want] = trains_on(renderer, want)
         try:
             samples = fit(conv.messages, renderers[want], cfg.max_length, cfg.overlong, counts)
         except RenderError as e:
@@ -243,12 +240,26 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
     dataset = datasets.Dataset.from_dict(columns)
     split = Split(name, dataset, len(conversations), dict(counts), key=key)
     if folder is not None:
-        _save(folder, dataset, split)
+        save_split(folder, dataset, split)
     split.dataset = _with_origin(split.dataset, conversations)
     return split
 
 
-def _trains_on(renderer: Renderer, train_on: str) -> Renderer:
+def load_split(folder: Path, name: str, key: str) -> Split | None:
+    """The split cached in `folder`, memory-mapped, or None (a damaged entry is removed, to be made again)."""
+    import datasets
+
+    if not (folder / "split.json").is_file():
+        return None
+    try:
+        meta = json.loads((folder / "split.json").read_text())
+        return Split(name, datasets.load_from_disk(str(folder / "data")), meta["rows"], meta["rules"], cached=True, key=key)
+    except (OSError, ValueError, KeyError):  # pyarrow's errors are ValueErrors
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def trains_on(renderer: Renderer, train_on: str) -> Renderer:
     """The renderer for a source with its own train_on: the same probed template, other turns trained."""
     other = copy.copy(renderer)
     other.train_on = train_on
@@ -264,7 +275,7 @@ def _with_origin(dataset, conversations: list[Conversation]):
     return dataset.add_column("source", [conversations[i].group or conversations[i].source for i in rows])
 
 
-def _save(folder: Path, dataset, split: Split) -> None:
+def save_split(folder: Path, dataset, split: Split) -> None:
     """Write to a temporary folder and rename, so a killed run never leaves a half cache entry."""
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -200,16 +201,51 @@ def _decode(data: bytes, path: str) -> str:
 def _read_jsonl(text: str, path: str) -> list[RawRow]:
     rows, problems = [], []
     for number, line in enumerate(jsonl_lines(text), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(RawRow(path, f"line {number}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            problems.append(Problem(path, f"line {number}", "", _syntax(e)))
-        except RecursionError:
-            problems.append(Problem(path, f"line {number}", "", TOO_DEEP))
-        except ValueError as e:  # an integer of more digits than Python converts (4300)
-            problems.append(Problem(path, f"line {number}", "", f"malformed JSON: {e}"))
+        if line.strip():
+            parsed = _parse_line(line, path, number)
+            (rows if isinstance(parsed, RawRow) else problems).append(parsed)
     if problems:
         raise MalformedLines(problems, rows)
     return rows
+
+
+def _parse_line(line: str, path: str, number: int) -> RawRow | Problem:
+    try:
+        return RawRow(path, f"line {number}", json.loads(line))
+    except json.JSONDecodeError as e:
+        return Problem(path, f"line {number}", "", _syntax(e))
+    except RecursionError:
+        return Problem(path, f"line {number}", "", TOO_DEEP)
+    except ValueError as e:  # an integer of more digits than Python converts (4300)
+        return Problem(path, f"line {number}", "", f"malformed JSON: {e}")
+
+
+def iter_rows(path: str) -> Iterator[RawRow | Problem]:
+    """The rows of one file one at a time, each bad one a Problem, for data larger than memory
+    (data.streaming): a .jsonl file line by line, with read_rows' messages; any other source whole,
+    through read_rows (its whole-file problems, such as a missing file, too)."""
+    file = resolve_path(path)
+    if tables.is_hub(path) or file.suffix != ".jsonl" or not file.is_file():
+        try:
+            yield from read_rows(path)
+        except MalformedLines as e:
+            yield from e.problems
+            yield from e.rows
+        except DataError as e:
+            yield from e.problems
+        return
+    try:
+        with file.open("rb") as f:
+            for number, data in enumerate(f, 1):  # a binary file splits at b"\n" only, as jsonl_lines does
+                data = data.rstrip(b"\n").removesuffix(b"\r")
+                if number == 1:
+                    data = data.removeprefix(b"\xef\xbb\xbf")
+                try:
+                    line = data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield Problem(path, f"line {number}", "", f"invalid UTF-8 at byte {e.start + 1} of the line")
+                    continue
+                if line.strip():
+                    yield _parse_line(line, path, number)
+    except OSError as e:
+        yield Problem(path, "", "", f"cannot be read: {e.strerror or e}")
