@@ -88,13 +88,8 @@ def report(cfg: Config, checked: Checked, stops: list[int], echo: Callable[[str]
 
 
 def _sizes(dataset) -> tuple[list[int], int]:
-    """Each sample's length and the trained tokens of all, computed by Arrow on the memory-mapped
-    columns: a streamed split may hold more tokens than Python lists of them would fit in memory."""
-    import pyarrow.compute as pc
-
-    lengths = pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
-    trained = pc.sum(pc.not_equal(pc.list_flatten(dataset.data.column("labels")), IGNORE)).as_py() or 0
-    return lengths, trained
+    lengths, trained = preflight.sample_sizes(dataset)
+    return lengths, sum(trained)
 
 
 def _per_source(dataset, sources: list[dict], echo: Callable[[str], None]) -> None:

@@ -25,6 +25,24 @@ def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.convert_ids_to_tokens(int(token_id))
 
 
+def sample_sizes(dataset) -> tuple[list[int], list[int]]:
+    """Each sample's length and trained tokens, computed chunk by chunk on the Arrow columns (zero-copy
+    where memory-mapped): a streamed split may hold more tokens than Python lists of them would fit."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
+    trained: list[int] = []
+    for chunk in dataset.data.column("labels").chunks:
+        if len(chunk) == 0:
+            continue
+        offsets = np.asarray(chunk.offsets)
+        mask = np.asarray(chunk.values.slice(offsets[0], offsets[-1] - offsets[0])) != IGNORE
+        cumulative = np.concatenate([[0], np.cumsum(mask)])
+        trained += (cumulative[offsets[1:] - offsets[0]] - cumulative[offsets[:-1] - offsets[0]]).tolist()
+    return lengths, trained
+
+
 def check(dataset, tokenizer, stop_ids: list[int], end_of_turn: int | None) -> Preflight:
     """Check every sample of a tokenized split (input_ids, labels, origin, cut)."""
     out = Preflight()

@@ -12,7 +12,7 @@ import pytest
 from chatlora.config.schema import DataConfig
 from chatlora.config.sources import IdentityConfig, SourceConfig
 from chatlora.data.prepare import load_sources
-from chatlora.errors import ConfigError, DataError
+from chatlora.errors import ConfigError
 from chatlora.model.tokenized import check_data
 
 from conftest import FIXTURES, tiny_config
@@ -134,29 +134,3 @@ def test_a_source_train_on_last_trains_fewer_tokens_of_its_rows_only(tiny_model_
     assert history_row - history_row_last == len("Try parsley.") + 1
     assert everything - last == history_row - history_row_last
 
-
-def test_streamed_data_gives_the_in_memory_samples_and_bounded_problems(tiny_model_dir, tmp_path):
-    data = write(tmp_path / "big.jsonl", qa("s", 60))
-    memory = check_data(tiny_config(tiny_model_dir, tmp_path, data=data), lambda _line: None, samples=0)
-    lines: list[str] = []
-    streamed = check_data(tiny_config(tiny_model_dir, tmp_path, "data.streaming=true", data=data), lines.append, samples=1)
-    for column in ("input_ids", "labels", "origin"):
-        assert streamed.data.train.dataset[column] == memory.data.train.dataset[column]
-    assert streamed.report["train"] == memory.report["train"] and "data: 60 training rows streamed" in lines
-    again = check_data(tiny_config(tiny_model_dir, tmp_path, "data.streaming=true", data=data), lambda _line: None)
-    assert again.data.train.cached and again.data.train.key == streamed.data.train.key  # a resume finds the same samples
-    # 30 bad rows: the first 20 named by line, the rest counted.
-    rows = [json.dumps(r) for r in qa("b", 40)]
-    for i in range(0, 40, 4):
-        rows[i] = '{"instruction": "x", "output": }'
-        rows[i + 1] = json.dumps({"instruction": "x", "output": ""})
-        rows[i + 2] = json.dumps({"instruction": "x"})
-    (tmp_path / "bad.jsonl").write_text("\n".join(rows))
-    cfg = tiny_config(tiny_model_dir, tmp_path, "data.streaming=true", data=str(tmp_path / "bad.jsonl"))
-    with pytest.raises(DataError) as e:
-        check_data(cfg, lambda _line: None)
-    assert len(e.value.problems) == 20 and e.value.more == 10
-    assert [(p.where, p.field) for p in e.value.problems[:3]] == [("line 1", ""), ("line 2", "output"), ("line 3", "output")]
-    assert "the data has 30 problems:" in str(e.value) and "... and 10 more" in str(e.value)
-    with pytest.raises(ConfigError, match="data.streaming reads the sources once"):
-        DataConfig(train=[SourceConfig(path=data, weight=0.5), data], streaming=True)
