@@ -63,7 +63,7 @@ def source_files(path: str) -> list[str]:
     if not file.exists() and glob.has_magic(str(file)):
         found = sorted(p for p in glob.glob(str(file), recursive=True) if Path(p).suffix in DATA_SUFFIXES)
         if not found:
-            _fail(path, f"the pattern matches no data file ({', '.join(DATA_SUFFIXES)})")
+            _fail(path, f"no such file, and as a pattern it matches no data file ({', '.join(DATA_SUFFIXES)})")
         return found
     return [path]
 
