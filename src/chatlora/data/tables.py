@@ -126,7 +126,6 @@ def read_hub(path: str) -> list[tuple[str, Any]]:
         return _rows(path, data.to_list())
     try:
         from modelscope.msdatasets import MsDataset
-        from modelscope.utils.constant import DEFAULT_DATASET_REVISION  # noqa: F401  (the package is whole)
     except ImportError:
         _fail(path, "ModelScope datasets need the modelscope package: pip install 'chatlora[modelscope]'")
     import os
