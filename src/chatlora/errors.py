@@ -61,17 +61,18 @@ class DataError(ChatloraError):
 
     MAX_SHOWN = 50
 
-    def __init__(self, problems: list[Problem], hint: str = ""):
+    def __init__(self, problems: list[Problem], hint: str = "", more: int = 0):
         self.problems = problems
         self.hint = hint
+        self.more = more  # problems counted but not kept (streamed data keeps the first few only)
         super().__init__(self._message())
 
     def _message(self) -> str:
-        n = len(self.problems)
+        n = len(self.problems) + self.more
         lines = [f"the data has {n} problem{'s' if n != 1 else ''}:"]
         lines += [f"  {p}" for p in self.problems[: self.MAX_SHOWN]]
-        if n > self.MAX_SHOWN:
-            lines.append(f"  ... and {n - self.MAX_SHOWN} more")
+        if n > min(self.MAX_SHOWN, len(self.problems)):
+            lines.append(f"  ... and {n - min(self.MAX_SHOWN, len(self.problems))} more")
         if self.hint:
             lines.append(self.hint)
         return "\n".join(lines)

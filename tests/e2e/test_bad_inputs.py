@@ -129,7 +129,7 @@ def a_file(folder: Path, model: Path) -> Path:
 def a_folder(folder: Path, model: Path) -> Path:
     path = folder / "train.jsonl"
     path.mkdir()
-    (path / "part-0.jsonl").write_text('{"instruction": "hi", "output": "ok"}\n')
+    (path / "part-0.txt").write_text('{"instruction": "hi", "output": "ok"}\n')  # a folder of .jsonl files is read
     return path
 
 
@@ -182,7 +182,7 @@ CASES = [
     data("string_top.json", "{data}: a .json data file must hold a list of rows, not a string"),
     data("rows_are_lists.jsonl", "{data}: rows fit no known format; keys seen: no object rows at all"),
     data("unknown_format.jsonl", "{data}: rows fit no known format; keys seen: question, answer", "Expected one of alpaca"),
-    data("csv_data.csv", "{data}:line 1: malformed JSON at column 1"),
+    data("csv_data.csv", "{data}:row 2: 3 cells, but the header names 2 columns"),
     made("invalid UTF-8 (GBK)", gbk, "{made}:line 2: invalid UTF-8 at byte 18 of the line", "iconv -f GBK -t UTF-8"),
     made("UTF-16 with BOM", utf16, "{made}: not UTF-8 JSON: the file is UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8"),
     made("gzip named .jsonl", gzipped, "{made}: not UTF-8 JSON: the file is gzip-compressed; decompress it first"),
@@ -221,7 +221,10 @@ CASES = [
          args=("data.max_length=64", "data.overlong=error")),
     # Paths that are not data files.
     made("missing file", missing, "{made}: no such file"),
-    made("a folder", a_folder, "{made}: is a folder, not a data file"),
+    made("a folder", a_folder, "{made}: the folder holds no data file (.json, .jsonl, .csv, .parquet, .arrow)"),
+    # A hub dataset that is not in the cache, offline: one line naming it and the cache looked in.
+    Case("hf: dataset offline", ["data", "check", "{base}", "data.train=hf:nobody/nothing@train"],
+         ["hf:nobody/nothing@train: cannot be loaded (ConnectionError", "looked in the cache"]),
     made("unreadable file", unreadable, "{made}: cannot be read: "),
     made("a named pipe", fifo, "{made}: is not a regular file"),
     # Bad data through `train`, aimed at an existing run to resume: nothing of it may change.

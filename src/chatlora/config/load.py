@@ -218,6 +218,9 @@ def _check(hint: Any, value: Any, where: str) -> Any:
         options = typing.get_args(hint)
         if type(value) in options:  # an exact match first: "all-linear" stays a str, not ["all-linear"]
             return value
+        shapes = [o for o in options if dataclasses.is_dataclass(o)]
+        if isinstance(value, dict) and shapes:  # a mapping for a section: its own errors name the bad key
+            return build(shapes[0], value, where + ".")
         for option in options:
             try:
                 return _check(option, value, where)
@@ -278,4 +281,8 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         rows.append((f"{prefix}{f.name}", repr(default), docs.get(f.name, "")))
+        # A list whose items may be sections (data.train's source mappings): their keys as `key[].field`.
+        items = typing.get_args(hints[f.name])[:1] if typing.get_origin(hints[f.name]) is list else ()
+        for shape in (o for item in items for o in typing.get_args(item) if dataclasses.is_dataclass(o)):
+            rows += [row for row in field_docs(shape, f"{prefix}{f.name}[].")]
     return rows

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatlora.config.sources import IdentityConfig, SourceConfig, check_sources
 from chatlora.errors import ConfigError
 
 
@@ -78,9 +79,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)
-    """Training files (JSON or JSONL): alpaca, ShareGPT or OpenAI `messages` rows, detected per file.
-    A path starting with `chatlora:` is inside the installed package (e.g. the demo data)."""
+    train: list[str | SourceConfig] = field(default_factory=list)
+    """Training sources: alpaca, ShareGPT or OpenAI `messages` rows, detected per file. Each is a path
+    (JSON, JSONL, CSV, Parquet, Arrow, a folder or glob of them, a `datasets` save_to_disk folder,
+    `hf:org/name[:config][@split]`, `modelscope:org/name`; `chatlora:` is inside the installed
+    package) or a mapping `{path, columns, roles, weight, samples, system_prompt, train_on}`
+    (data.train[].* below) that renames keys and mixes the sources."""
     validation: str | float | None = None
     """Held-out data: a file path, or a fraction (0 < f < 1) of the training rows split off with `seed`."""
     format: str = "auto"
@@ -111,7 +115,16 @@ class DataConfig:
     `auto`: the largest budget the memory plan says fits the GPU (see `chatlora plan`); with
     training.gradient_checkpointing=auto it also decides checkpointing. Training says what it chose."""
     seed: int = 42
-    """Seed of the validation split."""
+    """Seed of the validation split and of the sources' mix (weight, samples)."""
+    dedup: bool = True
+    """Drop a conversation that an earlier source already holds, identical (counted in the report)."""
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    """An identity set: "who are you / who made you" conversations with the assistant's name."""
+    streaming: bool = False
+    """For training data larger than memory: each row is read, checked and tokenized as it is read
+    (JSONL line by line) and the samples go straight to the on-disk cache, which training reads
+    memory-mapped. Bad rows are reported by line, the first 20 and a count of the rest. The sources
+    are taken whole and in order: no weight, samples, identity, fractional validation or dedup."""
     cache_dir: str | None = None
     """Where tokenized data is cached by content; default `$CHATLORA_CACHE` or ~/.cache/chatlora."""
 
@@ -120,6 +133,7 @@ class DataConfig:
             self.train = [self.train]
         if not self.train:
             raise ConfigError("data.train: give at least one training file (data.train=path/to/data.json)")
+        check_sources(self.train, self.streaming, self.identity.name is not None or isinstance(self.validation, float))
         _choice("data", "format", self.format, ("auto", "alpaca", "sharegpt", "openai"))
         _choice("data", "overlong", self.overlong, ("drop", "truncate", "error"))
         _choice("data", "train_on", self.train_on, ("all", "last"))

@@ -6,8 +6,9 @@ system message, then user and assistant turns alternating, ending with an assist
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from chatlora.data.read import RawRow
 from chatlora.errors import DataError, Problem
@@ -30,6 +31,50 @@ class Conversation:
     messages: list[Message]
     source: str
     where: str
+    group: str = ""
+    """The `data.train` source it came from (a folder's or glob's files share one); "" = `source`."""
+    train_on: str | None = field(default=None, compare=False)
+    """The source's own data.train_on, when it has one."""
+
+
+# Per-turn keys: renamed inside each turn of `messages` / `conversations`, not at the row's top level.
+TURN_KEYS = ("role", "content", "from", "value")
+
+
+def map_columns(rows: list[RawRow], columns: dict[str, str], roles: dict[str, str]) -> list[RawRow]:
+    """Rows with the file's own key and role names renamed to chatlora's (a source's `columns` and
+    `roles`: ours -> the file's). A key of ours that another column is renamed to is dropped, so a
+    file holding both `output` and `answer` with `output: answer` trains on `answer`."""
+    if not columns and not roles:
+        return rows
+    top = {theirs: ours for ours, theirs in columns.items() if ours not in TURN_KEYS}
+    turn = {theirs: ours for ours, theirs in columns.items() if ours in TURN_KEYS}
+    role_names = {theirs: ours for ours, theirs in roles.items()}
+    out = []
+    for row in rows:
+        value = row.value
+        if isinstance(value, dict):
+            value = {top.get(k, k): v for k, v in value.items() if k in top or k not in columns}
+            for key in ("messages", "conversations"):
+                if isinstance(value.get(key), list):
+                    value[key] = [_map_turn(t, turn, role_names, columns) for t in value[key]]
+        out.append(RawRow(row.source, row.where, value))
+    return out
+
+
+def _map_turn(turn, keys: dict[str, str], role_names: dict[str, str], columns: dict[str, str]):
+    if not isinstance(turn, dict):
+        return turn
+    turn = {keys.get(k, k): v for k, v in turn.items() if k in keys or k not in columns}
+    for key in ("role", "from"):
+        if isinstance(turn.get(key), str):
+            turn[key] = role_names.get(turn[key], turn[key])
+    return turn
+
+
+def file_field(name: str, columns: dict[str, str]) -> str:
+    """A problem's field (`messages[2].content`) under the file's own key names (`dialog[2].text`)."""
+    return re.sub(r"[A-Za-z_]+", lambda m: columns.get(m.group(), m.group()), name) if columns else name
 
 
 def detect_format(rows: list[RawRow], path: str) -> str:
@@ -46,8 +91,11 @@ def detect_format(rows: list[RawRow], path: str) -> str:
     return votes.most_common(1)[0][0]
 
 
-def to_conversations(rows: list[RawRow], fmt: str, system_prompt: str | None = None) -> list[Conversation]:
-    """Convert and check every row. Raises DataError listing every bad row at once."""
+def to_conversations(rows: list[RawRow], fmt: str, system_prompt: str | None = None,
+                     columns: dict[str, str] | None = None) -> list[Conversation]:
+    """Convert and check every row (mapped by `map_columns` first, if the source renames keys; its
+    `columns` name the fields of problems as the file has them). Raises DataError listing every bad
+    row at once."""
     convert = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai}[fmt]
     out, problems = [], []
     for row in rows:
@@ -62,7 +110,7 @@ def to_conversations(rows: list[RawRow], fmt: str, system_prompt: str | None = N
                 if system_prompt is not None and messages[0]["role"] != "system":
                     messages.insert(0, {"role": "system", "content": system_prompt})
                 out.append(Conversation(messages, row.source, row.where))
-        problems += [Problem(row.source, row.where, field, reason) for field, reason in errs]
+        problems += [Problem(row.source, row.where, file_field(name, columns or {}), reason) for name, reason in errs]
     if problems:
         raise DataError(problems, hint=f"Rows were read as {fmt}: {EXPECTED}.")
     return out

@@ -55,8 +55,7 @@ def report(cfg: Config, checked: Checked, stops: list[int], echo: Callable[[str]
     tokenizer, data, summary = checked.tokenizer, checked.data, checked.report
     end_of_turn = checked.renderer.end_of_turn()
     for split in filter(None, (data.train, data.validation)):
-        lengths = [len(ids) for ids in split.dataset["input_ids"]]
-        trained = sum(sum(1 for t in labels if t != IGNORE) for labels in split.dataset["labels"])
+        lengths, trained = _sizes(split.dataset)
         summary[split.name] = {"rows": split.rows, "samples": len(lengths), "tokens": sum(lengths),
                                "trained_tokens": trained, "longest": max(lengths, default=0), "rules": split.rules}
         echo(f"{split.name}: {split.rows} rows -> {len(lengths)} samples, {sum(lengths):,} tokens "
@@ -64,8 +63,10 @@ def report(cfg: Config, checked: Checked, stops: list[int], echo: Callable[[str]
              + (" [tokenized earlier: from cache]" if split.cached else ""))
         if split.rules:
             echo("  truncation: " + ", ".join(f"{k} {v}" for k, v in sorted(split.rules.items())))
+        if split is data.train and len(summary.get("sources", [])) > 1:
+            _per_source(split.dataset, summary["sources"], echo)
     echo("sample lengths (tokens):")
-    for line in preflight.histogram([len(ids) for ids in data.train.dataset["input_ids"]]):
+    for line in preflight.histogram(_sizes(data.train.dataset)[0]):
         echo(line)
     shown = min(samples, len(data.train.dataset))
     if shown:
@@ -84,6 +85,28 @@ def report(cfg: Config, checked: Checked, stops: list[int], echo: Callable[[str]
     if result.failures:
         raise PreflightError("pre-flight failed:\n" + "\n".join(f"  - {f}" for f in result.failures))
     echo("pre-flight: ok")
+
+
+def _sizes(dataset) -> tuple[list[int], int]:
+    lengths, trained = preflight.sample_sizes(dataset)
+    return lengths, sum(trained)
+
+
+def _per_source(dataset, sources: list[dict], echo: Callable[[str], None]) -> None:
+    """One line per training source after mixing: rows read, dropped, held out; samples and tokens."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = pa.table({"source": dataset.data.column("source"), "n": pc.list_value_length(dataset.data.column("input_ids"))})
+    tokens = {row["source"]: row["n_sum"] for row in table.group_by("source").aggregate([("n", "sum")]).to_pylist()}
+    total = sum(tokens.values()) or 1
+    for count in sources:
+        t = tokens.get(count["name"], 0)
+        dropped = [f"{count['duplicates']} duplicates dropped"] if count["duplicates"] else []
+        dropped += [f"{count['held_out']} held out"] if count["held_out"] else []
+        count["tokens"] = t
+        echo(f"  {count['name']}: {count['rows']} rows" + (f" ({', '.join(dropped)})" if dropped else "")
+             + f" -> {count['samples']} drawn, {t:,} tokens ({100 * t / total:.1f}%)")
 
 
 def held_out(target: str | Path, data: str | None) -> tuple[list[Conversation], str]:

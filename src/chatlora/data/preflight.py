@@ -25,6 +25,24 @@ def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.convert_ids_to_tokens(int(token_id))
 
 
+def sample_sizes(dataset) -> tuple[list[int], list[int]]:
+    """Each sample's length and trained tokens, computed chunk by chunk on the Arrow columns (zero-copy
+    where memory-mapped): a streamed split may hold more tokens than Python lists of them would fit."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
+    trained: list[int] = []
+    for chunk in dataset.data.column("labels").chunks:
+        if len(chunk) == 0:
+            continue
+        offsets = np.asarray(chunk.offsets)
+        mask = np.asarray(chunk.values.slice(offsets[0], offsets[-1] - offsets[0])) != IGNORE
+        cumulative = np.concatenate([[0], np.cumsum(mask)])
+        trained += (cumulative[offsets[1:] - offsets[0]] - cumulative[offsets[:-1] - offsets[0]]).tolist()
+    return lengths, trained
+
+
 def check(dataset, tokenizer, stop_ids: list[int], end_of_turn: int | None) -> Preflight:
     """Check every sample of a tokenized split (input_ids, labels, origin, cut)."""
     out = Preflight()
@@ -50,14 +68,18 @@ def check(dataset, tokenizer, stop_ids: list[int], end_of_turn: int | None) -> P
     # it as text (or the template writes more after it). Other stop tokens (model.stop_tokens) may be
     # ordinary text a reply contains.
     stops = {end_of_turn, tokenizer.eos_token_id} - {None}
-    for labels, origin, cut in zip(dataset["labels"], dataset["origin"], dataset["cut"]):
-        trained = [t for t in labels if t != IGNORE]
-        if not trained:
-            empty.append(origin)
-        elif not cut and trained[-1] not in stop_ids:
-            unstopped.append(f"{origin} (ends on {token_text(tokenizer, trained[-1])!r})")
-        if any(t in stops and k + 1 < len(labels) and labels[k + 1] != IGNORE for k, t in enumerate(labels)):
-            past.append(origin)
+    # A Dataset in batches (a streamed split may not fit in memory as Python lists); a dict of columns whole.
+    columns = ["labels", "origin", "cut"]
+    batches = dataset.select_columns(columns).iter(batch_size=1024) if hasattr(dataset, "select_columns") else [dataset]
+    for batch in batches:
+        for labels, origin, cut in zip(batch["labels"], batch["origin"], batch["cut"]):
+            trained = [t for t in labels if t != IGNORE]
+            if not trained:
+                empty.append(origin)
+            elif not cut and trained[-1] not in stop_ids:
+                unstopped.append(f"{origin} (ends on {token_text(tokenizer, trained[-1])!r})")
+            if any(t in stops and k + 1 < len(labels) and labels[k + 1] != IGNORE for k, t in enumerate(labels)):
+                past.append(origin)
     if empty:
         out.failures.append(f"{len(empty)} sample(s) have no trained token: {_few(empty)}")
     if past:

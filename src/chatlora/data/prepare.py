@@ -5,6 +5,7 @@ Validation reads every file before any model is loaded, so a bad row costs secon
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -17,8 +18,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from chatlora.config.schema import DataConfig
-from chatlora.data.formats import Conversation, detect_format, to_conversations
-from chatlora.data.read import MalformedLines, read_rows
+from chatlora.config.sources import SourceConfig, as_source
+from chatlora.data.formats import Conversation, detect_format, map_columns, to_conversations
+from chatlora.data.identity import SOURCE as IDENTITY, identity_conversations
+from chatlora.data.mix import SourceCount, dedup, mix
+from chatlora.data.read import MalformedLines, read_rows, source_files
 from chatlora.data.render import Renderer, RenderError
 from chatlora.data.truncate import REPLY_TOO_LONG, fit
 from chatlora.errors import DataError, Problem, refuse_file_in_the_way
@@ -51,30 +55,51 @@ class Prepared:
     val_conversations: list[Conversation]
 
 
-def read_conversations(paths: list[str], cfg: DataConfig, formats: dict[str, str]) -> list[Conversation]:
-    """Every row of every file, converted and checked; one DataError lists all bad rows of all files."""
-    out, problems, hints = [], [], []
-    for path in paths:
-        mine = []
+Group = tuple[SourceConfig, list[Conversation]]
+
+
+def read_sources(entries: list[str | SourceConfig], cfg: DataConfig, formats: dict[str, str]) -> list[Group]:
+    """Every row of every source (each file of a folder or glob), renamed by the source's columns,
+    converted and checked: one DataError lists all bad rows of all sources. `formats` gets each file's."""
+    groups, problems, hints = [], [], []
+    for entry in entries:
+        source, conversations = as_source(entry), []
         try:
-            try:
-                rows = read_rows(path)
-            except MalformedLines as e:  # the lines that parsed are checked too: one run lists every problem
-                mine, rows = e.problems, e.rows
-            if rows:
-                fmt = cfg.format if cfg.format != "auto" else detect_format(rows, path)
-                formats[path] = fmt
-                out += to_conversations(rows, fmt, cfg.system_prompt)
+            files = source_files(source.path)
         except DataError as e:
-            mine += e.problems
-            if e.hint and e.hint not in hints:
-                hints.append(e.hint)
-        problems += sorted(mine, key=_line_number)  # syntax and field problems in the file's order
+            problems += e.problems
+            continue
+        system_prompt = source.system_prompt if source.system_prompt is not None else cfg.system_prompt
+        for path in files:
+            mine = []
+            try:
+                try:
+                    rows = read_rows(path)
+                except MalformedLines as e:  # the lines that parsed are checked too: one run lists every problem
+                    mine, rows = e.problems, e.rows
+                if rows:
+                    rows = map_columns(rows, source.columns, source.roles)
+                    fmt = cfg.format if cfg.format != "auto" else detect_format(rows, path)
+                    formats[path] = fmt
+                    for conv in to_conversations(rows, fmt, system_prompt, source.columns):
+                        conv.group, conv.train_on = source.path, source.train_on
+                        conversations.append(conv)
+            except DataError as e:
+                mine += e.problems
+                if e.hint and e.hint not in hints:
+                    hints.append(e.hint)
+            problems += sorted(mine, key=_line_number)  # syntax and field problems in the file's order
+        groups.append((source, conversations))
     if problems:
         if any(p.where for p in problems):  # not for a whole-file problem (a missing or empty file)
             hints.append("Fix the rows above, or remove them, and run again.")
         raise DataError(problems, hint="\n".join(hints))
-    return out
+    return groups
+
+
+def read_conversations(paths: list[str], cfg: DataConfig, formats: dict[str, str]) -> list[Conversation]:
+    """Every row of every file, converted and checked; one DataError lists all bad rows of all files."""
+    return [conv for _, conversations in read_sources(paths, cfg, formats) for conv in conversations]
 
 
 def _line_number(problem: Problem) -> int:
@@ -82,23 +107,60 @@ def _line_number(problem: Problem) -> int:
     return int(number) if number.isdigit() else 0
 
 
-def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conversation], dict[str, str]]:
-    """(train, validation, formats). A fractional `validation` is split off the training rows with `seed`."""
+@dataclass
+class Loaded:
+    """The conversations of a config's data, before tokenizing."""
+
+    train: list[Conversation]
+    """One epoch's conversations after deduplication, the held-out split and mixing."""
+    validation: list[Conversation]
+    formats: dict[str, str]
+    """Each file's row format."""
+    sources: list[SourceCount]
+    """What each training source gave (identity last, when set)."""
+
+
+def load_sources(cfg: DataConfig) -> Loaded:
+    """Read every source (and the identity set), drop conversations an earlier source holds (data.dedup),
+    hold out the validation rows (a file, or a fraction of all training rows split off with `seed`),
+    then mix what is left by each source's weight or samples (data/mix.py)."""
     formats: dict[str, str] = {}
-    train = read_conversations(cfg.train, cfg, formats)
+    groups = read_sources(cfg.train, cfg, formats)
+    identity = identity_conversations(cfg.identity, cfg.system_prompt)
+    if identity:
+        groups.append((SourceConfig(path=IDENTITY), identity))
+    counts = [SourceCount(source.path, len(conversations)) for source, conversations in groups]
+    if cfg.dedup and len(groups) > 1:
+        groups, dropped = dedup(groups)
+        for count, n in zip(counts, dropped):
+            count.duplicates = n
     val: list[Conversation] = []
     if isinstance(cfg.validation, str):
         val = read_conversations([cfg.validation], cfg, formats)
     elif isinstance(cfg.validation, float):
-        order = list(range(len(train)))
+        total = sum(len(c) for _, c in groups)
+        order = list(range(total))
         random.Random(cfg.seed).shuffle(order)
-        n = max(1, round(len(train) * cfg.validation))
-        held = set(order[:n])
-        val = [c for i, c in enumerate(train) if i in held]
-        train = [c for i, c in enumerate(train) if i not in held]
+        held = set(order[: max(1, round(total * cfg.validation))])
+        start, kept = 0, []
+        for (source, conversations), count in zip(groups, counts):
+            val += [c for i, c in enumerate(conversations, start) if i in held]
+            kept.append((source, [c for i, c in enumerate(conversations, start) if i not in held]))
+            count.held_out = len(conversations) - len(kept[-1][1])
+            start += len(conversations)
+        groups = kept
+    train, drawn = mix(groups, cfg.seed)
+    for count, n in zip(counts, drawn):
+        count.samples = n
     if not train:
-        raise DataError([Problem(", ".join(cfg.train), "", "", "no training rows")])
-    return train, val, formats
+        raise DataError([Problem(", ".join(as_source(e).path for e in cfg.train), "", "", "no training rows")])
+    return Loaded(train, val, formats, counts)
+
+
+def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conversation], dict[str, str]]:
+    """(train, validation, formats) of `load_sources`."""
+    loaded = load_sources(cfg)
+    return loaded.train, loaded.validation, loaded.formats
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -124,6 +186,8 @@ def cache_key(conversations: list[Conversation], cfg: DataConfig, fingerprint: s
     h.update(json.dumps([PIPELINE_VERSION, settings, fingerprint]).encode())
     for c in conversations:
         h.update(json.dumps(c.messages, ensure_ascii=False).encode())
+        if c.train_on is not None:  # a source's own train_on (None keeps the keys of before it existed)
+            h.update(f"train_on={c.train_on}".encode())
     return h.hexdigest()[:24]
 
 
@@ -136,20 +200,21 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
     datasets.disable_progress_bars()  # our own bar says what is happening; theirs would add two more
     key = cache_key(conversations, cfg, fingerprint)
     folder = cache / key if cache else None
-    if folder is not None and (folder / "split.json").is_file():
-        try:
-            meta = json.loads((folder / "split.json").read_text())
-            dataset = _with_origin(datasets.load_from_disk(str(folder / "data")), conversations)
-            return Split(name, dataset, meta["rows"], meta["rules"], cached=True, key=key)
-        except (OSError, ValueError, KeyError):  # a damaged entry (pyarrow's errors are ValueErrors): made again
-            shutil.rmtree(folder, ignore_errors=True)
+    found = load_split(folder, name, key) if folder is not None else None
+    if found is not None:
+        found.dataset = _with_origin(found.dataset, conversations)
+        return found
     columns: dict[str, list] = {"input_ids": [], "labels": [], "row": [], "cut": []}
     counts: Counter[str] = Counter()
     problems, unrendered = [], 0
+    renderers = {renderer.train_on: renderer}
     for index, conv in enumerate(tqdm(conversations, desc=f"tokenizing {name}", unit="row", leave=False)):
         before = counts[REPLY_TOO_LONG]
+        want = conv.train_on or renderer.train_on
+        if want not in renderers:
+            renderers[want] = trains_on(renderer, want)
         try:
-            samples = fit(conv.messages, renderer, cfg.max_length, cfg.overlong, counts)
+            samples = fit(conv.messages, renderers[want], cfg.max_length, cfg.overlong, counts)
         except RenderError as e:
             problems.append(Problem(conv.source, conv.where, "", str(e)))
             unrendered += 1
@@ -175,19 +240,42 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
     dataset = datasets.Dataset.from_dict(columns)
     split = Split(name, dataset, len(conversations), dict(counts), key=key)
     if folder is not None:
-        _save(folder, dataset, split)
+        save_split(folder, dataset, split)
     split.dataset = _with_origin(split.dataset, conversations)
     return split
 
 
+def load_split(folder: Path, name: str, key: str) -> Split | None:
+    """The split cached in `folder`, memory-mapped, or None (a damaged entry is removed, to be made again)."""
+    import datasets
+
+    if not (folder / "split.json").is_file():
+        return None
+    try:
+        meta = json.loads((folder / "split.json").read_text())
+        return Split(name, datasets.load_from_disk(str(folder / "data")), meta["rows"], meta["rules"], cached=True, key=key)
+    except (OSError, ValueError, KeyError):  # pyarrow's errors are ValueErrors
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def trains_on(renderer: Renderer, train_on: str) -> Renderer:
+    """The renderer for a source with its own train_on: the same probed template, other turns trained."""
+    other = copy.copy(renderer)
+    other.train_on = train_on
+    return other
+
+
 def _with_origin(dataset, conversations: list[Conversation]):
-    """The dataset with each sample's `origin` (file and line or index, for messages) taken from this
-    run's conversations. The cache is keyed by content, not by path: an entry made from a copy of the
-    file elsewhere must still name the file the user gave."""
-    return dataset.add_column("origin", [f"{conversations[i].source}:{conversations[i].where}" for i in dataset["row"]])
+    """The dataset with each sample's `origin` (file and line or index, for messages) and `source` (its
+    data.train entry) taken from this run's conversations. The cache is keyed by content, not by path:
+    an entry made from a copy of the file elsewhere must still name the file the user gave."""
+    rows = dataset["row"]
+    dataset = dataset.add_column("origin", [f"{conversations[i].source}:{conversations[i].where}" for i in rows])
+    return dataset.add_column("source", [conversations[i].group or conversations[i].source for i in rows])
 
 
-def _save(folder: Path, dataset, split: Split) -> None:
+def save_split(folder: Path, dataset, split: Split) -> None:
     """Write to a temporary folder and rename, so a killed run never leaves a half cache entry."""
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,9 @@ from collections.abc import Callable
 
 from chatlora.config.schema import Config
 from chatlora.data.pipeline import Checked, renderer_for, report
-from chatlora.data.prepare import load_conversations, prepare
+from dataclasses import asdict
+
+from chatlora.data.prepare import Loaded, Prepared, cache_root, load_sources, prepare, read_conversations, tokenize_split, tokenizer_fingerprint
 from chatlora.model.source import resolve
 
 
@@ -22,8 +24,8 @@ def load_data(cfg: Config, echo: Callable[[str], None] = print) -> Checked:
 
     Raises DataError (bad rows, before anything is loaded) or ModelError (tokenizer not found).
     """
-    train_rows, val_rows, formats = load_conversations(cfg.data)
-    for path, fmt in formats.items():
+    loaded = _streamed_validation(cfg) if cfg.data.streaming else load_sources(cfg.data)
+    for path, fmt in loaded.formats.items():
         echo(f"data: {path} ({fmt})")
     source = resolve(cfg.model)
     # Imported only now: torch and transformers take seconds to import, and a bad row or a model path
@@ -36,8 +38,26 @@ def load_data(cfg: Config, echo: Callable[[str], None] = print) -> Checked:
     note = fix_pad_token(tokenizer, end_of_turn)
     if note:
         echo(note)
-    data = prepare(cfg.data, tokenizer, renderer, train_rows, val_rows)
-    return Checked(source, tokenizer, generation_config, renderer, data, {"formats": formats})
+    if cfg.data.streaming:  # the training rows are checked as they are tokenized, after the tokenizer loads
+        from chatlora.data.stream import stream_split
+
+        fingerprint = tokenizer_fingerprint(tokenizer, renderer)
+        val = loaded.validation
+        val_split = tokenize_split("validation", val, renderer, cfg.data, cache_root(cfg.data), fingerprint) if val else None
+        data = Prepared(stream_split(cfg.data, renderer, fingerprint), val_split, val)
+        echo(f"data: {data.train.rows:,} training rows streamed" + (" [from cache]" if data.train.cached else ""))
+    else:
+        data = prepare(cfg.data, tokenizer, renderer, loaded.train, loaded.validation)
+    summary = {"formats": loaded.formats, "sources": [asdict(count) for count in loaded.sources]}
+    return Checked(source, tokenizer, generation_config, renderer, data, summary)
+
+
+def _streamed_validation(cfg: Config) -> Loaded:
+    """With data.streaming, only the validation file is read up front (the training rows stream later)."""
+    formats: dict[str, str] = {}
+    validation = cfg.data.validation
+    val = read_conversations([validation], cfg.data, formats) if isinstance(validation, str) else []
+    return Loaded([], val, formats, [])
 
 
 def check_data(cfg: Config, echo: Callable[[str], None] = print, samples: int = 2, color: bool | None = None) -> Checked:

@@ -48,8 +48,9 @@ def card(cfg: Config) -> tuple[Gpu | None, float | None, str]:
 
 
 def samples_of(data) -> Samples:
-    ds = data.train.dataset
-    return Samples([len(x) for x in ds["input_ids"]], [sum(1 for t in y if t != -100) for y in ds["labels"]])
+    from chatlora.data.preflight import sample_sizes
+
+    return Samples(*sample_sizes(data.train.dataset))  # by Arrow chunks: a streamed split may not fit in memory
 
 
 def worst_case(cfg: Config) -> Samples:
