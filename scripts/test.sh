@@ -11,5 +11,7 @@ if ! command -v chromium >/dev/null; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null
 fi
-# The 20 slowest tests are listed at the end: CI's log shows where its minutes go.
-exec .venv/bin/python -m pytest -q --durations=20 "$@"
+# Two workers (pytest-xdist): much of the suite waits on process start-up, servers and subprocesses,
+# which a second worker overlaps; tests/conftest.py keeps each whole-run file on one worker. The 20
+# slowest tests are listed at the end: CI's log shows where its minutes go.
+exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=20 "$@"
