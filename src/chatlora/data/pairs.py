@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from chatlora.data.formats import Message, _check_order, _text, _turns
+from chatlora.data.formats import Conversation, Message, _check_order, _text, _turns
 from chatlora.data.read import RawRow
 from chatlora.data.render import IGNORE, Renderer, RenderError, Tokenized
 from chatlora.errors import DataError, Problem
@@ -208,3 +208,15 @@ def render_preference(renderer: Renderer, row: Preference) -> tuple[Tokenized, T
 
 def _untrained_head(sample: Tokenized) -> int:
     return next(k for k, label in enumerate(sample.labels) if label != IGNORE)
+
+
+def read_preferences(rows: list[RawRow], path: str, fmt: str, system_prompt: str | None) -> tuple[str, list[Preference]]:
+    """(format, checked rows) of one file: `fmt` auto detects it. Raises DataError."""
+    fmt = detect(rows, path) if fmt == "auto" else fmt
+    return fmt, to_preferences(rows, fmt, system_prompt)
+
+
+def as_conversation(row: Preference):
+    """The row as a conversation answered by its chosen reply: what the held-out replies monitor asks."""
+    return Conversation(row.prompt + [row.chosen], row.source, row.where)
+

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from chatlora.config.schema import DataConfig
 from chatlora.data.formats import Conversation, detect_format, to_conversations
+from chatlora.data.pairs import Preference, as_conversation, read_preferences, render_preference
 from chatlora.data.read import MalformedLines, read_rows
 from chatlora.data.render import Renderer, RenderError
 from chatlora.data.truncate import REPLY_TOO_LONG, fit
@@ -51,8 +52,9 @@ class Prepared:
     val_conversations: list[Conversation]
 
 
-def read_conversations(paths: list[str], cfg: DataConfig, formats: dict[str, str]) -> list[Conversation]:
-    """Every row of every file, converted and checked; one DataError lists all bad rows of all files."""
+def read_conversations(paths: list[str], cfg: DataConfig, formats: dict[str, str], preference: bool = False) -> list[Conversation]:
+    """Every row of every file, converted and checked; one DataError lists all bad rows of all files.
+    With `preference`, the rows are preference rows (data/pairs.py: Preference), not conversations."""
     out, problems, hints = [], [], []
     for path in paths:
         mine = []
@@ -61,7 +63,10 @@ def read_conversations(paths: list[str], cfg: DataConfig, formats: dict[str, str
                 rows = read_rows(path)
             except MalformedLines as e:  # the lines that parsed are checked too: one run lists every problem
                 mine, rows = e.problems, e.rows
-            if rows:
+            if rows and preference:
+                formats[path], checked = read_preferences(rows, path, "auto", cfg.system_prompt)
+                out += checked
+            elif rows:
                 fmt = cfg.format if cfg.format != "auto" else detect_format(rows, path)
                 formats[path] = fmt
                 out += to_conversations(rows, fmt, cfg.system_prompt)
@@ -82,13 +87,14 @@ def _line_number(problem: Problem) -> int:
     return int(number) if number.isdigit() else 0
 
 
-def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conversation], dict[str, str]]:
-    """(train, validation, formats). A fractional `validation` is split off the training rows with `seed`."""
+def load_conversations(cfg: DataConfig, preference: bool = False) -> tuple[list[Conversation], list[Conversation], dict[str, str]]:
+    """(train, validation, formats). A fractional `validation` is split off the training rows with `seed`.
+    With `preference`, preference rows (data/pairs.py) instead of conversations."""
     formats: dict[str, str] = {}
-    train = read_conversations(cfg.train, cfg, formats)
+    train = read_conversations(cfg.train, cfg, formats, preference)
     val: list[Conversation] = []
     if isinstance(cfg.validation, str):
-        val = read_conversations([cfg.validation], cfg, formats)
+        val = read_conversations([cfg.validation], cfg, formats, preference)
     elif isinstance(cfg.validation, float):
         order = list(range(len(train)))
         random.Random(cfg.seed).shuffle(order)
@@ -205,9 +211,63 @@ def _save(folder: Path, dataset, split: Split) -> None:
 
 
 def prepare(cfg: DataConfig, tokenizer, renderer: Renderer, train: list[Conversation], val: list[Conversation], use_cache: bool = True) -> Prepared:
-    """Tokenize the checked conversations of `load_conversations` (from the cache when it can)."""
+    """Tokenize the checked conversations of `load_conversations` (from the cache when it can), or
+    its preference rows (data/pairs.py)."""
     fingerprint = tokenizer_fingerprint(tokenizer, renderer)
+    if train and isinstance(train[0], Preference):
+        val_split = tokenize_preferences("validation", val, renderer, cfg, fingerprint) if val else None
+        return Prepared(tokenize_preferences("train", train, renderer, cfg, fingerprint), val_split, [as_conversation(r) for r in val])
     cache = cache_root(cfg) if use_cache else None
     train_split = tokenize_split("train", train, renderer, cfg, cache, fingerprint)
     val_split = tokenize_split("validation", val, renderer, cfg, cache, fingerprint) if val else None
     return Prepared(train_split, val_split, val)
+
+
+# How a pair too long for data.max_length is counted in a split's rules.
+PAIR_TOO_LONG = "pair longer than max_length: dropped"
+
+
+def tokenize_preferences(name: str, rows: list[Preference], renderer: Renderer, cfg, fingerprint: str):
+    """One split of preference rows as a datasets.Dataset (input_ids/labels: the chosen sample or the
+    KTO reply; rejected_input_ids/rejected_labels, or label). A pair longer than data.max_length is
+    dropped (data.overlong=error: refused). Raises DataError listing every row the template cannot
+    render. Not cached on disk: rendering a preference set takes seconds; the split's `key` still
+    names its content, for the resume check."""
+    import datasets
+
+    kto = rows[0].label is not None
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "row": [], "cut": []}
+    columns.update({"label": []} if kto else {"rejected_input_ids": [], "rejected_labels": []})
+    problems, dropped, origin = [], 0, []
+    for index, row in enumerate(rows):
+        try:
+            chosen, rejected = render_preference(renderer, row)
+        except RenderError as e:
+            problems.append(Problem(row.source, row.where, "", str(e)))
+            continue
+        longest = max(len(chosen), len(rejected) if rejected else 0)
+        if longest > cfg.max_length:
+            if cfg.overlong == "error":
+                problems.append(Problem(row.source, row.where, "", f"{longest} tokens, longer than data.max_length={cfg.max_length}"))
+            dropped += 1
+            continue
+        columns["input_ids"].append(chosen.input_ids)
+        columns["labels"].append(chosen.labels)
+        if kto:
+            columns["label"].append(row.label)
+        else:
+            columns["rejected_input_ids"].append(rejected.input_ids)
+            columns["rejected_labels"].append(rejected.labels)
+        columns["row"].append(index)
+        columns["cut"].append(False)
+        origin.append(f"{row.source}:{row.where}")
+    if problems:
+        raise DataError(problems, hint="Fix these rows, or raise data.max_length.")
+    if not columns["input_ids"]:
+        raise DataError([Problem(rows[0].source, "", "", f"no {name} pair is left: all are longer than data.max_length={cfg.max_length}")],
+                        hint="Raise data.max_length.")
+    h = hashlib.sha256(json.dumps([PIPELINE_VERSION, "preference", cfg.max_length, cfg.overlong, fingerprint]).encode())
+    for row in rows:
+        h.update(json.dumps([row.prompt, row.chosen, row.rejected, row.label], ensure_ascii=False).encode())
+    dataset = datasets.Dataset.from_dict(columns).add_column("origin", origin)
+    return Split(name, dataset, len(rows), {PAIR_TOO_LONG: dropped} if dropped else {}, key=h.hexdigest()[:24])

@@ -66,3 +66,25 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def start_from_adapter(model, path: str, reference: bool, gradient_checkpointing: bool = False):
+    """A peft model whose trainable adapter starts as a trained one (`model.adapter`: an SFT run folder
+    or an adapter folder), its LoRA settings the adapter's own. With `reference`, a frozen copy of it
+    is kept as the preference losses' reference (model/preference.py: REFERENCE_ADAPTER), LoRA
+    weights only. Raises ModelError for a missing or damaged adapter, or one that does not fit."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from chatlora.model.from_run import check_adapter
+    from chatlora.model.preference import REFERENCE_ADAPTER
+
+    folder = Path(path) / "adapter" if (Path(path) / "adapter").is_dir() else Path(path)
+    check_adapter(folder)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+    if reference:
+        model.load_adapter(folder, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    return model

@@ -17,29 +17,16 @@ batches with its own forward (`fused_lm_head`), where chatlora has one packed ro
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from chatlora.config.preference import PreferenceConfig
 from chatlora.data.collate import model_inputs
 from chatlora.model.loss import chunk_rows, hidden_states_out, separable_head
 
-LOSSES = ("sigmoid", "ipo", "orpo", "simpo", "kto")
 # Losses that compare against a reference model; orpo and simpo are reference-free.
 WITH_REFERENCE = ("sigmoid", "ipo", "kto")
-
-
-@dataclass
-class Knobs:
-    """What each loss reads (config/preference.py holds the user's settings)."""
-
-    loss: str = "sigmoid"
-    beta: float = 0.1
-    simpo_gamma: float = 0.5
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
 
 
 def _chunk_logps(hidden, weight, bias, targets):
@@ -101,23 +88,28 @@ def reference_logps(model, batch: dict) -> torch.Tensor:
     """The samples' log-probabilities under the reference: cached in the batch, else `as_reference`."""
     if "ref_logps" in batch:
         return batch["ref_logps"]
-    with as_reference(model):
-        return sequence_logps(model, batch)[0]
+    was = model.training
+    model.eval()  # the reference is deterministic: no LoRA dropout in its pass
+    try:
+        with as_reference(model):
+            return sequence_logps(model, batch)[0]
+    finally:
+        model.train(was)
 
 
-def preference_loss(model, batch: dict, knobs: Knobs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def preference_loss(model, batch: dict, settings: PreferenceConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(mean loss over the step's pairs or KTO rows, metrics: rewards/chosen, rewards/rejected,
     rewards/margins, rewards/accuracies; detached, on the device)."""
     logps, counts = sequence_logps(model, batch)
     n = int(batch["pairs"])
-    ref = reference_logps(model, batch) if knobs.loss in WITH_REFERENCE else None
-    if knobs.loss == "kto":
-        return _kto(logps, ref, batch["preference_label"], knobs)
+    ref = reference_logps(model, batch) if settings.loss in WITH_REFERENCE else None
+    if settings.loss == "kto":
+        return _kto(logps, ref, batch["preference_label"], settings)
     chosen, rejected = logps[:n], logps[n:]
-    beta = knobs.beta
-    if knobs.loss in ("sigmoid", "ipo"):
+    beta = settings.beta
+    if settings.loss in ("sigmoid", "ipo"):
         chosen_ratio, rejected_ratio = chosen - ref[:n], rejected - ref[n:]
-        if knobs.loss == "sigmoid":
+        if settings.loss == "sigmoid":
             losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
         else:  # TRL's IPO: log-ratios averaged per token
             delta = chosen_ratio / counts[:n].clamp(min=1) - rejected_ratio / counts[n:].clamp(min=1)
@@ -126,8 +118,8 @@ def preference_loss(model, batch: dict, knobs: Knobs) -> tuple[torch.Tensor, dic
         loss = losses.mean()
     else:  # reference-free, on the mean log-probability per token
         chosen_mean, rejected_mean = chosen / counts[:n], rejected / counts[n:]
-        if knobs.loss == "simpo":
-            losses = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - knobs.simpo_gamma)
+        if settings.loss == "simpo":
+            losses = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - settings.simpo_gamma)
             loss = losses.mean()
         else:  # orpo: the chosen replies' token loss, minus beta times the log odds ratio term
             log_odds = (chosen_mean - rejected_mean) - (_log1mexp(chosen_mean) - _log1mexp(rejected_mean))
@@ -137,14 +129,14 @@ def preference_loss(model, batch: dict, knobs: Knobs) -> tuple[torch.Tensor, dic
     return loss, _metrics(chosen_reward, rejected_reward)
 
 
-def _kto(logps, ref, label, knobs: Knobs):
+def _kto(logps, ref, label, settings: PreferenceConfig):
     n = label.shape[0]
     ratio = logps[:n] - ref[:n]
     kl = (logps[n:] - ref[n:]).mean().detach().clamp(min=0)
-    beta = knobs.beta
+    beta = settings.beta
     chosen, rejected = ratio[label], ratio[~label]
-    losses = torch.cat([knobs.desirable_weight * (1 - torch.sigmoid(beta * (chosen - kl))),
-                        knobs.undesirable_weight * (1 - torch.sigmoid(beta * (kl - rejected)))])
+    losses = torch.cat([settings.desirable_weight * (1 - torch.sigmoid(beta * (chosen - kl))),
+                        settings.undesirable_weight * (1 - torch.sigmoid(beta * (kl - rejected)))])
     metrics = _metrics(beta * chosen.detach(), beta * rejected.detach())
     metrics["kl"] = kl
     return losses.mean(), metrics

@@ -22,7 +22,7 @@ def load_data(cfg: Config, echo: Callable[[str], None] = print) -> Checked:
 
     Raises DataError (bad rows, before anything is loaded) or ModelError (tokenizer not found).
     """
-    train_rows, val_rows, formats = load_conversations(cfg.data)
+    train_rows, val_rows, formats = load_conversations(cfg.data, preference=cfg.stage == "dpo")
     for path, fmt in formats.items():
         echo(f"data: {path} ({fmt})")
     source = resolve(cfg.model)

@@ -101,7 +101,7 @@ def test_dpo_matches_trl(setup, tmp_path, loss_type, beta):
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from chatlora.model.preference import Knobs
+    from chatlora.config.preference import PreferenceConfig as Knobs
 
     tok, model, rows = setup
     data = datasets.Dataset.from_list([{"prompt": [u], "chosen": [{"role": "assistant", "content": c}],
@@ -148,7 +148,7 @@ def test_reference_free_losses_match_trl(setup, loss_type, beta):
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
-    from chatlora.model.preference import Knobs
+    from chatlora.config.preference import PreferenceConfig as Knobs
 
     tok, model, rows = setup
     model.train()
@@ -176,7 +176,7 @@ def test_kto_matches_trl(setup, tmp_path):
     from trl import KTOConfig, KTOTrainer
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
-    from chatlora.model.preference import Knobs
+    from chatlora.config.preference import PreferenceConfig as Knobs
 
     tok, model, rows = setup
     samples = [rows[0][0], rows[1][1], rows[2][0], rows[0][1]]
