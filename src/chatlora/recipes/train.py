@@ -20,7 +20,7 @@ from chatlora.model.layers import compile_layers
 from chatlora.model import quant
 from chatlora.model.load import load_model, model_config
 from chatlora.errors import ConfigError
-from chatlora.model.lora import add_lora, count_parameters, linear_names, start_from_adapter, unmatched_targets
+from chatlora.model.lora import adapter_folder, add_lora, count_parameters, linear_names, start_from_adapter, unmatched_targets
 from chatlora.model.loss import packing_is_exact
 from chatlora.model.preference import REFERENCE_ADAPTER, WITH_REFERENCE
 from chatlora.model.tokenized import check_data, load_data
@@ -88,6 +88,8 @@ def _graphs_possible(args, processes: int, collator, echo: Callable[[str], None]
 def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, life: RunLifecycle) -> RunDir:
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
+    if cfg.model.adapter:
+        adapter_folder(cfg.model.adapter)  # a missing SFT run is named before the data and the weights load
     # Several processes (torchrun, accelerate launch, --gpus): rank 0 prints and writes for all.
     world = start_world(cfg.training)
     if not world.main:
