@@ -92,6 +92,9 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         adapter_folder(cfg.model.adapter)  # a missing SFT run is named before the data and the weights load
     # Several processes (torchrun, accelerate launch, --gpus): rank 0 prints and writes for all.
     world = start_world(cfg.training)
+    if cfg.stage == "dpo" and (world.size > 1 or cfg.data.batch_tokens):  # not built yet (docs/preference.md)
+        raise ConfigError("stage: dpo trains on one process, one packed row per micro-batch: "
+                          "run it without --gpus and without data.batch_tokens")
     if not world.main:
         echo = lambda _line: None  # noqa: E731
 
