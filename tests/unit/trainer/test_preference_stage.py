@@ -24,3 +24,18 @@ def test_dpo_from_an_sft_run(tiny_run, tiny_model_dir, tmp_path):
     assert len(evals) >= 3  # before training, at steps 2 and 4, after
     saved = json.loads((run.adapter / "adapter_config.json").read_text())
     assert not (run.adapter / "ref").exists() and saved["r"] == 4
+
+
+def test_preference_settings_are_checked(tiny_model_dir, tmp_path):
+    import pytest
+
+    from chatlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="preference.loss: 'dpo' is not one of sigmoid, ipo, orpo, simpo, kto"):
+        tiny_config(tiny_model_dir, tmp_path, "stage=dpo", "preference.loss=dpo")
+    with pytest.raises(ConfigError, match="preference.beta: 0(.0)? must be a positive number"):
+        tiny_config(tiny_model_dir, tmp_path, "stage=dpo", "preference.beta=0")
+    cfg = tiny_config(tiny_model_dir, tmp_path, "stage=dpo", "data.batch_tokens=64", data=str(FIXTURES / "pairs.jsonl"))
+    with pytest.raises(ConfigError, match="stage: dpo trains on one process"):
+        quiet_train(cfg)
+    assert not (tmp_path / "run").exists()
