@@ -24,6 +24,15 @@ def test_dpo_from_an_sft_run(tiny_run, tiny_model_dir, tmp_path):
     assert len(evals) >= 3  # before training, at steps 2 and 4, after
     saved = json.loads((run.adapter / "adapter_config.json").read_text())
     assert not (run.adapter / "ref").exists() and saved["r"] == 4
+    # The same commands afterwards: eval's held-out prompts (the pairs' prompts, answered by the
+    # chosen reply) and the run loaded as chat and eval load it.
+    from chatlora.data.pipeline import held_out
+    from chatlora.model.from_run import load_run
+
+    prompts, name = held_out(run.path, None)
+    assert name == "validation" and prompts and prompts[0].messages[-1]["role"] == "assistant"
+    loaded = load_run(run.path)
+    assert len(loaded.adapters) == 1 and loaded.config.stage == "dpo"
 
 
 def test_preference_settings_are_checked(tiny_model_dir, tmp_path):
