@@ -137,14 +137,16 @@ def _kto(logps, ref, label, settings: PreferenceConfig):
     chosen, rejected = ratio[label], ratio[~label]
     losses = torch.cat([settings.desirable_weight * (1 - torch.sigmoid(beta * (chosen - kl))),
                         settings.undesirable_weight * (1 - torch.sigmoid(beta * (kl - rejected)))])
-    metrics = _metrics(beta * chosen.detach(), beta * rejected.detach())
+    # A batch may hold rows of one label only: its other reward is left out, not logged as NaN.
+    metrics = {key: value for key, value in _metrics(beta * chosen.detach(), beta * rejected.detach(), paired=False).items()
+               if not (key == "rewards/chosen" and chosen.numel() == 0 or key == "rewards/rejected" and rejected.numel() == 0)}
     metrics["kl"] = kl
     return losses.mean(), metrics
 
 
-def _metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+def _metrics(chosen: torch.Tensor, rejected: torch.Tensor, paired: bool = True) -> dict[str, torch.Tensor]:
     out = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean()}
-    if chosen.shape == rejected.shape:  # pairs: margins and accuracy are per pair
+    if paired:  # margins and accuracy are per pair
         out["rewards/margins"] = (chosen - rejected).mean()
         out["rewards/accuracies"] = (chosen > rejected).float().mean()
     return out

@@ -48,3 +48,15 @@ def test_preference_settings_are_checked(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="stage: dpo trains on one process"):
         quiet_train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_kto_from_an_sft_run_and_orpo_from_a_new_adapter(tiny_run, tiny_model_dir, tmp_path):
+    for name, overrides, data in (("kto", [f"model.adapter={tiny_run}"], "kto.jsonl"), ("orpo", [], "pairs.jsonl")):
+        cfg = tiny_config(tiny_model_dir, tmp_path / name, "stage=dpo", f"preference.loss={name}", "training.max_steps=2",
+                          *overrides, data=str(FIXTURES / data))
+        rows = [json.loads(line) for line in quiet_train(cfg).metrics.read_text().splitlines()]
+        train = [r for r in rows if "loss" in r]
+        assert len(train) == 2 and all(r["loss"] == r["loss"] for r in train), name  # finite, logged
+        assert "rewards/chosen" in train[0] and "rewards/rejected" in train[0], name
+        if name == "kto":
+            assert "kl" in train[0]
