@@ -195,6 +195,10 @@ CASES = [
          "{data}:line 4 [output]: must be a string, got int"),
     # Data files: fields and roles.
     data("missing_output.json", "{data}:index 1 [output]: missing"),
+    # Preference rows (stage: dpo): every bad row of the file named at once.
+    data("bad_pairs.jsonl", "{data}:line 1 [rejected]: the same reply as chosen; a pair must differ",
+         "{data}:line 2 [rejected]: missing", "{data}:line 3 [chosen[0].role]: must be 'assistant', got 'user'",
+         "{data}:line 4 [prompt[0].role]: roles out of order: expected 'user', got 'assistant'", args=("stage=dpo",)),
     data("empty_output.json", "{data}:index 1 [output]: empty reply"),
     data("null_output.json", "{data}:index 0 [output]: must be a string, got NoneType"),
     data("number_output.jsonl", "{data}:line 2 [output]: must be a string, got int"),
@@ -228,6 +232,9 @@ CASES = [
     made("unreadable file", unreadable, "{made}: cannot be read: "),
     made("a named pipe", fifo, "{made}: is not a regular file"),
     # Bad data through `train`, aimed at an existing run to resume: nothing of it may change.
+    Case("train: stage=dpo from an adapter that is not there", ["train", "{base}", "stage=dpo", "model.adapter={dir}/runs/none",
+                                                                 f"data.train={FIXTURES / 'pairs.jsonl'}"],
+         ["model.adapter: {dir}/runs/none is neither a run folder with an adapter nor an adapter folder"]),
     Case("train: bad data, resume=auto on an existing run", ["train", "{base}", "data.train={data}", "output_dir={dir}/runs/existing", "resume=auto"],
          ["{data}:line 2: malformed JSON at column 44"], corpus="data/malformed_line.jsonl"),
     # Configs.

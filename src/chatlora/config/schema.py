@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatlora.config.preference import PreferenceConfig
 from chatlora.config.sources import IdentityConfig, SourceConfig, check_sources
 from chatlora.errors import ConfigError
 
@@ -58,6 +59,9 @@ class ModelConfig:
     (docs/benchmarks.md). Ignored, with a note, on the CPU, with `compile: layers` (which fuses them
     already) or when liger-kernel is missing. `auto` (the default): Liger's kernels where all of that
     allows them, the model's own code elsewhere (training says which). `none`: the model's own code."""
+    adapter: str | None = None
+    """Start from a trained adapter: an SFT run folder (or its adapter folder). With `stage: dpo` its
+    frozen copy is the reference of sigmoid, ipo and kto. None: a new adapter (`lora` settings)."""
     cuda_graphs: bool | str = "auto"
     """Training on one GPU: record each packed forward and backward pass as a CUDA graph and replay it,
     so the CPU no longer issues the pass's kernels one by one (it bounds small steps such as the
@@ -288,6 +292,11 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Several processes (GPUs, nodes): the global batch and the strategy (DDP or FSDP2). Launch with
     `chatlora train --gpus N`, `torchrun` or `accelerate launch`; see docs/multi-gpu.md."""
+    stage: str = "sft"
+    """sft: train on conversations (data.train holds SFT rows). dpo: train on preferences (data.train
+    holds pairs or KTO rows; docs/preference.md), with the `preference` loss."""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """The preference loss of `stage: dpo`."""
     output_dir: str | None = None
     """The run folder. Default: runs/<config name>-<date>-<time>. An existing, non-empty folder is
     refused, unless `resume` continues the run in it."""
@@ -312,6 +321,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _choice("config", "on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _choice("config", "stage", self.stage, ("sft", "dpo"))
         if self.resume == "auto" and not self.output_dir:
             raise ConfigError("resume=auto continues the run in output_dir: give the run folder with output_dir=runs/NAME")
         if self.resume is not None and not self.resume.strip():

@@ -101,8 +101,38 @@ class PackCollator:
                 "trained_positions": torch.tensor(trained, dtype=torch.long)}
 
 
+class PreferenceCollator:
+    """A step's preference samples packed into one row (PackCollator.pack), so chosen and rejected go
+    through one varlen forward pass: the chosen samples first, then the rejected ones in the same
+    order (KTO: the replies, then the mismatched "KL" samples, each prompt with the previous row's
+    reply, as TRL's KTOTrainer builds them). `sequence` holds, for each trained position, the index
+    of its sample, so that model/preference.py sums each sample's log-probabilities; `ref_logps` the
+    reference log-probabilities cached for the rows, where the dataset holds them."""
+
+    def __call__(self, features: list[dict]) -> dict:
+        samples = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+        if "label" in features[0]:  # KTO
+            heads = [_untrained(f["labels"]) for f in features]
+            samples += [{"input_ids": f["input_ids"][:h] + p["input_ids"][hp:], "labels": [IGNORE] * h + p["labels"][hp:]}
+                        for f, h, p, hp in zip(features, heads, features[-1:] + features[:-1], heads[-1:] + heads[:-1])]
+        else:
+            samples += [{"input_ids": f["rejected_input_ids"], "labels": f["rejected_labels"]} for f in features]
+        row = PackCollator.pack(samples)
+        row["sequence"] = torch.searchsorted(row["cu_seq_lens_q"][1:].long(), row["trained_positions"], right=True)
+        row["pairs"] = torch.tensor(len(features))
+        if "label" in features[0]:
+            row["preference_label"] = torch.tensor([bool(f["label"]) for f in features])
+        if "ref_logps" in features[0]:
+            row["ref_logps"] = torch.tensor([x for f in features for x in f["ref_logps"]], dtype=torch.float32).view(len(features), 2).T.flatten()
+        return row
+
+
+def _untrained(labels: list[int]) -> int:
+    return next(k for k, label in enumerate(labels) if label != IGNORE)
+
+
 # Keys of a batch that are not the model's inputs.
-NOT_MODEL_INPUTS = ("labels", "trained_positions")
+NOT_MODEL_INPUTS = ("labels", "trained_positions", "sequence", "pairs", "preference_label", "ref_logps")
 
 
 def model_inputs(batch: dict) -> dict:

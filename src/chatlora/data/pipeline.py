@@ -16,6 +16,7 @@ from pathlib import Path
 from chatlora.config.schema import Config, DataConfig
 from chatlora.data import preflight
 from chatlora.data.formats import Conversation
+from chatlora.data.pairs import as_conversation
 from chatlora.data.prepare import Prepared, load_conversations, read_conversations
 from chatlora.data.render import IGNORE, Renderer, RenderError
 from chatlora.errors import ChatloraError, PreflightError
@@ -122,4 +123,6 @@ def held_out(target: str | Path, data: str | None) -> tuple[list[Conversation], 
         raise ChatloraError(f"{target} is not inside a run folder, so it has no validation data; give one with --data FILE")
     if cfg.data.validation is None:
         raise ChatloraError(f"{target} was trained without held-out data (data.validation); give some with --data FILE")
+    if cfg.stage == "dpo":  # a preference run's held-out prompts, answered by their chosen replies
+        return [as_conversation(row) for row in load_conversations(cfg.data, preference=True)[1]], "validation"
     return load_conversations(cfg.data)[1], "validation"

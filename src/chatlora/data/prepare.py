@@ -22,6 +22,7 @@ from chatlora.config.sources import SourceConfig, as_source
 from chatlora.data.formats import Conversation, detect_format, map_columns, to_conversations
 from chatlora.data.identity import SOURCE as IDENTITY, identity_conversations
 from chatlora.data.mix import SourceCount, dedup, mix
+from chatlora.data.pairs import Preference, as_conversation, read_preferences, render_preference
 from chatlora.data.read import MalformedLines, read_rows, source_files
 from chatlora.data.render import Renderer, RenderError
 from chatlora.data.truncate import REPLY_TOO_LONG, fit
@@ -58,9 +59,10 @@ class Prepared:
 Group = tuple[SourceConfig, list[Conversation]]
 
 
-def read_sources(entries: list[str | SourceConfig], cfg: DataConfig, formats: dict[str, str]) -> list[Group]:
+def read_sources(entries: list[str | SourceConfig], cfg: DataConfig, formats: dict[str, str], preference: bool = False) -> list[Group]:
     """Every row of every source (each file of a folder or glob), renamed by the source's columns,
-    converted and checked: one DataError lists all bad rows of all sources. `formats` gets each file's."""
+    converted and checked: one DataError lists all bad rows of all sources. `formats` gets each file's.
+    With `preference`, the rows are preference rows (data/pairs.py: Preference), not conversations."""
     groups, problems, hints = [], [], []
     for entry in entries:
         source, conversations = as_source(entry), []
@@ -77,7 +79,10 @@ def read_sources(entries: list[str | SourceConfig], cfg: DataConfig, formats: di
                     rows = read_rows(path)
                 except MalformedLines as e:  # the lines that parsed are checked too: one run lists every problem
                     mine, rows = e.problems, e.rows
-                if rows:
+                if rows and preference:
+                    formats[path], checked = read_preferences(map_columns(rows, source.columns, source.roles), path, "auto", system_prompt)
+                    conversations += checked
+                elif rows:
                     rows = map_columns(rows, source.columns, source.roles)
                     fmt = cfg.format if cfg.format != "auto" else detect_format(rows, path)
                     formats[path] = fmt
@@ -97,9 +102,9 @@ def read_sources(entries: list[str | SourceConfig], cfg: DataConfig, formats: di
     return groups
 
 
-def read_conversations(paths: list[str], cfg: DataConfig, formats: dict[str, str]) -> list[Conversation]:
+def read_conversations(paths: list[str], cfg: DataConfig, formats: dict[str, str], preference: bool = False) -> list[Conversation]:
     """Every row of every file, converted and checked; one DataError lists all bad rows of all files."""
-    return [conv for _, conversations in read_sources(paths, cfg, formats) for conv in conversations]
+    return [conv for _, conversations in read_sources(paths, cfg, formats, preference) for conv in conversations]
 
 
 def _line_number(problem: Problem) -> int:
@@ -112,7 +117,8 @@ class Loaded:
     """The conversations of a config's data, before tokenizing."""
 
     train: list[Conversation]
-    """One epoch's conversations after deduplication, the held-out split and mixing."""
+    """One epoch's conversations after deduplication, the held-out split and mixing (with
+    `preference`: preference rows, data/pairs.py)."""
     validation: list[Conversation]
     formats: dict[str, str]
     """Each file's row format."""
@@ -120,23 +126,25 @@ class Loaded:
     """What each training source gave (identity last, when set)."""
 
 
-def load_sources(cfg: DataConfig) -> Loaded:
+def load_sources(cfg: DataConfig, preference: bool = False) -> Loaded:
     """Read every source (and the identity set), drop conversations an earlier source holds (data.dedup),
     hold out the validation rows (a file, or a fraction of all training rows split off with `seed`),
-    then mix what is left by each source's weight or samples (data/mix.py)."""
+    then mix what is left by each source's weight or samples (data/mix.py). Preference rows
+    (`preference`) are mixed and held out alike; the identity set and deduplication, which are about
+    conversations, leave them alone."""
     formats: dict[str, str] = {}
-    groups = read_sources(cfg.train, cfg, formats)
-    identity = identity_conversations(cfg.identity, cfg.system_prompt)
+    groups = read_sources(cfg.train, cfg, formats, preference)
+    identity = [] if preference else identity_conversations(cfg.identity, cfg.system_prompt)
     if identity:
         groups.append((SourceConfig(path=IDENTITY), identity))
     counts = [SourceCount(source.path, len(conversations)) for source, conversations in groups]
-    if cfg.dedup and len(groups) > 1:
+    if cfg.dedup and len(groups) > 1 and not preference:
         groups, dropped = dedup(groups)
         for count, n in zip(counts, dropped):
             count.duplicates = n
     val: list[Conversation] = []
     if isinstance(cfg.validation, str):
-        val = read_conversations([cfg.validation], cfg, formats)
+        val = read_conversations([cfg.validation], cfg, formats, preference)
     elif isinstance(cfg.validation, float):
         total = sum(len(c) for _, c in groups)
         order = list(range(total))
@@ -157,9 +165,9 @@ def load_sources(cfg: DataConfig) -> Loaded:
     return Loaded(train, val, formats, counts)
 
 
-def load_conversations(cfg: DataConfig) -> tuple[list[Conversation], list[Conversation], dict[str, str]]:
+def load_conversations(cfg: DataConfig, preference: bool = False) -> tuple[list[Conversation], list[Conversation], dict[str, str]]:
     """(train, validation, formats) of `load_sources`."""
-    loaded = load_sources(cfg)
+    loaded = load_sources(cfg, preference)
     return loaded.train, loaded.validation, loaded.formats
 
 
@@ -293,9 +301,63 @@ def save_split(folder: Path, dataset, split: Split) -> None:
 
 
 def prepare(cfg: DataConfig, tokenizer, renderer: Renderer, train: list[Conversation], val: list[Conversation], use_cache: bool = True) -> Prepared:
-    """Tokenize the checked conversations of `load_conversations` (from the cache when it can)."""
+    """Tokenize the checked conversations of `load_conversations` (from the cache when it can), or
+    its preference rows (data/pairs.py)."""
     fingerprint = tokenizer_fingerprint(tokenizer, renderer)
+    if train and isinstance(train[0], Preference):
+        val_split = tokenize_preferences("validation", val, renderer, cfg, fingerprint) if val else None
+        return Prepared(tokenize_preferences("train", train, renderer, cfg, fingerprint), val_split, [as_conversation(r) for r in val])
     cache = cache_root(cfg) if use_cache else None
     train_split = tokenize_split("train", train, renderer, cfg, cache, fingerprint)
     val_split = tokenize_split("validation", val, renderer, cfg, cache, fingerprint) if val else None
     return Prepared(train_split, val_split, val)
+
+
+# How a pair too long for data.max_length is counted in a split's rules.
+PAIR_TOO_LONG = "pair longer than max_length: dropped"
+
+
+def tokenize_preferences(name: str, rows: list[Preference], renderer: Renderer, cfg, fingerprint: str):
+    """One split of preference rows as a datasets.Dataset (input_ids/labels: the chosen sample or the
+    KTO reply; rejected_input_ids/rejected_labels, or label). A pair longer than data.max_length is
+    dropped (data.overlong=error: refused). Raises DataError listing every row the template cannot
+    render. Not cached on disk: rendering a preference set takes seconds; the split's `key` still
+    names its content, for the resume check."""
+    import datasets
+
+    kto = rows[0].label is not None
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "row": [], "cut": []}
+    columns.update({"label": []} if kto else {"rejected_input_ids": [], "rejected_labels": []})
+    problems, dropped, origin = [], 0, []
+    for index, row in enumerate(rows):
+        try:
+            chosen, rejected = render_preference(renderer, row)
+        except RenderError as e:
+            problems.append(Problem(row.source, row.where, "", str(e)))
+            continue
+        longest = max(len(chosen), len(rejected) if rejected else 0)
+        if longest > cfg.max_length:
+            if cfg.overlong == "error":
+                problems.append(Problem(row.source, row.where, "", f"{longest} tokens, longer than data.max_length={cfg.max_length}"))
+            dropped += 1
+            continue
+        columns["input_ids"].append(chosen.input_ids)
+        columns["labels"].append(chosen.labels)
+        if kto:
+            columns["label"].append(row.label)
+        else:
+            columns["rejected_input_ids"].append(rejected.input_ids)
+            columns["rejected_labels"].append(rejected.labels)
+        columns["row"].append(index)
+        columns["cut"].append(False)
+        origin.append(f"{row.source}:{row.where}")
+    if problems:
+        raise DataError(problems, hint="Fix these rows, or raise data.max_length.")
+    if not columns["input_ids"]:
+        raise DataError([Problem(rows[0].source, "", "", f"no {name} pair is left: all are longer than data.max_length={cfg.max_length}")],
+                        hint="Raise data.max_length.")
+    h = hashlib.sha256(json.dumps([PIPELINE_VERSION, "preference", cfg.max_length, cfg.overlong, fingerprint]).encode())
+    for row in rows:
+        h.update(json.dumps([row.prompt, row.chosen, row.rejected, row.label], ensure_ascii=False).encode())
+    dataset = datasets.Dataset.from_dict(columns).add_column("origin", origin)
+    return Split(name, dataset, len(rows), {PAIR_TOO_LONG: dropped} if dropped else {}, key=h.hexdigest()[:24])

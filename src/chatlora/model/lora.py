@@ -66,3 +66,37 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def start_from_adapter(model, path: str, reference: bool, gradient_checkpointing: bool = False):
+    """A peft model whose trainable adapter starts as a trained one (`model.adapter`: an SFT run folder
+    or an adapter folder), its LoRA settings the adapter's own. With `reference`, a frozen copy of it
+    is kept as the preference losses' reference (model/preference.py: REFERENCE_ADAPTER), LoRA
+    weights only. Raises ModelError for a missing or damaged adapter, or one that does not fit."""
+    from peft import PeftModel
+
+    from chatlora.model.from_run import check_adapter
+    from chatlora.model.preference import REFERENCE_ADAPTER
+
+    folder = adapter_folder(path)
+    check_adapter(folder)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+    if reference:
+        model.load_adapter(folder, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    return model
+
+
+def adapter_folder(path: str):
+    """The adapter folder of `model.adapter` (a run folder or an adapter folder). Raises ConfigError
+    when there is none, before any data or weight loads."""
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    folder = folder / "adapter" if (folder / "adapter").is_dir() else folder
+    if not (folder / "adapter_config.json").is_file():
+        raise ConfigError(f"model.adapter: {path} is neither a run folder with an adapter nor an adapter folder; "
+                          "train the SFT run first (the dpo-demo preset: chatlora train demo output_dir=runs/demo), "
+                          "or give its path with model.adapter=RUN")
+    return folder

@@ -24,7 +24,7 @@ def load_data(cfg: Config, echo: Callable[[str], None] = print) -> Checked:
 
     Raises DataError (bad rows, before anything is loaded) or ModelError (tokenizer not found).
     """
-    loaded = _streamed_validation(cfg) if cfg.data.streaming else load_sources(cfg.data)
+    loaded = _streamed_validation(cfg) if cfg.data.streaming else load_sources(cfg.data, preference=cfg.stage == "dpo")
     for path, fmt in loaded.formats.items():
         echo(f"data: {path} ({fmt})")
     source = resolve(cfg.model)

@@ -12,15 +12,17 @@ import torch
 
 from chatlora.config.load import to_dict
 from chatlora.config.schema import Config
-from chatlora.data.collate import PackCollator, PadCollator
+from chatlora.data.collate import PackCollator, PadCollator, PreferenceCollator
 from chatlora.generate.replies import generate_replies
 from chatlora.generate.sampling import Sampling
 from chatlora.model.kernels import use_liger
 from chatlora.model.layers import compile_layers
 from chatlora.model import quant
 from chatlora.model.load import load_model, model_config
-from chatlora.model.lora import add_lora, count_parameters, linear_names, unmatched_targets
+from chatlora.errors import ConfigError
+from chatlora.model.lora import adapter_folder, add_lora, count_parameters, linear_names, start_from_adapter, unmatched_targets
 from chatlora.model.loss import packing_is_exact
+from chatlora.model.preference import REFERENCE_ADAPTER, WITH_REFERENCE
 from chatlora.model.tokenized import check_data, load_data
 from chatlora.plan.entry import plan_for, samples_of
 from chatlora.run import RunDir, replace_dir
@@ -80,6 +82,7 @@ def _graphs_possible(cfg: Config, args, processes: int, collator, echo: Callable
         return False
     why = ("it needs a CUDA GPU" if not _trains_on_gpu(args)
            else "it needs one process" if processes > 1
+           else "the preference stage is not recorded" if cfg.stage == "dpo"
            else "it needs packed rows (data.packing)" if not isinstance(collator, PackCollator)
            else "it does not work with gradient checkpointing (set training.gradient_checkpointing=false)"
            if args.gradient_checkpointing
@@ -95,8 +98,13 @@ def _graphs_possible(cfg: Config, args, processes: int, collator, echo: Callable
 def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, life: RunLifecycle) -> RunDir:
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
+    if cfg.model.adapter:
+        adapter_folder(cfg.model.adapter)  # a missing SFT run is named before the data and the weights load
     # Several processes (torchrun, accelerate launch, --gpus): rank 0 prints and writes for all.
     world = start_world(cfg.training)
+    if cfg.stage == "dpo" and (world.size > 1 or cfg.data.batch_tokens or cfg.data.streaming):  # not built yet (docs/preference.md)
+        raise ConfigError("stage: dpo trains on one process, one packed row per micro-batch, from data read whole: "
+                          "run it without --gpus, data.batch_tokens and data.streaming")
     if not world.main:
         echo = lambda _line: None  # noqa: E731
 
@@ -152,7 +160,13 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     model = load_model(checked.source, cfg.model, tokenizer, checked.generation_config, device)
     set_seed(seed)  # the adapter's initial weights depend on the seed alone, not on what loading drew
     layers = linear_names(model)
-    model = add_lora(model, cfg.lora, args.gradient_checkpointing)
+    dpo = cfg.stage == "dpo"
+    if cfg.model.adapter:  # its frozen copy is the reference of the losses that have one
+        reference = dpo and cfg.preference.loss in WITH_REFERENCE
+        model = start_from_adapter(model, cfg.model.adapter, reference, args.gradient_checkpointing)
+        echo(f"adapter: starting from {cfg.model.adapter}" + (" (its frozen copy is the reference)" if reference else ""))
+    else:
+        model = add_lora(model, cfg.lora, args.gradient_checkpointing)
     unmatched = unmatched_targets(model, cfg.lora.target_modules)
     if unmatched:
         echo(f"warning: lora.target_modules {', '.join(unmatched)} match no layer of this {model.config.model_type} "
@@ -162,7 +176,12 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
 
     # 3. Train.
     collator = PadCollator(tokenizer.pad_token_id)
-    if cfg.data.packing:
+    if dpo:  # chosen and rejected in one packed pass: the model must keep packed samples apart
+        if not packing_is_exact(model):
+            raise ConfigError(f"stage: dpo packs each step's replies into one row, and this {model.config.model_type} model lets "
+                              "packed samples attend to each other")
+        collator = PreferenceCollator()
+    elif cfg.data.packing:
         if args.fsdp or packing_is_exact(model):  # FSDP2: checked on the sharded model (ChatTrainer.train_begins)
             collator = PackCollator(cfg.data.batch_tokens)
         else:
@@ -190,7 +209,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     progress = Progress()
     write = lambda line: progress.bar.write(line) if progress.bar is not None else echo(line)  # noqa: E731
     monitor = GenerationMonitor.build(cfg, checked.renderer, data.val_conversations, write)
-    columns = ["input_ids", "labels"]
+    columns = [c for c in data.train.dataset.column_names if c not in ("row", "cut", "origin")]
     trainer = ChatTrainer(
         model=model,
         args=args,
@@ -205,6 +224,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         guard=life.guard(),
         stop=life.stop,
         processing_class=tokenizer,
+        preference=cfg.preference if dpo else None,
         callbacks=[progress, MetricsLog(run.metrics, run.plot, progress), *([monitor] if monitor else []), *(callbacks or [])],
     )
     if monitor:
@@ -243,10 +263,15 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
                 settings.base_model_name_or_path = cfg.model.name
         # save_embedding_layers=False: only LoRA weights are trained, so peft need not look up the base
         # model's config to guess whether the vocabulary changed.
+        if REFERENCE_ADAPTER in model.peft_config:  # the frozen reference is not part of the result
+            model.delete_adapter(REFERENCE_ADAPTER)
         model.save_pretrained(tmp, save_embedding_layers=False, state_dict=state)
         replace_dir(tmp, run.adapter)
     if data.validation:
-        after = trainer.evaluate()["eval_loss"]
+        result = trainer.evaluate()
+        after = result["eval_loss"]
+        if dpo and "eval_rewards/accuracies" in result:
+            echo(f"held-out preference accuracy: {first_accuracy(run):.1%} before training -> {result['eval_rewards/accuracies']:.1%} after")
         if world.main:
             plot_losses(run.metrics, run.plot)  # with the final eval point
         echo(f"held-out loss: {before:.4f} before training -> {after:.4f} after")
@@ -275,3 +300,10 @@ def compare(model, renderer, conversations, max_new_tokens: int, echo: Callable[
         echo(line)
     if run is not None:
         (run.path / "compare.txt").write_text("\n".join(lines).strip() + "\n", encoding="utf-8")
+
+
+def first_accuracy(run: RunDir) -> float:
+    """The held-out preference accuracy of the first evaluation in the run's metrics (before training)."""
+    from chatlora.trainer.plot import read_metrics
+
+    return next((r["eval_rewards/accuracies"] for r in read_metrics(run.metrics) if "eval_rewards/accuracies" in r), float("nan"))

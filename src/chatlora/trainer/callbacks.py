@@ -23,7 +23,10 @@ from chatlora.generate.sampling import Sampling
 from chatlora.trainer.plot import plot_losses
 
 # Keys of Trainer's log dicts that are kept in metrics.jsonl and printed, with their short names.
-SHOWN = {"loss": "loss", "eval_loss": "eval_loss", "learning_rate": "lr", "grad_norm": "grad_norm"}
+SHOWN = {"loss": "loss", "eval_loss": "eval_loss", "learning_rate": "lr", "grad_norm": "grad_norm",
+         # stage: dpo (trainer/preference.py)
+         "rewards/chosen": "chosen", "rewards/rejected": "rejected", "rewards/margins": "margin",
+         "rewards/accuracies": "acc", "eval_rewards/accuracies": "eval_acc"}
 
 
 class Progress(TrainerCallback):
@@ -33,6 +36,7 @@ class Progress(TrainerCallback):
     def __init__(self):
         self.bar = None
         self.loss: float | None = None  # the last logged loss
+        self.accuracy: float | None = None  # and preference accuracy (stage: dpo)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -48,13 +52,14 @@ class Progress(TrainerCallback):
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
             # Until the first logged loss there is none to show ("loss nan" would read as a diverged run).
-            loss = "" if self.loss is None else f"loss {self.loss:.4f}, "
+            loss = "" if self.loss is None else f"loss {self.loss:.4f}, " + (f"acc {self.accuracy:.2f}, " if self.accuracy is not None else "")
             self.bar.set_postfix_str(f"{loss}{self.rate(state):,.0f} tok/s", refresh=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         if "loss" in logs:
             self.loss = logs["loss"]
+            self.accuracy = logs.get("rewards/accuracies")
         parts = [f"step {state.global_step}/{state.max_steps}" if state.max_steps else "before training"]
         parts += [f"{short} {logs[k]:.4g}" for k, short in SHOWN.items() if isinstance(logs.get(k), (int, float))]
         if "loss" in logs:

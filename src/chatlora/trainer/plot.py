@@ -37,10 +37,21 @@ def plot_losses(metrics: Path, out: Path) -> bool:
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean over trained tokens)")
+    accuracy = [(r["step"], r["rewards/accuracies"]) for r in rows if "rewards/accuracies" in r]
+    held_out = [(r["step"], r["eval_rewards/accuracies"]) for r in rows if "eval_rewards/accuracies" in r]
+    ax.set_ylabel("preference loss" if accuracy or held_out else "loss (mean over trained tokens)")
     ax.set_title(metrics.parent.name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    if accuracy or held_out:  # stage: dpo: preference accuracy on a second axis, 0 to 1
+        acc = ax.twinx()
+        if accuracy:
+            acc.plot(*zip(*accuracy), label="train accuracy", color="tab:green", alpha=0.6)
+        if held_out:
+            acc.plot(*zip(*held_out), "s-", label="eval accuracy", color="tab:red")
+        acc.set_ylim(0, 1.05)
+        acc.set_ylabel("preference accuracy")
+        acc.legend(loc="upper right")
     fig.tight_layout()
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
     fig.savefig(tmp)

@@ -23,13 +23,14 @@ from chatlora.trainer.distributed.balance import train_dataloader
 from chatlora.trainer.guard import NonFiniteGuard, Step, torch_optimizer
 from chatlora.trainer.lifecycle.stop import StopOnSignal
 from chatlora.trainer.overrides import TrainerOverrides
+from chatlora.trainer.preference import PreferenceSteps
 from chatlora.trainer.speed import walks
 from chatlora.trainer.speed.grads import clip_sharded, sharded_grads, sharded_norm
 from chatlora.trainer.speed.graphs import PassGraphs
 from chatlora.trainer.speed.readback import Readback
 
 
-class ChatTrainer(TrainerOverrides):  # TrainerOverrides: atomic, stamped checkpoints; Trainer's private members
+class ChatTrainer(PreferenceSteps, TrainerOverrides):  # the loss path of `stage: dpo`; stamped checkpoints, Trainer's privates
     def __init__(self, *args, lengths: Sequence[int] | None = None, uneven_shares: bool = False,
                  cuda_graphs: bool = False, guard: NonFiniteGuard | None = None, stop: StopOnSignal | None = None,
                  stamp: dict[str, Any] | None = None, **kwargs):
@@ -127,8 +128,7 @@ class ChatTrainer(TrainerOverrides):  # TrainerOverrides: atomic, stamped checkp
         # Found again for each run (preparing the model again gives it other parameters), and the
         # model gets its own train() and zero_grad() back when the run ends, however it ends.
         self._trainable = self._tuner_layers = self._flops_per_token = self._local_clipping = self._gathered_units = None
-        self.graphs = None
-        self.step_grad_norm = None
+        self.graphs = self.step_grad_norm = None
         self.token_counts = []
         try:
             return super().train(*args, **kwargs)
@@ -336,6 +336,8 @@ class ChatTrainer(TrainerOverrides):  # TrainerOverrides: atomic, stamped checkp
         """Trainer.evaluate()'s loop: the held-out loss as chatlora defines it (evaluate/loss.py), which
         `chatlora eval` and merge report too, instead of Trainer's mean of the batches' mean losses."""
         model = self.evaluation_model()
+        if self.preference is not None:
+            return self.preference_evaluation(model, dataloader, metric_key_prefix)
         dataset = dataloader.dataset
         spare = self.data_collator([dataset[0]]) if self.lockstep and len(dataset) else None
         result = held_out_loss(model, dataloader, device=self.args.device, distributed=self.accelerator.num_processes > 1,
@@ -346,6 +348,8 @@ class ChatTrainer(TrainerOverrides):  # TrainerOverrides: atomic, stamped checkp
                               num_samples=len(dataset))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.preference is not None:
+            return self.preference_step(model, inputs, return_outputs)
         # peft casts every LoRA layer's input to the adapter's float32: a copy of each activation,
         # kept for backward. Under bf16/fp16 autocast the LoRA matmuls run in half precision anyway,
         # so the copies are pure cost (a third of the step's memory on a 7B model).

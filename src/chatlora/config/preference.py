@@ -1,0 +1,37 @@
+"""The `preference` section of a config: the loss of `stage: dpo` and its knobs (model/preference.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chatlora.errors import ConfigError
+
+LOSSES = ("sigmoid", "ipo", "orpo", "simpo", "kto")
+
+
+@dataclass
+class PreferenceConfig:
+    loss: str = "sigmoid"
+    """The preference loss of `stage: dpo`: sigmoid (DPO), ipo, orpo, simpo (pairs of chosen and
+    rejected replies) or kto (single replies labelled true or false). sigmoid, ipo and kto compare with
+    a reference: the SFT run's adapter frozen (model.adapter), else the base model. orpo and simpo use
+    none; orpo adds the chosen replies' token loss."""
+    beta: float = 0.1
+    """The loss's temperature: DPO's and KTO's beta, IPO's tau, ORPO's weight of the odds-ratio term
+    (lambda), SimPO's beta (its paper uses 2 to 10)."""
+    simpo_gamma: float = 0.5
+    """SimPO only: the target reward margin gamma (TRL's simpo_gamma)."""
+    desirable_weight: float = 1.0
+    """KTO only: weight of the losses of rows labelled true."""
+    undesirable_weight: float = 1.0
+    """KTO only: weight of the losses of rows labelled false."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"preference.loss: {self.loss!r} is not one of {', '.join(LOSSES)}")
+        for key in ("beta", "desirable_weight", "undesirable_weight"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"preference.{key}: {value!r} must be a positive number")
+        if not isinstance(self.simpo_gamma, (int, float)) or self.simpo_gamma < 0:
+            raise ConfigError(f"preference.simpo_gamma: {self.simpo_gamma!r} must be 0 or more")

@@ -1,0 +1,62 @@
+"""`stage: dpo` end to end in-process on the tiny model: an SFT run, then preference training from its
+adapter (the frozen copy as the reference), with rewards in metrics.jsonl and the held-out preference
+accuracy at each evaluation; the saved adapter holds the trained adapter only."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import FIXTURES, quiet_train, tiny_config
+
+
+def test_dpo_from_an_sft_run(tiny_run, tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, "stage=dpo", f"model.adapter={tiny_run}", "data.validation=0.25",
+                      "training.max_steps=4", "training.eval_strategy=steps", "training.eval_steps=2",
+                      data=str(FIXTURES / "pairs.jsonl"))
+    run = quiet_train(cfg)
+    rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_rewards/accuracies" in r]
+    assert len(train) == 4 and all(k in train[0] for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"))
+    # The first step compares the adapter with its own frozen copy: every reward is 0 and the loss log 2.
+    assert abs(train[0]["loss"] - 0.6931) < 1e-3 and train[0]["rewards/chosen"] == 0
+    assert train[-1]["rewards/margins"] > 0
+    assert len(evals) >= 3  # before training, at steps 2 and 4, after
+    saved = json.loads((run.adapter / "adapter_config.json").read_text())
+    assert not (run.adapter / "ref").exists() and saved["r"] == 4
+    # The same commands afterwards: eval's held-out prompts (the pairs' prompts, answered by the
+    # chosen reply) and the run loaded as chat and eval load it.
+    from chatlora.data.pipeline import held_out
+    from chatlora.model.from_run import load_run
+
+    prompts, name = held_out(run.path, None)
+    assert name == "validation" and prompts and prompts[0].messages[-1]["role"] == "assistant"
+    loaded = load_run(run.path)
+    assert len(loaded.adapters) == 1 and loaded.config.stage == "dpo"
+
+
+def test_preference_settings_are_checked(tiny_model_dir, tmp_path):
+    import pytest
+
+    from chatlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="preference.loss: 'dpo' is not one of sigmoid, ipo, orpo, simpo, kto"):
+        tiny_config(tiny_model_dir, tmp_path, "stage=dpo", "preference.loss=dpo")
+    with pytest.raises(ConfigError, match="preference.beta: 0(.0)? must be a positive number"):
+        tiny_config(tiny_model_dir, tmp_path, "stage=dpo", "preference.beta=0")
+    cfg = tiny_config(tiny_model_dir, tmp_path, "stage=dpo", "data.batch_tokens=64", data=str(FIXTURES / "pairs.jsonl"))
+    with pytest.raises(ConfigError, match="stage: dpo trains on one process"):
+        quiet_train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_kto_from_an_sft_run_and_orpo_from_a_new_adapter(tiny_run, tiny_model_dir, tmp_path):
+    for name, overrides, data in (("kto", [f"model.adapter={tiny_run}"], "kto.jsonl"), ("orpo", [], "pairs.jsonl")):
+        cfg = tiny_config(tiny_model_dir, tmp_path / name, "stage=dpo", f"preference.loss={name}", "training.max_steps=2",
+                          *overrides, data=str(FIXTURES / data))
+        rows = [json.loads(line) for line in quiet_train(cfg).metrics.read_text().splitlines()]
+        train = [r for r in rows if "loss" in r]
+        assert len(train) == 2 and all(r["loss"] == r["loss"] for r in train), name  # finite, logged
+        assert "rewards/chosen" in train[0] and "rewards/rejected" in train[0], name
+        if name == "kto":
+            assert "kl" in train[0]
