@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatlora.config.lora import LoraSettings, check_with_model
 from chatlora.errors import ConfigError
 
 
@@ -128,28 +129,6 @@ class DataConfig:
             raise ConfigError("data.batch_tokens needs data.packing=true and a budget of at least 16 tokens (or auto)")
         if isinstance(self.validation, float) and not 0 < self.validation < 1:
             raise ConfigError(f"data.validation: fraction {self.validation} must be between 0 and 1")
-
-
-@dataclass
-class LoraSettings:
-    r: int = 8
-    """LoRA rank."""
-    alpha: float = 32
-    """LoRA alpha; the update is scaled by alpha / r."""
-    dropout: float = 0.1
-    """Dropout on the LoRA input."""
-    target_modules: list[str] | str = "all-linear"
-    """Module names to adapt (`[q_proj, v_proj]`), or `all-linear` for every linear layer but the output."""
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"lora.r: {self.r} must be at least 1")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora.dropout: {self.dropout} must be in [0, 1)")
-        if not self.alpha > 0:  # alpha 0 scales the update to nothing: training would change no output
-            raise ConfigError(f"lora.alpha: {self.alpha} must be positive (the update is scaled by alpha / r)")
-        if not self.target_modules:
-            raise ConfigError("lora.target_modules: empty; name the modules to adapt ([q_proj, v_proj]) or use all-linear")
 
 
 @dataclass
@@ -299,6 +278,7 @@ class Config:
         if self.resume is not None and not self.resume.strip():
             raise ConfigError("resume: give auto, or the path of a run folder or checkpoint")
         _check_training_values(self.training)
+        check_with_model(self.lora, self.model.quantize, self.distributed.strategy)
         _check_evaluation(self)
         _check_checkpointing(self)
 

@@ -19,12 +19,13 @@ from chatlora.model.kernels import use_liger
 from chatlora.model.layers import compile_layers
 from chatlora.model import quant
 from chatlora.model.load import load_model, model_config
-from chatlora.model.lora import add_lora, count_parameters, linear_names, unmatched_targets
+from chatlora.model.lora import (add_lora, count_parameters, linear_names, save_adapter, save_initial_adapter,
+                                unmatched_targets)
 from chatlora.model.loss import packing_is_exact
 from chatlora.model.tokenized import check_data, load_data
 from chatlora.plan.entry import plan_for, samples_of
 from chatlora.run import RunDir, replace_dir
-from chatlora.trainer.arguments import TRAINING_DEFAULTS, training_arguments
+from chatlora.trainer.arguments import TRAINING_DEFAULTS, loraplus_optimizer, training_arguments
 from chatlora.trainer.callbacks import GenerationMonitor, MetricsLog, Progress, log_tensorboard_to
 from chatlora.trainer.distributed import split
 from chatlora.trainer.distributed.fsdp import full_adapter_state
@@ -140,6 +141,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     set_seed(seed)  # the adapter's initial weights depend on the seed alone, not on what loading drew
     layers = linear_names(model)
     model = add_lora(model, cfg.lora, args.gradient_checkpointing)
+    initial = save_initial_adapter(model, cfg.lora)  # PiSSA/OLoRA: the saved adapter is converted against it
     unmatched = unmatched_targets(model, cfg.lora.target_modules)
     if unmatched:
         echo(f"warning: lora.target_modules {', '.join(unmatched)} match no layer of this {model.config.model_type} "
@@ -192,6 +194,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         guard=life.guard(),
         stop=life.stop,
         processing_class=tokenizer,
+        optimizers=(loraplus_optimizer(cfg, args, model), None),
         callbacks=[progress, MetricsLog(run.metrics, run.plot, progress), *([monitor] if monitor else []), *(callbacks or [])],
     )
     if monitor:
@@ -228,9 +231,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
             # finds its base (`chatlora chat RUN/adapter` with no --model).
             for settings in model.peft_config.values():
                 settings.base_model_name_or_path = cfg.model.name
-        # save_embedding_layers=False: only LoRA weights are trained, so peft need not look up the base
-        # model's config to guess whether the vocabulary changed.
-        model.save_pretrained(tmp, save_embedding_layers=False, state_dict=state)
+        save_adapter(model, tmp, initial, state)
         replace_dir(tmp, run.adapter)
     if data.validation:
         after = trainer.evaluate()["eval_loss"]
@@ -242,16 +243,26 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     if cfg.report.compare and data.val_conversations:
         # Every process generates (under FSDP2 each forward needs all of them); rank 0 writes.
         compare(model, checked.renderer, data.val_conversations[: cfg.report.compare], cfg.report.max_new_tokens, echo,
-                run if world.main else None)
+                run if world.main else None, initial)
     return run
 
 
-def compare(model, renderer, conversations, max_new_tokens: int, echo: Callable[[str], None], run: RunDir | None) -> None:
-    """Greedy replies of the base model and the adapter to held-out prompts, one under the other."""
+def compare(model, renderer, conversations, max_new_tokens: int, echo: Callable[[str], None], run: RunDir | None,
+            initial=None) -> None:
+    """Greedy replies of the base model and the adapter to held-out prompts, one under the other.
+    `initial`: a PiSSA/OLoRA start (model/lora.py: save_initial_adapter), whose base weights lack the
+    adapter's starting components; the starting adapter on them is the base model again."""
     prompts = [c.messages[:-1] for c in conversations]
     tuned = generate_replies(model, renderer, prompts, Sampling(max_new_tokens=max_new_tokens))
-    with model.disable_adapter():
+    if initial is not None:
+        model.load_adapter(os.path.join(initial.name, "initial"), adapter_name="initial")
+        model.set_adapter("initial")
         base = generate_replies(model, renderer, prompts, Sampling(max_new_tokens=max_new_tokens))
+        model.set_adapter("default")
+        model.delete_adapter("initial")
+    else:
+        with model.disable_adapter():
+            base = generate_replies(model, renderer, prompts, Sampling(max_new_tokens=max_new_tokens))
     lines = ["", "Held-out prompts, greedy replies (base model vs. trained adapter):"]
     for prompt, b, t, conv in zip(prompts, base, tuned, conversations):
         lines += [f"── {prompt[-1]['content']}",
