@@ -289,6 +289,11 @@ def _check_checkpointing(cfg: Config) -> None:
         raise ConfigError(f"training.gradient_checkpointing: {value!r} is not true, false or auto")
 
 
+# The trackers training.report_to may name that chatlora documents (trainer/trackers.py), and the
+# packages each needs (any one of them).
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "swanlab": ("swanlab",),
+                    "mlflow": ("mlflow",)}
+
 # Values TrainingArguments accepts but training cannot use, refused with the key named.
 _POSITIVE = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs")
 
@@ -326,6 +331,8 @@ def _check_evaluation(cfg: Config) -> None:
     if cfg.eval.steps and cfg.data.validation is None:
         raise ConfigError("eval.steps needs held-out prompts: set data.validation to a file or a fraction")
     report_to = training.get("report_to")
-    wanted = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    if "tensorboard" in wanted and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
-        raise ConfigError("training.report_to=tensorboard needs the tensorboard package: pip install 'chatlora[tensorboard]'")
+    for name in [report_to] if isinstance(report_to, str) else list(report_to or []):
+        if name in TRACKER_PACKAGES and not any(importlib.util.find_spec(m) for m in TRACKER_PACKAGES[name]):
+            extra = "tensorboard" if name == "tensorboard" else "trackers"
+            raise ConfigError(f"training.report_to={name} needs the {TRACKER_PACKAGES[name][0]} package: "
+                              f"pip install 'chatlora[{extra}]'")

@@ -33,6 +33,7 @@ from chatlora.trainer.distributed.world import start as start_world
 from chatlora.trainer.lifecycle.folder import RunLifecycle
 from chatlora.trainer.overrides import attention_implementation, undo_evaluation_prepare
 from chatlora.trainer.plot import plot_losses
+from chatlora.trainer.trackers import Trackers, wanted
 from chatlora.trainer.speed.graphs import GRAPH_PAD, PassGraphs
 from chatlora.trainer.trainer import ChatTrainer
 
@@ -177,9 +178,13 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
             else f"{args.per_device_train_batch_size} per forward pass, " + ("packed" if isinstance(collator, PackCollator) else "padded"))
          + f"; attention: {attention_implementation(model)}")
     progress = Progress()
+    metrics_log = MetricsLog(run.metrics, run.plot, progress)
     write = lambda line: progress.bar.write(line) if progress.bar is not None else echo(line)  # noqa: E731
     monitor = GenerationMonitor.build(cfg, checked.renderer, data.val_conversations, write)
     columns = ["input_ids", "labels"]
+    # wandb, swanlab, mlflow: runs started with their files in the run folder and chatlora's config
+    trackers = Trackers(wanted(args.report_to) if world.main else [], to_dict(cfg))
+    trackers.start(run.path)
     trainer = ChatTrainer(
         model=model,
         args=args,
@@ -195,11 +200,13 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         stop=life.stop,
         processing_class=tokenizer,
         optimizers=(loraplus_optimizer(cfg, args, model), None),
-        callbacks=[progress, MetricsLog(run.metrics, run.plot, progress), *([monitor] if monitor else []), *(callbacks or [])],
+        callbacks=[progress, metrics_log, *([monitor] if monitor else []), trackers,
+                   *(callbacks or [])],
     )
     if monitor:
         monitor.trainer = trainer
     log_tensorboard_to(trainer, run.path / "tensorboard")
+    trackers.attach(trainer, before=[metrics_log])
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     life.attach(trainer)
@@ -240,6 +247,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         echo(f"held-out loss: {before:.4f} before training -> {after:.4f} after")
     plot = f"loss plot: {run.plot}" if run.plot.exists() else "no loss plot: no step was logged (training.logging_steps)"
     echo(f"adapter saved: {run.adapter}  ({plot})")
+    trackers.finish()
     if cfg.report.compare and data.val_conversations:
         # Every process generates (under FSDP2 each forward needs all of them); rank 0 writes.
         compare(model, checked.renderer, data.val_conversations[: cfg.report.compare], cfg.report.max_new_tokens, echo,
