@@ -98,3 +98,28 @@ def test_lora_plus_optimizer_groups(tiny_model, tmp_path, tiny_model_dir):
         if p.requires_grad:
             assert lr[id(p)] == pytest.approx(1e-2 * (16 if "lora_B" in name else 1)), name
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_a_trained_output_layer_keeps_the_chunked_loss(tiny_model):
+    """lora.modules_to_save=[lm_head]: the loss still runs the head outside the forward pass, in chunks
+    (model/loss.py), on the trainable copy: the same loss and head gradient as the model's own logits."""
+    from chatlora.model.loss import separable_head, trained_token_loss
+
+    model = add_lora(tiny_model, LoraSettings(r=4, modules_to_save=["lm_head"]))
+    copy = model.base_model.model.lm_head.modules_to_save["default"]
+    assert separable_head(model) is copy
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3, 11, 64]])
+    labels = ids.clone()
+    labels[0, :3] = -100
+    total, count = trained_token_loss(model, {"input_ids": ids, "labels": labels})
+    total.backward()
+    ours = copy.weight.grad.clone()
+    copy.weight.grad = None
+    logits = model(input_ids=ids).logits[0, :-1]
+    reference = torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum")
+    reference.backward()
+    assert int(count) == 5 and torch.allclose(total, reference, atol=1e-5)
+    assert torch.allclose(ours, copy.weight.grad, atol=1e-6)
+    assert model.base_model.model.get_output_embeddings() is model.base_model.model.lm_head, "the wrapper is put back"
+    with model.disable_adapter():
+        assert separable_head(model) is model.base_model.model.lm_head.original_module
