@@ -33,8 +33,9 @@ def unmatched_targets(model, targets: list[str] | str) -> list[str]:
 
 
 def add_lora(model, settings: LoraSettings, gradient_checkpointing: bool = False):
-    """A peft model with only the LoRA weights trainable. Raises ConfigError for unknown targets, or
-    for dropout on targets peft cannot drop out (an MoE model's fused experts)."""
+    """A peft model with only the adapter's weights trainable (and lora.modules_to_save's copies).
+    Raises ConfigError for unknown targets, layers or modules to save, or for dropout on targets peft
+    cannot drop out (an MoE model's fused experts)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
