@@ -2,7 +2,7 @@
 layers_to_transform; training.neftune_noise_alpha), one table of cases on the tiny model as peft's own
 tests do: each trains (the loss falls), resumes exactly (3 steps + resume + 3 steps == 6 steps, bit for
 bit), saves an adapter that reproduces the trained model when a later command loads it, and merges
-within merge's parity check. The refusals are in unit/model/test_lora_variants.py."""
+within merge's parity check. The refusals are in unit/model/test_lora_options.py."""
 
 from __future__ import annotations
 
