@@ -3,10 +3,13 @@ e2e/test_resume_cli.py: its settings, and a bit-for-bit comparison with it."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from chatlora.trainer.plot import read_metrics
 from conftest import losses
@@ -29,3 +32,14 @@ def assert_same_as(reference, run_path: Path) -> None:
     assert got.keys() == reference["adapter"].keys()
     for key, tensor in reference["adapter"].items():
         assert torch.equal(got[key], tensor), key
+
+
+class SignalAt(TrainerCallback):
+    """Sends this process a real signal at the end of one step, as a scheduler or a user would."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        self.step, self.signum = step, signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

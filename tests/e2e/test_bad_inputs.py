@@ -238,7 +238,7 @@ CASES = [
     Case("train: bad data, resume=auto on an existing run", ["train", "{base}", "data.train={data}", "output_dir={dir}/runs/existing", "resume=auto"],
          ["{data}:line 2: malformed JSON at column 44"], corpus="data/malformed_line.jsonl"),
     # Configs.
-    config("unknown_key.yaml", "unknown config key 'lora.rank'; valid keys: r, alpha, dropout, target_modules"),
+    config("unknown_key.yaml", "unknown config key 'lora.rank'; valid keys: r, alpha, dropout, target_modules, use_dora"),
     config("unknown_section.yaml", "unknown config key 'optimizer'"),
     config("unknown_training_key.yaml", "unknown config key 'training.lerning_rate'; did you mean 'training.learning_rate'?"),
     config("wrong_type.yaml", "lora.r: 'eight' is not a valid int"),
@@ -246,6 +246,7 @@ CASES = [
     config("negative_lr.yaml", "training.learning_rate: -0.0001 must be a positive number"),
     config("zero_rank.yaml", "lora.r: 0 must be at least 1"),
     config("zero_alpha.yaml", "lora.alpha: 0.0 must be positive"),
+    config("pissa_with_dora.yaml", "lora.init=pissa does not work with lora.use_dora"),
     config("empty_targets.yaml", "lora.target_modules: empty; name the modules to adapt"),
     config("report_no_tokens.yaml", "report.max_new_tokens: 0 must be at least 1"),
     config("negative_seed.yaml", "training.seed: -1 must be between 0 and 4294967295"),

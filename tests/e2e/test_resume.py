@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import textwrap
@@ -16,14 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from chatlora.errors import EXIT_PREEMPTED, Preempted, ResumeError
 from chatlora.run import complete_checkpoints
 from chatlora.trainer.lifecycle.checkpoint import STAGING
 from chatlora.trainer.plot import read_metrics
 from conftest import FIXTURES, losses, quiet_train, tiny_config
-from exact_resume import SETTINGS, adapter, assert_same_as
+from exact_resume import SETTINGS, SignalAt, adapter, assert_same_as
 from snapshot import snapshot
 
 
@@ -31,17 +29,6 @@ from snapshot import snapshot
 def reference(uninterrupted_run):
     """The uninterrupted run every interrupted one must equal (conftest: trained once per session)."""
     return uninterrupted_run
-
-
-class SignalAt(TrainerCallback):
-    """Sends this process a real signal at the end of one step, as a scheduler or a user would."""
-
-    def __init__(self, step: int, signum: int = signal.SIGTERM):
-        self.step, self.signum = step, signum
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), self.signum)
 
 
 def test_three_steps_then_resume_then_three_equal_six(reference, tiny_model_dir, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatlora.config.lora import LoraSettings, check_with_model
 from chatlora.config.preference import PreferenceConfig
 from chatlora.config.sources import IdentityConfig, SourceConfig, check_sources
 from chatlora.errors import ConfigError
@@ -150,28 +151,6 @@ class DataConfig:
             raise ConfigError("data.batch_tokens needs data.packing=true and a budget of at least 16 tokens (or auto)")
         if isinstance(self.validation, float) and not 0 < self.validation < 1:
             raise ConfigError(f"data.validation: fraction {self.validation} must be between 0 and 1")
-
-
-@dataclass
-class LoraSettings:
-    r: int = 8
-    """LoRA rank."""
-    alpha: float = 32
-    """LoRA alpha; the update is scaled by alpha / r."""
-    dropout: float = 0.1
-    """Dropout on the LoRA input."""
-    target_modules: list[str] | str = "all-linear"
-    """Module names to adapt (`[q_proj, v_proj]`), or `all-linear` for every linear layer but the output."""
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"lora.r: {self.r} must be at least 1")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora.dropout: {self.dropout} must be in [0, 1)")
-        if not self.alpha > 0:  # alpha 0 scales the update to nothing: training would change no output
-            raise ConfigError(f"lora.alpha: {self.alpha} must be positive (the update is scaled by alpha / r)")
-        if not self.target_modules:
-            raise ConfigError("lora.target_modules: empty; name the modules to adapt ([q_proj, v_proj]) or use all-linear")
 
 
 @dataclass
@@ -327,6 +306,7 @@ class Config:
         if self.resume is not None and not self.resume.strip():
             raise ConfigError("resume: give auto, or the path of a run folder or checkpoint")
         _check_training_values(self.training)
+        check_with_model(self.lora, self.model.quantize, self.distributed.strategy)
         _check_evaluation(self)
         _check_checkpointing(self)
 
@@ -336,6 +316,11 @@ def _check_checkpointing(cfg: Config) -> None:
     if isinstance(value, str) and value != "auto":
         raise ConfigError(f"training.gradient_checkpointing: {value!r} is not true, false or auto")
 
+
+# The trackers training.report_to may name that chatlora documents (trainer/trackers.py), and the
+# packages each needs (any one of them).
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "swanlab": ("swanlab",),
+                    "mlflow": ("mlflow",)}
 
 # Values TrainingArguments accepts but training cannot use, refused with the key named.
 _POSITIVE = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs")
@@ -374,6 +359,8 @@ def _check_evaluation(cfg: Config) -> None:
     if cfg.eval.steps and cfg.data.validation is None:
         raise ConfigError("eval.steps needs held-out prompts: set data.validation to a file or a fraction")
     report_to = training.get("report_to")
-    wanted = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    if "tensorboard" in wanted and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
-        raise ConfigError("training.report_to=tensorboard needs the tensorboard package: pip install 'chatlora[tensorboard]'")
+    for name in [report_to] if isinstance(report_to, str) else list(report_to or []):
+        if name in TRACKER_PACKAGES and not any(importlib.util.find_spec(m) for m in TRACKER_PACKAGES[name]):
+            extra = "tensorboard" if name == "tensorboard" else "trackers"
+            raise ConfigError(f"training.report_to={name} needs the {TRACKER_PACKAGES[name][0]} package: "
+                              f"pip install 'chatlora[{extra}]'")

@@ -51,7 +51,7 @@ def separable_head(model) -> torch.nn.Linear | None:
     """The output layer when logits are exactly `head(hidden)` and it can run outside the model's
     forward pass, else None."""
     base = causal_lm(model)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    head = _active_copy(base.get_output_embeddings()) if hasattr(base, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or any(getattr(base.config, a, None) for a in LOGIT_TRANSFORMS):
         return None
     if sharded(model, [head.weight]):
@@ -59,6 +59,17 @@ def separable_head(model) -> torch.nn.Linear | None:
         # pass; applied outside it, the shard would be used as if it were the whole weight.
         return None
     return head
+
+
+def _active_copy(head):
+    """The module that computes a peft-wrapped output layer's outputs (lora.modules_to_save=[lm_head]):
+    its active trainable copy, or the original when the adapters are off; any other module as it is."""
+    copies = getattr(head, "modules_to_save", None)
+    if not isinstance(copies, torch.nn.ModuleDict):
+        return head
+    if head.disable_adapters or not head.active_adapters or head.active_adapters[0] not in copies:
+        return head.original_module
+    return copies[head.active_adapters[0]]
 
 
 # One instance for every swap: torch.compile guards on the module object, and a new Identity each
@@ -69,11 +80,12 @@ _IDENTITY = torch.nn.Identity()
 @contextmanager
 def hidden_states_out(model, head: torch.nn.Linear):
     base = causal_lm(model)
+    original = base.get_output_embeddings()  # `head`, or the peft wrapper around it (modules_to_save)
     base.set_output_embeddings(_IDENTITY)
     try:
         yield
     finally:
-        base.set_output_embeddings(head)
+        base.set_output_embeddings(original)
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:

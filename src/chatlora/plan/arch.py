@@ -41,8 +41,16 @@ class Arch:
     lora: int
     """LoRA parameters for the config's targets and rank."""
     lora_inputs: int
-    """Sum of the input widths of the LoRA-wrapped linear layers of one decoder layer (each gets its
-    own dropout, whose output and mask are kept for backward when lora.dropout > 0)."""
+    """Sum of the input widths of the LoRA-wrapped linear layers of one adapted decoder layer (each
+    gets its own dropout, whose output and mask are kept for backward when lora.dropout > 0)."""
+    lora_outputs: int = 0
+    """Sum of the output widths of those layers (DoRA keeps two outputs of each for backward)."""
+    lora_layers: int = 0
+    """Decoder layers with adapters (lora.layers_to_transform; all by default)."""
+    largest_target: int = 0
+    """Weights of the largest wrapped linear layer (DoRA builds its full updated weight for the norm)."""
+    saved: int = 0
+    """Parameters of lora.modules_to_save: trained in full, as copies beside the frozen originals."""
 
 
 def _layer_index(name: str) -> int | None:
@@ -67,17 +75,28 @@ def from_config(config, lora: LoraSettings, name: str = "") -> Arch:
         model = AutoModelForCausalLM.from_config(config)
     head = model.get_output_embeddings()
     params = sum(p.numel() for p in model.parameters())  # parameters() lists a tied weight once
-    layer_linear = layer_bias = lora_params = 0
+    layer_linear = layer_bias = lora_params = largest = 0
     inputs: dict[int, int] = {}
+    outputs: dict[int, int] = {}
+    adapted: set[int] = set()
+    wanted = set(lora.layers_to_transform) if lora.layers_to_transform else None
     for full, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module is head or _layer_index(full) is None:
+        index = _layer_index(full)
+        if not isinstance(module, torch.nn.Linear) or module is head or index is None:
             continue
         layer_linear += module.weight.numel()
         layer_bias += module.bias.numel() if module.bias is not None else 0
-        if _targeted(full.rsplit(".", 1)[-1], lora.target_modules):
-            lora_params += lora.r * (module.in_features + module.out_features)
-            if _layer_index(full) == 0:
+        if _targeted(full.rsplit(".", 1)[-1], lora.target_modules) and (wanted is None or index in wanted):
+            # DoRA adds a magnitude per output feature
+            lora_params += lora.r * (module.in_features + module.out_features) + (module.out_features if lora.use_dora else 0)
+            largest = max(largest, module.weight.numel())
+            if not adapted or index == min(adapted):
+                adapted.add(index)
                 inputs[id(module)] = module.in_features
+                outputs[id(module)] = module.out_features
+            adapted.add(index)
+    saved = {id(p): p.numel() for name in lora.modules_to_save for full, m in model.named_modules()
+             if full == name or full.endswith("." + name) for p in m.parameters()}
     heads = text.num_attention_heads
     return Arch(
         name=name or getattr(text, "model_type", "model"),
@@ -94,6 +113,10 @@ def from_config(config, lora: LoraSettings, name: str = "") -> Arch:
         head=head.weight.numel() if head is not None else 0,
         lora=lora_params,
         lora_inputs=sum(inputs.values()),
+        lora_outputs=sum(outputs.values()),
+        lora_layers=len(adapted),
+        largest_target=largest,
+        saved=sum(saved.values()),
     )
 
 

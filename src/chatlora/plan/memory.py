@@ -60,6 +60,8 @@ class Setup:
     dropout: bool = True
     """LoRA dropout > 0."""
     checkpointing: bool = False
+    dora: bool = False
+    """lora.use_dora: each adapted layer keeps two of its outputs for the magnitudes' backward."""
     optimizer_states: int = 2
     """float32 states per trainable parameter: 2 for Adam/AdamW."""
 
@@ -99,17 +101,28 @@ def weight_bytes(arch: Arch, setup: Setup) -> float:
 
 
 def adapter_bytes(arch: Arch, setup: Setup) -> float:
+    """LoRA (and DoRA magnitude) weights in float32 with their gradients, optimizer states and
+    autocast copies, and the full copies of lora.modules_to_save in the weights' dtype (the copy, its
+    gradient and its optimizer states)."""
     per_param = 4 + 4 + 4 * setup.optimizer_states + (2 if setup.autocast else 0)
-    return arch.lora * per_param
+    return arch.lora * per_param + arch.saved * setup.weight_bytes * (2 + setup.optimizer_states)
+
+
+def lora_bytes_per_token(arch: Arch, setup: Setup) -> float:
+    """What the adapters of one adapted layer add to what it keeps, per token: dropout's output and
+    mask (p > 0), and under DoRA the base layer's output and the LoRA output of each wrapped layer,
+    which the magnitudes' gradient needs (peft's DoraLinearLayer)."""
+    a = setup.act_bytes
+    dropout = (a + 1) * arch.lora_inputs if setup.dropout else 0
+    return dropout + (2 * a * arch.lora_outputs if setup.dora else 0)
 
 
 def layer_bytes_per_token(arch: Arch, setup: Setup) -> float:
-    """Activations one decoder layer keeps for backward, per token (no checkpointing)."""
+    """Activations one adapted decoder layer keeps for backward, per token (no checkpointing)."""
     a, h = setup.act_bytes, arch.hidden
     attention = a * (h + 4 * arch.heads * arch.head_dim)
     mlp = a * (h + 4 * arch.intermediate)
-    dropout = (a + 1) * arch.lora_inputs if setup.dropout else 0
-    return 2 * 4 * h + attention + mlp + dropout
+    return 2 * 4 * h + attention + mlp + lora_bytes_per_token(arch, setup)
 
 
 def logits_chunk_rows(arch: Arch) -> int:
@@ -123,6 +136,8 @@ def estimate(arch: Arch, setup: Setup, tokens: int, trained: int) -> Memory:
     # of trained positions (float32, as autocast hands them back, and the gathered copy).
     outside = (a + 4) * h * tokens + 8 * h * trained
     layer = layer_bytes_per_token(arch, setup) * tokens
+    # Layers outside lora.layers_to_transform keep no adapter activations.
+    unadapted = (arch.layers - (arch.lora_layers or arch.layers)) * lora_bytes_per_token(arch, setup) * tokens
     layer_backward = LAYER_BACKWARD(arch, a) * tokens
     if setup.quant == "nf4":
         layer_backward += 2 * arch.hidden * arch.intermediate  # one weight de-quantized for its matmul
@@ -130,7 +145,11 @@ def estimate(arch: Arch, setup: Setup, tokens: int, trained: int) -> Memory:
         kept = arch.layers * a * h * tokens + outside
         layer_backward += layer  # the recomputed layer
     else:
-        kept = arch.layers * layer + outside
+        kept = arch.layers * layer - unadapted + outside
     logits = 12 * arch.vocab * min(logits_chunk_rows(arch), trained)
-    transient, what = (logits, "output layer chunk") if logits >= layer_backward else (layer_backward, "layer backward")
+    # DoRA's weight norm builds the updated weight of a wrapped layer in full (its float32 LoRA
+    # product, then the sum in the weights' dtype), once per layer and pass.
+    dora = arch.largest_target * (4 + setup.weight_bytes) if setup.dora else 0
+    transient, what = max((logits, "output layer chunk"), (layer_backward, "layer backward"), (dora, "DoRA weight norm"),
+                          key=lambda c: c[0])
     return Memory(weight_bytes(arch, setup), adapter_bytes(arch, setup), kept, transient, what)

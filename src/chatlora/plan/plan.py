@@ -48,7 +48,7 @@ def setup_of(cfg: Config, on_gpu: bool, checkpointing: bool | None = None) -> Se
     autocast = on_gpu and bool(t.get("bf16") or t.get("fp16"))
     ckpt = t.get("gradient_checkpointing") is True if checkpointing is None else checkpointing
     return Setup(weight_bytes=weight_bytes, quant=cfg.model.quantize, autocast=autocast or weight_bytes == 2,
-                 dropout=cfg.lora.dropout > 0, checkpointing=ckpt)
+                 dropout=cfg.lora.dropout > 0, checkpointing=ckpt, dora=cfg.lora.use_dora)
 
 
 def batching_of(cfg: Config, samples: Samples, budget: int | None | str = "config") -> Batching:

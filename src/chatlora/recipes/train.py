@@ -20,13 +20,14 @@ from chatlora.model.layers import compile_layers
 from chatlora.model import quant
 from chatlora.model.load import load_model, model_config
 from chatlora.errors import ConfigError
-from chatlora.model.lora import adapter_folder, add_lora, count_parameters, linear_names, start_from_adapter, unmatched_targets
+from chatlora.model.lora import (adapter_folder, add_lora, count_parameters, linear_names, save_adapter, save_initial_adapter,
+                                start_from_adapter, unmatched_targets)
 from chatlora.model.loss import packing_is_exact
 from chatlora.model.preference import REFERENCE_ADAPTER, WITH_REFERENCE
 from chatlora.model.tokenized import check_data, load_data
 from chatlora.plan.entry import plan_for, samples_of
 from chatlora.run import RunDir, replace_dir
-from chatlora.trainer.arguments import TRAINING_DEFAULTS, training_arguments
+from chatlora.trainer.arguments import TRAINING_DEFAULTS, loraplus_optimizer, training_arguments
 from chatlora.trainer.callbacks import GenerationMonitor, MetricsLog, Progress, log_tensorboard_to
 from chatlora.trainer.distributed import split
 from chatlora.trainer.distributed.fsdp import full_adapter_state
@@ -34,6 +35,7 @@ from chatlora.trainer.distributed.world import start as start_world
 from chatlora.trainer.lifecycle.folder import RunLifecycle
 from chatlora.trainer.overrides import attention_implementation, undo_evaluation_prepare
 from chatlora.trainer.plot import plot_losses
+from chatlora.trainer.trackers import Trackers, wanted
 from chatlora.trainer.speed.graphs import GRAPH_PAD, PassGraphs
 from chatlora.trainer.trainer import ChatTrainer
 
@@ -161,12 +163,14 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     set_seed(seed)  # the adapter's initial weights depend on the seed alone, not on what loading drew
     layers = linear_names(model)
     dpo = cfg.stage == "dpo"
+    initial = None
     if cfg.model.adapter:  # its frozen copy is the reference of the losses that have one
         reference = dpo and cfg.preference.loss in WITH_REFERENCE
         model = start_from_adapter(model, cfg.model.adapter, reference, args.gradient_checkpointing)
         echo(f"adapter: starting from {cfg.model.adapter}" + (" (its frozen copy is the reference)" if reference else ""))
     else:
         model = add_lora(model, cfg.lora, args.gradient_checkpointing)
+        initial = save_initial_adapter(model, cfg.lora)  # PiSSA/OLoRA: the saved adapter is converted against it
     unmatched = unmatched_targets(model, cfg.lora.target_modules)
     if unmatched:
         echo(f"warning: lora.target_modules {', '.join(unmatched)} match no layer of this {model.config.model_type} "
@@ -207,9 +211,13 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
             else f"{args.per_device_train_batch_size} per forward pass, " + ("packed" if isinstance(collator, PackCollator) else "padded"))
          + f"; attention: {attention_implementation(model)}")
     progress = Progress()
+    metrics_log = MetricsLog(run.metrics, run.plot, progress)
     write = lambda line: progress.bar.write(line) if progress.bar is not None else echo(line)  # noqa: E731
     monitor = GenerationMonitor.build(cfg, checked.renderer, data.val_conversations, write)
     columns = [c for c in data.train.dataset.column_names if c not in ("row", "cut", "origin")]
+    # wandb, swanlab, mlflow: runs started with their files in the run folder and chatlora's config
+    trackers = Trackers(wanted(args.report_to) if world.main else [], to_dict(cfg))
+    trackers.start(run.path)
     trainer = ChatTrainer(
         model=model,
         args=args,
@@ -225,11 +233,14 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         stop=life.stop,
         processing_class=tokenizer,
         preference=cfg.preference if dpo else None,
-        callbacks=[progress, MetricsLog(run.metrics, run.plot, progress), *([monitor] if monitor else []), *(callbacks or [])],
+        optimizers=(loraplus_optimizer(cfg, args, model), None),
+        callbacks=[progress, metrics_log, *([monitor] if monitor else []), trackers,
+                   *(callbacks or [])],
     )
     if monitor:
         monitor.trainer = trainer
     log_tensorboard_to(trainer, run.path / "tensorboard")
+    trackers.attach(trainer, before=[metrics_log])
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     life.attach(trainer)
@@ -261,11 +272,9 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
             # finds its base (`chatlora chat RUN/adapter` with no --model).
             for settings in model.peft_config.values():
                 settings.base_model_name_or_path = cfg.model.name
-        # save_embedding_layers=False: only LoRA weights are trained, so peft need not look up the base
-        # model's config to guess whether the vocabulary changed.
         if REFERENCE_ADAPTER in model.peft_config:  # the frozen reference is not part of the result
             model.delete_adapter(REFERENCE_ADAPTER)
-        model.save_pretrained(tmp, save_embedding_layers=False, state_dict=state)
+        save_adapter(model, tmp, initial, state)
         replace_dir(tmp, run.adapter)
     if data.validation:
         result = trainer.evaluate()
@@ -277,19 +286,30 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         echo(f"held-out loss: {before:.4f} before training -> {after:.4f} after")
     plot = f"loss plot: {run.plot}" if run.plot.exists() else "no loss plot: no step was logged (training.logging_steps)"
     echo(f"adapter saved: {run.adapter}  ({plot})")
+    trackers.finish()
     if cfg.report.compare and data.val_conversations:
         # Every process generates (under FSDP2 each forward needs all of them); rank 0 writes.
         compare(model, checked.renderer, data.val_conversations[: cfg.report.compare], cfg.report.max_new_tokens, echo,
-                run if world.main else None)
+                run if world.main else None, initial)
     return run
 
 
-def compare(model, renderer, conversations, max_new_tokens: int, echo: Callable[[str], None], run: RunDir | None) -> None:
-    """Greedy replies of the base model and the adapter to held-out prompts, one under the other."""
+def compare(model, renderer, conversations, max_new_tokens: int, echo: Callable[[str], None], run: RunDir | None,
+            initial=None) -> None:
+    """Greedy replies of the base model and the adapter to held-out prompts, one under the other.
+    `initial`: a PiSSA/OLoRA start (model/lora.py: save_initial_adapter), whose base weights lack the
+    adapter's starting components; the starting adapter on them is the base model again."""
     prompts = [c.messages[:-1] for c in conversations]
     tuned = generate_replies(model, renderer, prompts, Sampling(max_new_tokens=max_new_tokens))
-    with model.disable_adapter():
+    if initial is not None:
+        model.load_adapter(os.path.join(initial.name, "initial"), adapter_name="initial")
+        model.set_adapter("initial")
         base = generate_replies(model, renderer, prompts, Sampling(max_new_tokens=max_new_tokens))
+        model.set_adapter("default")
+        model.delete_adapter("initial")
+    else:
+        with model.disable_adapter():
+            base = generate_replies(model, renderer, prompts, Sampling(max_new_tokens=max_new_tokens))
     lines = ["", "Held-out prompts, greedy replies (base model vs. trained adapter):"]
     for prompt, b, t, conv in zip(prompts, base, tuned, conversations):
         lines += [f"── {prompt[-1]['content']}",

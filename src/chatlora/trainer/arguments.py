@@ -80,3 +80,19 @@ def evaluation_arguments(cfg: Config, kwargs: dict[str, Any]) -> dict[str, Any]:
         if "save_total_limit" not in cfg.training:
             out["save_total_limit"] = 1
     return out
+
+
+def loraplus_optimizer(cfg: Config, args, model):
+    """LoRA+ (lora.plus_lr_ratio): peft's `create_loraplus_optimizer`, with the optimizer class and
+    settings Trainer itself would build from `training:` (optim, betas, eps, weight_decay), the B
+    matrices at plus_lr_ratio x learning_rate. Passed to Trainer as its optimizer, so its scheduler,
+    checkpoints and exact resume handle it as their own. None without plus_lr_ratio."""
+    if cfg.lora.plus_lr_ratio is None:
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    return create_loraplus_optimizer(model, optimizer_cls, lr=args.learning_rate, loraplus_lr_ratio=cfg.lora.plus_lr_ratio,
+                                     loraplus_weight_decay=args.weight_decay, **kwargs)

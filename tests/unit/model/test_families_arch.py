@@ -40,7 +40,9 @@ def load(folder):
 
 def with_adapter(folder, gradient_checkpointing: bool = False):
     """The model with chatlora's default adapter (all-linear), its B matrices drawn so that it matters."""
-    model = add_lora(load(folder), LoraSettings(r=4, dropout=0.0), gradient_checkpointing)
+    model = load(folder)
+    torch.manual_seed(0)  # peft draws the A matrices: the same ones at every call, whatever ran before
+    model = add_lora(model, LoraSettings(r=4, dropout=0.0), gradient_checkpointing)
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:
