@@ -49,16 +49,19 @@ def chat_pieces(render) -> ChatPieces:
         full = render(convo, True)
         system_first = full[:full.index(s)]
         head = render(convo[1:], True)  # no system message: the template's default one, if any
+        plain = render(convo, False)
+        replied = render(convo[:3], False)
     except (ValueError, ChatloraError) as e:
         raise ChatloraError(f"cannot find the chat template's parts for an Ollama TEMPLATE: {e}") from None
+    # Between two contents stands one message's suffix and the next one's prefix; a conversation that
+    # ends on a message shows that message's suffix alone, which splits the pair.
     between = [full[full.index(x) + len(x):full.index(y)] for x, y in ((s, u), (u, a), (a, u2))]
-    user_prefix = _common_tail(between[0], between[2])
+    user_suffix = plain[plain.index(u2) + len(u2):]
+    assistant_suffix = replied[replied.index(a) + len(a):]
+    user_prefix = between[2][len(assistant_suffix):]
+    assistant_prefix = between[1][len(user_suffix):]
     system_suffix = between[0][:len(between[0]) - len(user_prefix)]
-    assistant_suffix = between[2][:len(between[2]) - len(user_prefix)]
     end = full[full.index(u2) + len(u2):]
-    # user suffix + assistant prefix = between[1]; the generation prompt is the assistant's prefix.
-    assistant_prefix = _common_tail(between[1], end)
-    user_suffix = between[1][:len(between[1]) - len(assistant_prefix)]
     pieces = ChatPieces(prefix={"system": system_first, "user": user_prefix, "assistant": assistant_prefix},
                         suffix={"system": system_suffix, "user": user_suffix, "assistant": assistant_suffix},
                         generation=end[len(user_suffix):], default_system=None)
@@ -95,8 +98,8 @@ def go_template(pieces: ChatPieces) -> str:
                        f'{{{{ .Content }}}}{_go(pieces.suffix[role])}'
                        for i, role in enumerate(("system", "user", "assistant")))
     return ('{{- range $i, $_ := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}'
-            f'{branches}{{{{ end }}}}{{{{- if and $last (ne .Role "assistant") }}}}{_go(pieces.generation)}'
-            '{{- end }}{{- end }}')
+            f'{branches}{{{{ end }}}}{{{{ if and $last (ne .Role "assistant") }}}}{_go(pieces.generation)}'
+            '{{ end }}{{ end }}')
 
 
 def modelfile(gguf_name: str, pieces: ChatPieces, stops: list[str], system: str | None, sampling: dict) -> str:
