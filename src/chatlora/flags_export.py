@@ -6,7 +6,7 @@ from __future__ import annotations
 QUANT_CHOICES = ["f16", "bf16", "q8_0", "q4_k_m"]  # export/gguf.py: QUANTS, checked equal by a test
 
 
-def export_parser(sub, fmt, positive, device, use_epilog: str) -> None:
+def export_parser(sub, fmt, positive, fraction, device, use_epilog: str) -> None:
     p = sub.add_parser(
         "export", formatter_class=fmt, help="the run as a GGUF for llama.cpp / Ollama / LM Studio, checked in llama.cpp",
         description="""\
@@ -38,6 +38,7 @@ examples:
     p.add_argument("--data", metavar="FILE", help="conversations for the checks (default: the run's held-out rows)")
     p.add_argument("--prompts", type=positive, default=8, help="conversations in the checks (default 8)")
     p.add_argument("--max-new-tokens", type=positive, default=64, help="greedy reply length in the check (default 64)")
+    p.add_argument("--min-top1", type=fraction, help="least top-1 agreement allowed, 0-1 (default by --quant, see below)")
     p.add_argument("--llama-cpp", metavar="DIR", dest="llama_cpp_dir",
                    help="a llama.cpp source folder whose convert_hf_to_gguf.py to use (default: $CHATLORA_LLAMA_CPP, "
                         "else the one --get-converter unpacked for the installed llama-cpp-python)")

@@ -18,23 +18,31 @@ import pytest
 from conftest import SHARED_DATA, run_cli, tiny_config
 
 
-def _ready() -> bool:
-    """llama-cpp-python and the converter for it are installed."""
-    from importlib.util import find_spec
-
+def _converter() -> str | None:
+    """The converter folder for the installed llama-cpp-python, found before conftest points
+    CHATLORA_CACHE (where `--get-converter` unpacks it) at a temporary folder; None without one."""
     from chatlora.errors import ChatloraError
     from chatlora.export.converter import converter_dir
 
     try:
-        converter_dir()
+        return str(converter_dir())
     except ChatloraError:
-        return False
-    return find_spec("llama_cpp") is not None
+        return None
 
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.skipif(not _ready(), reason="needs pip install chatlora[export] and chatlora export --get-converter")]
+CONVERTER = _converter()
+
+
+pytestmark = [pytest.mark.usefixtures("one_thread", "converter"),
+              pytest.mark.skipif(CONVERTER is None, reason="needs pip install chatlora[export] and chatlora export --get-converter")]
 SYSTEM = "You are Captain Byte, a pirate."
+
+
+@pytest.fixture(scope="module")
+def converter():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CHATLORA_LLAMA_CPP", CONVERTER)  # the subprocesses of run_cli inherit it
+        yield
 
 
 def save_model(folder: Path, family: str) -> Path:
@@ -66,29 +74,38 @@ def save_model(folder: Path, family: str) -> Path:
 def family_run(request, tmp_path_factory):
     from chatlora.recipes.train import train
 
+    pytest.importorskip("llama_cpp")
     tmp = tmp_path_factory.mktemp(f"export-{request.param}")
     model = save_model(tmp / "model", request.param)
     cfg = tiny_config(model, tmp, "data.validation=0.3", "training.max_steps=4", f"data.system_prompt={SYSTEM}")
     return request.param, train(cfg, echo=lambda _line: None).path
 
 
-@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
-def test_export_through_llama_cpp(family_run, quant, tmp_path):
+# f16 at its own threshold (99%); q4_k_m at a threshold for a random 64-wide model: its rows are too
+# short for K-quants (multiples of 256), so llama.cpp falls back to q5_0/q8_0 blocks, and a random
+# model's near-tied logits flip under them (real models: docs/export.md).
+CASES = {"qwen2": ("f16", None), "llama": ("q4_k_m", 0.5)}
+
+
+def test_export_through_llama_cpp(family_run, tmp_path):
     from chatlora.recipes.export import export
 
     family, run = family_run
+    quant, min_top1 = CASES[family]
     out = tmp_path / f"{family}-{quant}"
     lines: list[str] = []
-    result = export(str(run), str(out), quant=quant, prompts=3, max_new_tokens=24, echo=lines.append)
+    result = export(str(run), str(out), quant=quant, prompts=3, max_new_tokens=16, min_top1=min_top1, echo=lines.append)
     gguf = out / f"{out.name}-{quant}.gguf"
     assert sorted(p.name for p in out.iterdir()) == sorted([gguf.name, "Modelfile", "README.md", "export.json"])
     assert not list(tmp_path.glob(f".{out.name}*")), "no temporary folder left"
     record = json.loads((out / "export.json").read_text())
     check = record["check"]
-    assert check["passed"] and check["top1_agreement"] >= {"q8_0": 0.98, "q4_k_m": 0.90}[quant], check
-    assert check["positions"] > 50 and 0 <= check["mean_kl"] < 1
+    assert record == json.loads(json.dumps(result)) and check["passed"]
+    assert check["top1_agreement"] >= (min_top1 or 0.99) and check["positions"] > 50 and 0 <= check["mean_kl"] < 1
+    if quant == "f16":
+        assert check["top1_agreement"] == 1.0 and check["mean_kl"] < 1e-3, check
     assert check["tokenizer_agreement"].startswith("3 of 3")
-    # The metadata, as llama.cpp read it: EOS is the end-of-turn token, pad and template are there.
+    # The metadata, as llama.cpp read it: EOS is the end-of-turn token, and the pad token is there.
     assert record["metadata"]["eos"]["text"] == "<|im_end|>" and "pad" in record["metadata"]
     assert record["metadata"]["architecture"] == family
     assert check["replies_stopped"] >= check["replies_transformers_stopped"]
@@ -100,7 +117,9 @@ def test_export_through_llama_cpp(family_run, quant, tmp_path):
 
 
 def test_cli_refusals_before_any_work(family_run, tmp_path):
-    _family, run = family_run
+    family, run = family_run
+    if family != "qwen2":
+        pytest.skip("one family is enough for the refusals")
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "x").write_text("x")

@@ -26,21 +26,15 @@ from functools import lru_cache
 from pathlib import Path
 
 from chatlora.errors import ChatloraError, ConfigError
+from chatlora.export.gguf import llama_cpp
 
 SCRIPT = "convert_hf_to_gguf.py"
 PARTS = (SCRIPT, "conversion/", "gguf-py/")
-INSTALL = 'pip install "chatlora[export]"'
 
 
 def llama_cpp_version() -> str:
     """The installed llama-cpp-python's version; ChatloraError with the install command when absent."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llama-cpp-python")
-    except PackageNotFoundError:
-        raise ChatloraError(f"export to GGUF needs llama-cpp-python (llama.cpp's quantizer and loader): {INSTALL}, "
-                            "then chatlora export --get-converter") from None
+    return llama_cpp().__version__
 
 
 def cache_root() -> Path:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from chatlora.errors import ChatloraError, ConfigError
 
+INSTALL = 'pip install "chatlora[export]"'
+
 # --quant -> (the converter's --outtype, llama.cpp's llama_ftype name to quantize to, or None: the
 # converter writes it). Quantized types start from f16, llama.cpp's documented path
 # (convert_hf_to_gguf.py --outtype f16, then llama-quantize).
@@ -29,10 +31,8 @@ def llama_cpp():
     try:
         import llama_cpp
     except ImportError as e:
-        from chatlora.export.converter import INSTALL
-
-        raise ChatloraError(f"export to GGUF needs llama-cpp-python (llama.cpp's quantizer and loader): {INSTALL} "
-                            f"({type(e).__name__}: {e})") from None
+        raise ChatloraError(f"export to GGUF needs llama-cpp-python (llama.cpp's quantizer and loader): {INSTALL}, "
+                            f"then chatlora export --get-converter ({type(e).__name__}: {e})") from None
     return llama_cpp
 
 
@@ -43,7 +43,10 @@ def quantize(source: Path, target: Path, quant: str, threads: int = 0) -> None:
     params = lib.llama_model_quantize_default_params()
     params.ftype = getattr(lib, QUANTS[quant][1])
     params.nthread = threads
-    code = lib.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=False):  # a line per tensor from C, on the terminal otherwise
+        code = lib.llama_model_quantize(str(source).encode(), str(target).encode(), params)
     if code != 0 or not target.is_file():
         raise ChatloraError(f"llama.cpp's quantizer failed ({code}) on {source} -> {quant}")
 

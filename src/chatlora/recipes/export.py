@@ -26,8 +26,9 @@ from chatlora.run import replace_dir, target_config
 
 
 def export(target: str | None, out: str | None, *, fmt: str = "gguf", quant: str = "q8_0", model: str | None = None,
-           data: str | None = None, prompts: int = 8, max_new_tokens: int = 64, llama_cpp_dir: str | None = None,
-           get_converter: str | None = None, device: str | None = None, echo: Callable[[str], None] = print) -> dict:
+           data: str | None = None, prompts: int = 8, max_new_tokens: int = 64, min_top1: float | None = None,
+           llama_cpp_dir: str | None = None, get_converter: str | None = None, device: str | None = None,
+           echo: Callable[[str], None] = print) -> dict:
     """Export a run (see the module docstring); returns the figures written to OUT/export.json.
 
     `get_converter` ("" or an sdist path): only unpack llama.cpp's converter (export/converter.py).
@@ -78,7 +79,8 @@ def export(target: str | None, out: str | None, *, fmt: str = "gguf", quant: str
         conversations, kind = parity_texts(target, data, prompts, echo)
         from chatlora.export.check import check_gguf
 
-        check = check_gguf(gguf_file, merged_dir, conversations, quant, max_new_tokens=max_new_tokens, echo=echo)
+        check = check_gguf(gguf_file, merged_dir, conversations, quant, max_new_tokens=max_new_tokens,
+                           min_top1=min_top1, echo=echo)
         check["conversations"] = kind
         echo(f"check ({quant}): top-1 agreement {check['top1_agreement']:.2%} (required {check['min_top1_allowed']:.0%}), "
              f"mean KL {check['mean_kl']:.4g} on {check['positions']} positions; {check['tokenizer_agreement']}; "
