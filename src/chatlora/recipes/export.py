@@ -72,8 +72,7 @@ def export(target: str | None, out: str | None, *, fmt: str = "gguf", quant: str
             quantize(converted, tmp / gguf_name, quant)
             converted.unlink()
         gguf_file = tmp / gguf_name
-        lib = llama_cpp()
-        found = metadata(lib.Llama(model_path=str(gguf_file), n_ctx=32, verbose=False, vocab_only=True))
+        found = metadata(llama_cpp().Llama(model_path=str(gguf_file), n_ctx=32, verbose=False, vocab_only=True))
         check_metadata(found, end_of_turn, pad, template)
 
         conversations, kind = parity_texts(target, data, prompts, echo)
