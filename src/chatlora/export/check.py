@@ -5,7 +5,8 @@ conversations.
 - Teacher-forced next-token agreement: both read the same token ids; on every position, does the
   most likely next token agree (top-1), and how far apart are the two distributions (the mean
   KL(transformers || llama.cpp), in nats)?
-- Tokenizer: llama.cpp's tokenization of the rendered conversations equals transformers'.
+- Tokenizer: llama.cpp's tokenization of the rendered conversations (BOS added where the GGUF asks
+  for it, as servers do) equals transformers'.
 - Greedy replies through the GGUF's own embedded chat template (llama-cpp-python's
   `chat_template.default` handler renders `tokenizer.chat_template` from the file): wherever
   transformers' greedy reply ends on a stop token, llama.cpp's must end too ("stop", not "length").
@@ -76,7 +77,9 @@ def check_gguf(gguf_file: Path, merged_dir: Path, conversations: list[list[dict]
         kl, top1 = kl_and_top1(ref, got)
         kls.append(kl)
         agree.append(top1)
-        same_tokens += llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)[:budget] == row
+        # add_bos=True adds BOS where the GGUF says to (tokenizer.ggml.add_bos_token), as servers do:
+        # a BOS the template already writes would show here as a second one.
+        same_tokens += llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)[:budget] == row
     kl, top1 = torch.cat(kls), torch.cat(agree).float()
     result = {"quant": quant, "positions": int(top1.numel()), "top1_agreement": float(top1.mean()),
               "mean_kl": float(kl.mean()), "max_kl": float(kl.max()), "min_top1_allowed": least,

@@ -55,7 +55,7 @@ def metadata(llm) -> dict:
     """What llama.cpp read from the GGUF's header (a llama_cpp.Llama), with the special tokens' texts."""
     meta = dict(llm.metadata)
     found = {"chat_template": meta.get("tokenizer.chat_template"), "file_type": meta.get("general.file_type"),
-             "architecture": meta.get("general.architecture")}
+             "architecture": meta.get("general.architecture"), "add_bos": meta.get("tokenizer.ggml.add_bos_token")}
     for name, key in (("eos", "tokenizer.ggml.eos_token_id"), ("pad", "tokenizer.ggml.padding_token_id"),
                       ("eot", "tokenizer.ggml.eot_token_id"), ("bos", "tokenizer.ggml.bos_token_id")):
         if key in meta:
