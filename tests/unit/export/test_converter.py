@@ -58,3 +58,13 @@ def test_get_converter_unpacks_the_three_parts_into_the_versioned_cache(tmp_path
     found = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
     assert found == {SCRIPT, "conversion/__init__.py", "gguf-py/gguf/__init__.py"}
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "no temporary folder left"
+
+
+def test_a_missing_extra_names_the_install_command(monkeypatch):
+    import sys
+
+    from chatlora.export.gguf import llama_cpp
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    with pytest.raises(ChatloraError, match=r'pip install "chatlora\[export\]", then chatlora export --get-converter'):
+        llama_cpp()
