@@ -100,7 +100,8 @@ def test_export_through_llama_cpp(family_run, tmp_path):
     record = json.loads((out / "export.json").read_text())
     check = record["check"]
     assert record == json.loads(json.dumps(result)) and check["passed"]
-    assert check["top1_agreement"] >= (min_top1 or 0.99) and check["positions"] > 50 and 0 <= check["mean_kl"] < 1
+    assert check["top1_agreement"] >= (min_top1 or 0.99) and 0 <= check["mean_kl"] < 1
+    assert check["all_positions"] > 50 and 0 < check["positions"] < check["all_positions"]  # replies: a part
     if quant == "f16":
         assert check["top1_agreement"] == 1.0 and check["mean_kl"] < 1e-3, check
     assert check["tokenizer_agreement"].startswith("3 of 3")

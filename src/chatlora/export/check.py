@@ -2,9 +2,11 @@
 and llama-server would, and it is compared with the merged model in transformers on held-out
 conversations.
 
-- Teacher-forced next-token agreement: both read the same token ids; on every position, does the
-  most likely next token agree (top-1), and how far apart are the two distributions (the mean
-  KL(transformers || llama.cpp), in nats)?
+- Teacher-forced next-token agreement: both read the same token ids; on the positions whose next
+  token is a reply token (the tokens a user of the GGUF sees generated), does the most likely next
+  token agree (top-1), and how far apart are the two distributions (the mean KL(transformers ||
+  llama.cpp), in nats)? The same over every position (system and user text too, where a chat model
+  is unsure and near-ties flip) is reported beside it (`*_all`).
 - Tokenizer: llama.cpp's tokenization of the rendered conversations (BOS added where the GGUF asks
   for it, as servers do) equals transformers'.
 - Greedy replies through the GGUF's own embedded chat template (llama-cpp-python's
@@ -59,8 +61,13 @@ def check_gguf(gguf_file: Path, merged_dir: Path, conversations: list[list[dict]
     stops = set(stop_ids(model.generation_config))
     renderer = Renderer(tokenizer, stops)
     budget = max(8, positions // max(1, len(conversations)))
-    texts = [renderer.text(m)for m in conversations]
-    ids = [renderer.encode(t)[:budget] for t in texts]
+    texts = [renderer.text(m) for m in conversations]
+    samples = [renderer.tokenize(m) if m[-1]["role"] == "assistant" else None for m in conversations]
+    ids = [(t.input_ids if t else renderer.encode(text))[:budget] for t, text in zip(samples, texts)]
+    # Positions whose next token is a trained reply token: what a GGUF's user sees generated.
+    replying = [torch.tensor([t is not None and t.labels[i + 1] != -100 if i + 1 < len(t.labels) else False
+                              for i in range(len(row))]) if t else torch.zeros(len(row), dtype=torch.bool)
+                for t, row in zip(samples, ids)]
     n_ctx = max(len(i) for i in ids) + max_new_tokens * 2 + 64
 
     echo(f"check: llama.cpp reads {gguf_file.name}; teacher-forced on {sum(map(len, ids))} positions of "
@@ -79,10 +86,13 @@ def check_gguf(gguf_file: Path, merged_dir: Path, conversations: list[list[dict]
         agree.append(top1)
         # add_bos=True adds BOS where the GGUF says to (tokenizer.ggml.add_bos_token), as servers do:
         # a BOS the template already writes would show here as a second one.
-        same_tokens += llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)[:budget] == row
-    kl, top1 = torch.cat(kls), torch.cat(agree).float()
-    result = {"quant": quant, "positions": int(top1.numel()), "top1_agreement": float(top1.mean()),
-              "mean_kl": float(kl.mean()), "max_kl": float(kl.max()), "min_top1_allowed": least,
+        same_tokens += llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == renderer.encode(text)
+    kl, top1, reply = torch.cat(kls), torch.cat(agree).float(), torch.cat(replying)
+    if not reply.any():  # no conversation ends with a reply (--data of prompts): every position counts
+        reply = torch.ones_like(reply)
+    result = {"quant": quant, "positions": int(reply.sum()), "top1_agreement": float(top1[reply].mean()),
+              "mean_kl": float(kl[reply].mean()), "max_kl": float(kl[reply].max()), "min_top1_allowed": least,
+              "all_positions": int(top1.numel()), "top1_agreement_all": float(top1.mean()), "mean_kl_all": float(kl.mean()),
               "tokenizer_agreement": f"{same_tokens} of {len(texts)} conversations tokenized identically"}
 
     echo(f"check: greedy replies to {len(conversations)} held-out prompts, transformers and llama.cpp ...")
