@@ -95,6 +95,9 @@ COMMANDS = {
     "merge": Command("merge:merge", lambda a: dict(
         target=a.run, out=a.out, model=a.model, dtype=a.dtype, data=a.data, prompts=a.prompts, max_diff=a.max_diff,
         min_top1=a.min_top1, device=a.device)),
+    "export": Command("export:export", lambda a: dict(
+        target=a.run, out=a.out, fmt=a.fmt, quant=a.quant, model=a.model, data=a.data, prompts=a.prompts,
+        max_new_tokens=a.max_new_tokens, min_top1=a.min_top1, llama_cpp_dir=a.llama_cpp_dir, get_converter=a.get_converter, device=a.device)),
     "serve": Command("serve:serve", _serve_args),
     "web": Command("web:web", _served),
     "config presets": Command("config:presets", lambda a: {}),

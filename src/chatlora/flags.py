@@ -379,6 +379,9 @@ def parser() -> argparse.ArgumentParser:
     _chat_parser(sub, fmt)
     _eval_parser(sub, fmt)
     _merge_parser(sub, fmt)
+    from chatlora.flags_export import export_parser
+
+    export_parser(sub, fmt, _positive, _fraction, _device, USE_EPILOG)
     _serve_parser(sub, fmt)
     _web_parser(sub, fmt)
     _config_parser(sub, fmt, presets)

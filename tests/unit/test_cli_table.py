@@ -21,6 +21,7 @@ ARGV = {
     "chat": ["chat", "RUN", "--prompt", "hi", "--temperature", "0"],
     "eval": ["eval", "RUN", "--data", "held.jsonl", "--limit", "2"],
     "merge": ["merge", "RUN", "OUT", "--dtype", "float32"],
+    "export": ["export", "RUN", "OUT", "--quant", "q4_k_m"],
     "serve": ["serve", "RUN", "--port", "0"],
     "web": ["web", "RUN", "RUN2"],
     "config presets": ["config", "presets"],

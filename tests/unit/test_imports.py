@@ -29,8 +29,9 @@ LAYERS = [
     ("trainer", ["chatlora.trainer"]),
     ("plan", ["chatlora.plan"]),
     ("serve", ["chatlora.serve"]),
+    ("export", ["chatlora.export"]),
     ("recipes", ["chatlora.recipes"]),
-    ("cli", ["chatlora.cli", "chatlora.flags", "chatlora.__main__"]),
+    ("cli", ["chatlora.cli", "chatlora.flags", "chatlora.flags_export", "chatlora.__main__"]),
 ]
 
 # Known edges (importer, imported) that break the rules today and that the redesign of issue 22 is
