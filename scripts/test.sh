@@ -11,6 +11,9 @@ if ! command -v chromium >/dev/null; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null
 fi
+# The GGUF export tests run llama.cpp's own converter, unpacked once from llama-cpp-python's sdist
+# into chatlora's cache folder (a second run finds it there).
+.venv/bin/chatlora export --get-converter
 # Two workers (pytest-xdist): much of the suite waits on process start-up, servers and subprocesses,
 # which a second worker overlaps; tests/conftest.py keeps each whole-run file on one worker. The 20
 # slowest tests are listed at the end: CI's log shows where its minutes go.

@@ -38,7 +38,9 @@ def llama_cpp_version() -> str:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CHATLORA_CACHE") or Path.home() / ".cache" / "chatlora") / "llama.cpp"
+    from chatlora.config.load import cache_root as chatlora_cache
+
+    return chatlora_cache() / "llama.cpp"
 
 
 def converter_dir(llama_cpp: str | None = None) -> Path:
