@@ -21,6 +21,9 @@ CONVERSATIONS = [
 def qwen_renderer():
     from transformers import AutoTokenizer
 
+    if not (SHARED_DATA / "qwen-tokenizer").is_dir():
+        pytest.skip(f"the Qwen tokenizer is not in {SHARED_DATA}")
+
     return Renderer(AutoTokenizer.from_pretrained(SHARED_DATA / "qwen-tokenizer"), set())
 
 
