@@ -15,6 +15,7 @@ fi
 # into chatlora's cache folder (a second run finds it there).
 .venv/bin/chatlora export --get-converter
 # Two workers (pytest-xdist): much of the suite waits on process start-up, servers and subprocesses,
-# which a second worker overlaps; tests/conftest.py keeps each whole-run file on one worker. The 20
-# slowest tests are listed at the end: CI's log shows where its minutes go.
-exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=20 "$@"
+# which a second worker overlaps. --dist loadfile keeps each file on one worker, so a module's
+# expensive fixture (the bad-input corpus, the resume reference, a server) runs once. The 20 slowest
+# tests are listed at the end: CI's log shows where its minutes go.
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=20 "$@"

@@ -218,17 +218,3 @@ def one_thread():
 def family(request, tmp_path_factory):
     """(family, the folder of its tiny model), one per family of tests/families.py."""
     return request.param, save_family(tmp_path_factory.mktemp(request.param), request.param)
-
-
-# scripts/test.sh runs the suite on two workers (pytest-xdist, --dist loadgroup). Whole-run files
-# (tests/e2e) go to one worker each, so a module's expensive fixture (the bad-input corpus, the
-# resume reference, a server) runs once; the two files of the SmolLM2 demo share one worker and its
-# one training. Unit tests spread test by test.
-SHARED_GROUPS = {"test_smollm.py": "smollm", "test_smollm_use.py": "smollm"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        path = Path(str(item.fspath))
-        if path.parent.name == "e2e":
-            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(path.name, path.stem)))
