@@ -182,20 +182,6 @@ def uninterrupted_run(tiny_model_dir, tmp_path_factory) -> dict:
     return {"losses": losses(run.path), "adapter": adapter(run.path)}
 
 
-@pytest.fixture(scope="session")
-def smollm_demo(tmp_path_factory):
-    """The demo on the real SmolLM2-135M-Instruct, trained once for e2e/test_smollm.py and
-    e2e/test_smollm_use.py: 12 of its 46 steps, the held-out loss before and after, one base vs adapter
-    reply. Returns the run folder (RunDir) and the lines training printed. Read-only."""
-    from chatlora.config import load_config
-    from chatlora.recipes.train import train
-
-    lines: list[str] = []
-    cfg = load_config("demo", ["training.max_steps=12", "report.compare=1", "report.max_new_tokens=16",
-                               f"output_dir={tmp_path_factory.mktemp('smollm') / 'run'}"])
-    return train(cfg, lines.append), lines
-
-
 def problems_of(excinfo) -> list[tuple[str, str, str]]:
     """A DataError's problems as (where, field, reason), for comparing in one assert."""
     return [(p.where, p.field, p.reason) for p in excinfo.value.problems]

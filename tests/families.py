@@ -40,18 +40,28 @@ MLA_MOE = {"qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "n_rou
 # every linear layer but the output layer. transformers 5 keeps the routed experts of Mixtral and
 # DeepSeek as fused 3D parameters and the router as a module of its own; peft maps all-linear onto
 # them as its transformers 4 meaning had it (the experts' weights and the router's, through
-# target_parameters), and then adapts no MLP module of DeepSeek's (its dense first layers and shared
-# experts).
+# target_parameters). Before peft 0.22 that mapping then adapted no MLP module of DeepSeek's (its
+# dense first layers and shared experts); from 0.22 on, all-linear adapts them too (the GPU image
+# still has peft 0.21, so both are checked).
 ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
 MLP = {"gate_proj", "up_proj", "down_proj"}
 MOE = {"gate", "experts"}
+
+
+def _deepseek_mlp() -> set[str]:
+    import peft
+    from packaging.version import Version
+
+    return MLP if Version(peft.__version__) >= Version("0.22") else set()
+
+
 ADAPTED = {
     "mixtral": ATTENTION | MOE,
     "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
     "glm": ATTENTION | {"gate_up_proj", "down_proj"},
     "glm4": ATTENTION | {"gate_up_proj", "down_proj"},
-    "deepseek_v2": {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"} | MOE,
-    "deepseek_v3": {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"} | MOE,
+    "deepseek_v2": {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"} | MOE | _deepseek_mlp(),
+    "deepseek_v3": {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"} | MOE | _deepseek_mlp(),
 }
 # What a Llama-style list (q/k/v/o, gate/up/down) leaves unadapted in each family: named by training.
 UNMATCHED = {

@@ -180,3 +180,17 @@ def test_the_checks_find_what_they_look_for():
     assert "chatlora.recipes.launch" in {t for t, _ in imports(ROOT / "cli.py", modules())}
     with pytest.raises(AssertionError, match="in no layer"):
         layer_of("chatlora.nowhere")
+
+
+def test_help_and_flag_errors_need_no_torch():
+    """`chatlora ... --help` and a refused flag answer in a fraction of a second: nothing on the way to the
+    parser imports torch or transformers (seconds each; the bad-input corpus runs the command 80 times)."""
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, sys\nfrom chatlora.flags import parser\np = parser()\n"
+            "for argv in (['train', '--help'], ['chat', '--help'], ['serve', '--help'], ['export', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit): p.parse_args(argv)\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from chatlora.errors import ChatloraError
+
+if TYPE_CHECKING:  # torch is imported where a device is asked about: `--help` and flag errors need not wait for it
+    import torch
 
 MODES = ("auto", "graphs", "compile", "static", "eager")
 MODE_HELP = ("decoding: compile = static KV cache, each step replayed from a CUDA graph of torch.compile's "
@@ -18,6 +21,8 @@ def device_problem(name: torch.device | str) -> str | None:
     """Why `name` (a --device value) is no device to load a model on here, or None when it is one.
     Asked before any weight loads: torch's own errors come only later, as tracebacks ("Invalid device
     string", "Torch not compiled with CUDA enabled")."""
+    import torch
+
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError, ValueError):
@@ -43,6 +48,8 @@ def device_problem(name: torch.device | str) -> str | None:
 def resolve_mode(mode: str, device: torch.device | str) -> str:
     """The decode mode to use on `device`; raises ChatloraError for a mode the device cannot run, or
     a device that is not here."""
+    import torch
+
     why = device_problem(device)
     if why:
         raise ChatloraError(f"--device {device}: {why}")

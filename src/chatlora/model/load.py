@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from chatlora.config.schema import ModelConfig
-from chatlora.model import attention, quant
+from chatlora.model import attention, gguf_cache, quant
 from chatlora.errors import ModelError
 from chatlora.model.source import Source
 
@@ -72,7 +72,8 @@ def load_tokenizer(source: Source, cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code, **source.kwargs())
+        folder = gguf_cache.header(source, cfg.trust_remote_code)
+        return AutoTokenizer.from_pretrained(folder.path, trust_remote_code=cfg.trust_remote_code, **folder.kwargs())
     except (OSError, ValueError) as e:
         raise _hub_error(source, "tokenizer", e) from None
 
@@ -102,7 +103,8 @@ def fix_pad_token(tokenizer, end_of_turn: int | None) -> str | None:
 def _model_config(source: Source, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
+    folder = gguf_cache.header(source, trust_remote_code)
+    return AutoConfig.from_pretrained(folder.path, trust_remote_code=trust_remote_code, **folder.kwargs())
 
 
 def model_config(source: Source, cfg: ModelConfig):
@@ -117,7 +119,8 @@ def load_generation_config(source: Source, cfg: ModelConfig, tokenizer):
     from transformers import GenerationConfig
 
     try:
-        gen = GenerationConfig.from_pretrained(source.path, **source.kwargs())
+        folder = gguf_cache.header(source, cfg.trust_remote_code)
+        gen = GenerationConfig.from_pretrained(folder.path, **folder.kwargs())
     except OSError:
         # GGUF files and some folders carry no generation_config.json: derive it as transformers does.
         try:
@@ -156,7 +159,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 def load_model(source: Source, cfg: ModelConfig, tokenizer, generation_config, device: str | None = None):
     """The base causal LM, in `cfg.dtype`, with the tokenizer's pad token and the checked stop tokens."""
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(cfg.dtype)
     quantize = cfg.quantize == "nf4"
@@ -173,7 +176,7 @@ def load_model(source: Source, cfg: ModelConfig, tokenizer, generation_config, d
         if attn:
             kwargs["attn_implementation"] = attn
         if cfg.random_init:
-            config = AutoConfig.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code, **source.kwargs())
+            config = model_config(source, cfg)
             with torch.device(device or "cpu"):
                 model = AutoModelForCausalLM.from_config(config, **kwargs)
             if quantize:
@@ -182,7 +185,8 @@ def load_model(source: Source, cfg: ModelConfig, tokenizer, generation_config, d
             if quantize:
                 # Quantized shard by shard as it loads: the 16-bit model never exists on the GPU.
                 kwargs["quantization_config"] = quant.nf4_config(dtype)
-            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs, **source.kwargs(),
+            folder = gguf_cache.weights(source, dtype, cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(folder.path, **kwargs, **folder.kwargs(),
                                                          device_map=device or ("cpu" if quantize else None))
     except (OSError, ValueError) as e:
         raise _hub_error(source, "model", e) from None
