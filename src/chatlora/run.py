@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import yaml
 
 from chatlora.config.load import build, load_yaml
 from chatlora.config.schema import Config
-from chatlora.errors import ChatloraError, ConfigError
+from chatlora.errors import ChatloraError, ConfigError, file_in_the_way
 
 
 class RunDir:
@@ -125,6 +126,32 @@ def replace_dir(tmp: Path, final: Path) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_new_folder(final: Path, error: type[ChatloraError] = ChatloraError) -> None:
+    """Raise `error` when `final` cannot become a new output folder: a file, a folder with something in
+    it, or a path through a file. Asked before any work, not after it at mkdir."""
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise error(f"{final} already exists ({'a file' if final.is_file() else 'not empty'}); "
+                    "choose another output folder or remove it")
+    blocked = file_in_the_way(final.absolute())
+    if blocked:
+        raise error(f"{final} {blocked}; choose another output folder")
+
+
+@contextmanager
+def staged(final: Path):
+    """A temporary folder beside `final` to write an output into; renamed into place (an empty `final`
+    gives way) when the block ends, removed when it raises: a failed step leaves nothing at `final`."""
+    tmp = final.absolute().with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if final.exists():
+            final.rmdir()  # empty: check_new_folder said so
+        replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- checkpoints: which folders under checkpoints/ are complete (trainer/lifecycle/checkpoint.py writes them)

@@ -97,22 +97,36 @@ def to_conversations(rows: list[RawRow], fmt: str, system_prompt: str | None = N
     `columns` name the fields of problems as the file has them). Raises DataError listing every bad
     row at once."""
     convert = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai}[fmt]
+
+    def conversation(row: RawRow, errs: list) -> Conversation | None:
+        messages = convert(row.value, errs)
+        if not errs:
+            _check_order(messages, errs, fmt)
+        if errs:
+            return None
+        if system_prompt is not None and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return Conversation(messages, row.source, row.where)
+
+    return check_rows(rows, conversation, f"Rows were read as {fmt}: {EXPECTED}.", columns)
+
+
+def check_rows(rows: list[RawRow], convert, hint: str, columns: dict[str, str] | None = None) -> list:
+    """Every row through `convert(row, errs)`, which returns the row's item, or None with `errs` filled
+    as (field, reason). Returns the items, or raises one DataError listing every bad row at once (the
+    SFT and the preference formats share it)."""
     out, problems = [], []
     for row in rows:
         errs: list[tuple[str, str]] = []
         if not isinstance(row.value, dict):
             errs.append(("", f"a row must be a JSON object, got {type(row.value).__name__}"))
         else:
-            messages = convert(row.value, errs)
-            if not errs:
-                _check_order(messages, errs, fmt)
-            if not errs:
-                if system_prompt is not None and messages[0]["role"] != "system":
-                    messages.insert(0, {"role": "system", "content": system_prompt})
-                out.append(Conversation(messages, row.source, row.where))
+            item = convert(row, errs)
+            if item is not None and not errs:
+                out.append(item)
         problems += [Problem(row.source, row.where, file_field(name, columns or {}), reason) for name, reason in errs]
     if problems:
-        raise DataError(problems, hint=f"Rows were read as {fmt}: {EXPECTED}.")
+        raise DataError(problems, hint=hint)
     return out
 
 

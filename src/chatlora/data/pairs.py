@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from chatlora.data.formats import Conversation, Message, _check_order, _text, _turns
+from chatlora.data.formats import Conversation, Message, _check_order, _text, _turns, check_rows
 from chatlora.data.read import RawRow
 from chatlora.data.render import IGNORE, Renderer, RenderError, Tokenized
 from chatlora.errors import DataError, Problem
@@ -76,22 +76,17 @@ def detect(rows: list[RawRow], path: str) -> str:
 
 def to_preferences(rows: list[RawRow], fmt: str, system_prompt: str | None = None) -> list[Preference]:
     """Convert and check every row. Raises DataError listing every bad row at once."""
-    out, problems = [], []
-    for row in rows:
-        errs: list[tuple[str, str]] = []
-        if not isinstance(row.value, dict):
-            errs.append(("", f"a row must be a JSON object, got {type(row.value).__name__}"))
-        else:
-            got = _CONVERT[fmt](row.value, errs)
-            if got is not None and not errs:
-                prompt, chosen, rejected, label = got
-                if system_prompt is not None and prompt[0]["role"] != "system":
-                    prompt.insert(0, {"role": "system", "content": system_prompt})
-                out.append(Preference(prompt, chosen, rejected, row.source, row.where, label))
-        problems += [Problem(row.source, row.where, field, reason) for field, reason in errs]
-    if problems:
-        raise DataError(problems, hint=f"Rows were read as {fmt} preference rows: {EXPECTED}.")
-    return out
+
+    def preference(row: RawRow, errs: list) -> Preference | None:
+        got = _CONVERT[fmt](row.value, errs)
+        if got is None or errs:
+            return None
+        prompt, chosen, rejected, label = got
+        if system_prompt is not None and prompt[0]["role"] != "system":
+            prompt.insert(0, {"role": "system", "content": system_prompt})
+        return Preference(prompt, chosen, rejected, row.source, row.where, label)
+
+    return check_rows(rows, preference, f"Rows were read as {fmt} preference rows: {EXPECTED}.")
 
 
 def _prompt_of(context: list[Message], field: str, errs: list) -> list[Message] | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,12 +19,12 @@ import torch
 from chatlora.data.collate import PadCollator
 from chatlora.data.formats import Conversation
 from chatlora.data.pipeline import held_out
-from chatlora.errors import ChatloraError, DataError, file_in_the_way
+from chatlora.errors import ChatloraError, DataError
 from chatlora.evaluate.loss import held_out_batches, held_out_loss, held_out_samples
 from chatlora.model import quant
 from chatlora.model.from_run import Loaded, default_device, load_target
 from chatlora.model.load import add_stop_tokens, resolve_dtype, stop_ids
-from chatlora.run import replace_dir, target_config
+from chatlora.run import check_new_folder, staged, target_config
 
 # What "equal" means for merged vs adapter-on logits, by the dtype the merged weights are saved in.
 # float32: W + BA and Wx + B(Ax) differ only by rounding order (SmolLM2-135M: 1.4e-4; deeper, wider
@@ -122,11 +121,7 @@ def merge_to(target: str, out: str, *, model: str | None = None, dtype: str = "a
     from transformers import AutoModelForCausalLM
 
     final = Path(out)
-    if final.exists() and (not final.is_dir() or any(final.iterdir())):
-        raise ChatloraError(f"{final} already exists; choose another output folder or remove it")
-    blocked = file_in_the_way(final.absolute())
-    if blocked:  # found now, not after the merge: mkdir would fail with the work done
-        raise ChatloraError(f"{final} {blocked}; choose another output folder")
+    check_new_folder(final)
     check_finite(adapter_file(target))
     conversations, kind = parity_texts(target, data, prompts, echo)
     loaded: Loaded = load_target(target, model, device)
@@ -157,9 +152,7 @@ def merge_to(target: str, out: str, *, model: str | None = None, dtype: str = "a
         add_stop_tokens(merged.generation_config, tokenizer, [tokenizer.convert_ids_to_tokens(end_of_turn)])
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_ids(merged.generation_config)]
 
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged(final) as tmp:
         echo(f"saving the merged model ({str(save_dtype).removeprefix('torch.')}) ...")
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -200,11 +193,6 @@ def merge_to(target: str, out: str, *, model: str | None = None, dtype: str = "a
                  f"max |logit difference| {result['max_abs_diff']:.3g}, top-1 agreement {result['top1_agreement']:.2%}. "
                  "Its weights carry the 4-bit rounding: it is not the original 16-bit base + adapter.")
         (tmp / "chatlora_merge.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-        if final.exists():
-            final.rmdir()  # an empty folder, checked above
-        replace_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     echo(f"merged model: {final}  (stops on {', '.join(stops)})")
     return result
 

@@ -13,16 +13,15 @@ export.json → rename into place; outside the thresholds nothing is left at OUT
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from chatlora.errors import ChatloraError, ConfigError, file_in_the_way
+from chatlora.errors import ChatloraError, ConfigError
 from chatlora.export import converter, modelfile
 from chatlora.export.gguf import QUANTS, check_metadata, check_quant, llama_cpp, metadata, quantize
 from chatlora.export.merged import merge_to, parity_texts
-from chatlora.run import replace_dir, target_config
+from chatlora.run import check_new_folder, staged, target_config
 
 
 def export(target: str | None, out: str | None, *, fmt: str = "gguf", quant: str = "q8_0", model: str | None = None,
@@ -40,12 +39,7 @@ def export(target: str | None, out: str | None, *, fmt: str = "gguf", quant: str
     if not target or not out:
         raise ConfigError("chatlora export needs RUN and OUT (or --get-converter)")
     final = Path(out)
-    if final.exists() and (not final.is_dir() or any(final.iterdir())):
-        raise ConfigError(f"{final} already exists ({'a file' if final.is_file() else 'not empty'}); "
-                          "choose another output folder or remove it")
-    blocked = file_in_the_way(final.absolute())
-    if blocked:
-        raise ConfigError(f"{final} {blocked}; choose another output folder")
+    check_new_folder(final, ConfigError)
     if fmt == "hf":
         return merge_to(target, out, model=model, data=data, prompts=prompts, device=device, echo=echo)
     if fmt != "gguf":
@@ -55,9 +49,7 @@ def export(target: str | None, out: str | None, *, fmt: str = "gguf", quant: str
     tool = converter.converter_dir(llama_cpp_dir)
     converter.check_architecture(architecture(target, model), tool)
 
-    tmp = final.absolute().with_name(f".{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged(final) as tmp:
         merged_dir = tmp / "merged"
         merged = merge_to(target, str(merged_dir), model=model, data=data, prompts=prompts, device=device, echo=echo)
         end_of_turn, pad, template = eos_for_converter(merged_dir, merged["end_of_turn"])
@@ -101,11 +93,6 @@ def export(target: str | None, out: str | None, *, fmt: str = "gguf", quant: str
         (tmp / "README.md").write_text(modelfile.readme(name, gguf_name, str(target), quant, stops, system, result),
                                        encoding="utf-8")
         (tmp / "export.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
-        if final.exists():
-            final.rmdir()  # an empty folder, checked above
-        replace_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     echo(f"exported: {final / gguf_name} ({result['bytes'] / 2**20:.1f} MiB), Modelfile, README.md, export.json")
     echo(f"  ollama create {name} -f {final / 'Modelfile'} && ollama run {name}")
     return result
