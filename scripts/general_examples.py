@@ -8,7 +8,7 @@ training; no general instruction set can be downloaded here, and replies written
 third voice. Replies that do not stop within --max-new-tokens are left out (they would teach the model
 not to stop). The questions are written for chatlora; none is in the pirate set.
 
-    python scripts/general_examples.py [--max-new-tokens 160]
+    python scripts/general_examples.py [--max-new-tokens 200]
 """
 
 from __future__ import annotations
@@ -172,8 +172,9 @@ Why do countries trade with each other?
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--max-new-tokens", type=int, default=160)
-    ap.add_argument("--validation", type=int, default=24, help="the last N questions go to val.jsonl")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--validation", type=int, default=24, help="the last N kept rows go to val.jsonl")
+    ap.add_argument("--batch", type=int, default=16, help="questions decoded together")
     a = ap.parse_args()
     import torch
 
@@ -189,20 +190,22 @@ def main() -> None:
     model = load_model(source, cfg.model, tok, gen, device="cpu").eval()
     stops = set(stop_ids(gen))
     questions = [q for q in QUESTIONS.splitlines() if q.strip()]
+    tok.padding_side = "left"  # batched greedy decoding: each row's prompt ends where its reply starts
     rows, dropped = [], []
-    for i, question in enumerate(questions):
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    for start in range(0, len(questions), a.batch):
+        batch = questions[start:start + a.batch]
+        chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in batch]
+        enc = tok.apply_chat_template(chats, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True)
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        new = out[0, ids.shape[1]:].tolist()
-        stopped = bool(new) and new[-1] in stops
-        reply = tok.decode(new[:-1] if stopped else new, skip_special_tokens=True).strip()
-        print(f"{i + 1}/{len(questions)} {'ok  ' if stopped else 'LONG'} {question} -> {reply[:70]!r}", flush=True)
-        if stopped and reply:
-            rows.append({"messages": messages + [{"role": "assistant", "content": reply}]})
-        else:
-            dropped.append(question)
+            out = model.generate(**enc, max_new_tokens=a.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        for question, messages, row in zip(batch, chats, out[:, enc["input_ids"].shape[1]:].tolist()):
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            reply = tok.decode(row[:end], skip_special_tokens=True).strip()
+            print(f"{'ok  ' if end is not None else 'LONG'} {question} -> {reply[:70]!r}", flush=True)
+            if end is not None and reply:
+                rows.append({"messages": messages + [{"role": "assistant", "content": reply}]})
+            else:
+                dropped.append(question)
     folder = ROOT / "src" / "chatlora" / "examples" / "general"
     folder.mkdir(exist_ok=True)
     for name, part in (("train", rows[:-a.validation]), ("val", rows[-a.validation:])):

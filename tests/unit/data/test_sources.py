@@ -156,3 +156,17 @@ def test_modelscope_without_its_package_says_how_to_install(monkeypatch):
     with pytest.raises(DataError, match=r"modelscope:org/set: ModelScope datasets need the modelscope package: "
                                         r"pip install 'chatlora\[modelscope\]'"):
         train("modelscope:org/set")
+
+
+def test_the_mix_demo_mixes_the_general_set_one_to_one():
+    """The mix-demo preset (docs/data.md): the pirate rows under Captain Bess's system prompt, and as
+    many samples of the shipped general set per epoch, each under its own (SmolLM2's) system prompt."""
+    from chatlora.config import load_config
+
+    cfg = load_config("mix-demo")
+    train = load_conversations(cfg.data)[0]
+    pirate = [c for c in train if "pirate" in c.source]
+    general = [c for c in train if "general" in c.source]
+    assert len(pirate) == 180 and len(general) == 180
+    assert all(c.messages[0]["content"] == cfg.data.system_prompt for c in pirate)
+    assert all(c.messages[0]["content"].startswith("You are a helpful AI assistant named SmolLM") for c in general)
