@@ -6,7 +6,9 @@ Why the base model's own replies: the set is what the mixing demo (docs/data.md,
 1:1 into the pirate persona, so that general questions keep getting the answers the model gave before
 training; no general instruction set can be downloaded here, and replies written by hand would teach a
 third voice. Replies that do not stop within --max-new-tokens are left out (they would teach the model
-not to stop). The questions are written for chatlora; none is in the pirate set.
+not to stop): 78 of the 144 questions stopped within 200 tokens (54 train rows, 24 val rows). The
+questions are written for chatlora; none is in the pirate set. The replies are the base model's and
+not checked facts (it calls "sad" a synonym of "happy"): the set records how the model answered.
 
     python scripts/general_examples.py [--max-new-tokens 200]
 """
