@@ -21,12 +21,22 @@ class PreferenceConfig:
     (lambda), SimPO's beta (its paper uses 2 to 10)."""
     simpo_gamma: float = 0.5
     """SimPO only: the target reward margin gamma (TRL's simpo_gamma)."""
+    sft_weight: float = 0.0
+    """sigmoid and ipo: adds this weight times the chosen replies' token loss (their mean negative
+    log-probability per trained token; TRL's loss_type [sigmoid, sft] with loss_weights [1, w], RPO's
+    alpha). Keeps the chosen replies likely, end-of-turn token included, where DPO alone lowers both
+    sides and replies grow longer and stop less (docs/preference.md)."""
     desirable_weight: float = 1.0
     """KTO only: weight of the losses of rows labelled true."""
     undesirable_weight: float = 1.0
     """KTO only: weight of the losses of rows labelled false."""
 
     def __post_init__(self) -> None:
+        if self.sft_weight < 0:
+            raise ConfigError(f"preference.sft_weight {self.sft_weight} must be 0 or more")
+        if self.sft_weight and self.loss not in ("sigmoid", "ipo"):
+            raise ConfigError(f"preference.sft_weight is for the sigmoid and ipo losses; {self.loss} "
+                              + ("has the chosen replies' token loss built in" if self.loss == "orpo" else "takes none"))
         if self.loss not in LOSSES:
             raise ConfigError(f"preference.loss: {self.loss!r} is not one of {', '.join(LOSSES)}")
         for key in ("beta", "desirable_weight", "undesirable_weight"):

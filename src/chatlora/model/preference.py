@@ -116,6 +116,8 @@ def preference_loss(model, batch: dict, settings: PreferenceConfig) -> tuple[tor
             losses = (delta - 1 / (2 * beta)) ** 2
         chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
         loss = losses.mean()
+        if settings.sft_weight:
+            loss = loss + settings.sft_weight * -chosen.sum() / counts[:n].sum()
     else:  # reference-free, on the mean log-probability per token
         chosen_mean, rejected_mean = chosen / counts[:n], rejected / counts[n:]
         if settings.loss == "simpo":

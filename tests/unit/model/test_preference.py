@@ -95,8 +95,8 @@ def assert_grads(mine, theirs):
     assert any(g.abs().sum() > 0 for g in mine.values())
 
 
-@pytest.mark.parametrize("loss_type,beta", [("sigmoid", 0.1), ("ipo", 0.5)])
-def test_dpo_matches_trl(setup, tmp_path, loss_type, beta):
+@pytest.mark.parametrize("loss_type,beta,sft", [("sigmoid", 0.1, 0.0), ("ipo", 0.5, 0.0), ("sigmoid", 0.1, 0.5)])
+def test_dpo_matches_trl(setup, tmp_path, loss_type, beta, sft):
     import datasets
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -106,13 +106,15 @@ def test_dpo_matches_trl(setup, tmp_path, loss_type, beta):
     tok, model, rows = setup
     data = datasets.Dataset.from_list([{"prompt": [u], "chosen": [{"role": "assistant", "content": c}],
                                         "rejected": [{"role": "assistant", "content": r}]} for u, c, r in PAIRS])
-    args = DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=[loss_type], bf16=False, report_to=[], use_cpu=True)
+    # preference.sft_weight is TRL's added "sft" loss (the chosen replies' mean token loss), weighted.
+    losses = dict(loss_type=[loss_type, "sft"], loss_weights=[1.0, sft]) if sft else dict(loss_type=[loss_type])
+    args = DPOConfig(output_dir=str(tmp_path), beta=beta, bf16=False, report_to=[], use_cpu=True, **losses)
     # Given a PeftModel, TRL keeps a frozen copy of its adapter as the reference ("ref"), as chatlora
     # does when it starts from an SFT run's adapter.
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     assert "ref" in model.peft_config
     move_adapter(model)
-    loss, metrics, mine = ours(model, rows, Knobs(loss=loss_type, beta=beta))
+    loss, metrics, mine = ours(model, rows, Knobs(loss=loss_type, beta=beta, sft_weight=sft))
     batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id)(
         [{"prompt_ids": c.input_ids[: head(c)], "chosen_ids": c.input_ids[head(c):], "rejected_ids": r.input_ids[head(r):]} for c, r in rows])
     model.train()
