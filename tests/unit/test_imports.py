@@ -189,8 +189,10 @@ def test_help_and_flag_errors_need_no_torch():
     import sys
 
     code = ("import contextlib, io, sys\nfrom chatlora.flags import parser\np = parser()\n"
-            "for argv in (['train', '--help'], ['chat', '--help'], ['serve', '--help'], ['export', '--help']):\n"
-            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit): p.parse_args(argv)\n"
+            "for argv in (['train', '--help'], ['chat', '--help'], ['serve', '--help'], ['export', '--help'],\n"
+            "             ['chat', 'RUN', '--decode', 'nope']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), "
+            "contextlib.suppress(SystemExit): p.parse_args(argv)\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -32,13 +32,13 @@ class PreferenceConfig:
     """KTO only: weight of the losses of rows labelled false."""
 
     def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"preference.loss: {self.loss!r} is not one of {', '.join(LOSSES)}")
         if self.sft_weight < 0:
             raise ConfigError(f"preference.sft_weight {self.sft_weight} must be 0 or more")
         if self.sft_weight and self.loss not in ("sigmoid", "ipo"):
             raise ConfigError(f"preference.sft_weight is for the sigmoid and ipo losses; {self.loss} "
                               + ("has the chosen replies' token loss built in" if self.loss == "orpo" else "takes none"))
-        if self.loss not in LOSSES:
-            raise ConfigError(f"preference.loss: {self.loss!r} is not one of {', '.join(LOSSES)}")
         for key in ("beta", "desirable_weight", "undesirable_weight"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:

@@ -106,6 +106,7 @@ def preference_loss(model, batch: dict, settings: PreferenceConfig) -> tuple[tor
     if settings.loss == "kto":
         return _kto(logps, ref, batch["preference_label"], settings)
     chosen, rejected = logps[:n], logps[n:]
+    chosen_nll = -chosen.sum() / counts[:n].sum()  # the chosen replies' token loss: orpo's, and sft_weight's
     beta = settings.beta
     if settings.loss in ("sigmoid", "ipo"):
         chosen_ratio, rejected_ratio = chosen - ref[:n], rejected - ref[n:]
@@ -117,7 +118,7 @@ def preference_loss(model, batch: dict, settings: PreferenceConfig) -> tuple[tor
         chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
         loss = losses.mean()
         if settings.sft_weight:
-            loss = loss + settings.sft_weight * -chosen.sum() / counts[:n].sum()
+            loss = loss + settings.sft_weight * chosen_nll
     else:  # reference-free, on the mean log-probability per token
         chosen_mean, rejected_mean = chosen / counts[:n], rejected / counts[n:]
         if settings.loss == "simpo":
@@ -125,8 +126,7 @@ def preference_loss(model, batch: dict, settings: PreferenceConfig) -> tuple[tor
             loss = losses.mean()
         else:  # orpo: the chosen replies' token loss, minus beta times the log odds ratio term
             log_odds = (chosen_mean - rejected_mean) - (_log1mexp(chosen_mean) - _log1mexp(rejected_mean))
-            nll = -chosen.sum() / counts[:n].sum()
-            loss = nll - (beta * F.logsigmoid(log_odds)).mean()
+            loss = chosen_nll - (beta * F.logsigmoid(log_odds)).mean()
         chosen_reward, rejected_reward = beta * chosen_mean.detach(), beta * rejected_mean.detach()
     return loss, _metrics(chosen_reward, rejected_reward)
 
