@@ -1,12 +1,13 @@
 """chatlora's DPO step against TRL's DPOTrainer on the same random-weight model and the same random pairs:
 tokens/s (chosen + rejected tokens, prompt included, per second of optimizer steps) and peak memory.
 
-    python bench/dpo_speed.py --model-config PATH [--pairs 8] [--prompt 256] [--reply 256] [--steps 10]
+    python bench/dpo_speed.py --model-config PATH [--pairs 8] [--prompt 256] [--reply 256] [--steps 10] [--vary]
 
 PATH: a model folder with config.json, or the config.json itself (e.g. Qwen1.5-7B's). The model is
 built with random weights (bfloat16 on a GPU, float32 on the CPU) and LoRA r=16 on every linear layer;
 both sides take the reference from the same weights with the adapter disabled, no gradient
-checkpointing. chatlora: one packed varlen row per step (data/collate.py PreferenceCollator,
+checkpointing. chatlora: built as `chatlora train` builds it (varlen attention, Liger where installed),
+one packed varlen row per step (data/collate.py PreferenceCollator,
 model/preference.py). TRL: DPOTrainer.training_step on DataCollatorForPreference's padded batch of the
 same token ids (TRL 1.16 has padding_free turned off in DPO: dpo_config.py says so); --liger asks it
 for use_liger_kernel. The first --warmup steps of each are not timed. Prints one line per side; a
@@ -33,23 +34,37 @@ from chatlora.data.render import IGNORE  # noqa: E402
 from chatlora.model.preference import preference_loss  # noqa: E402
 
 
-def build(path: str, device: str, dtype):
+def build(path: str, device: str, dtype, chatlora: bool = False):
+    """The random-weight model. chatlora's side is built as `chatlora train` builds it on a GPU (model/
+    load.py, model.kernels=auto): varlen attention for the packed row and Liger's kernels where
+    installed; TRL's side with sdpa (its --liger asks TRL itself)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(path)
     config = AutoConfig.from_pretrained(folder.parent if folder.name == "config.json" else folder)
     config._attn_implementation = "sdpa"
+    if chatlora and device == "cuda":
+        from chatlora.model import attention
+        from chatlora.model.kernels import use_liger
+
+        if attention.available() and attention.unsupported(config) is None:
+            config._attn_implementation = attention.register()
+        line = use_liger(config.model_type, True, False, "auto")
+        print(f"chatlora: attention {config._attn_implementation}; {line}", flush=True)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model, config.vocab_size
 
 
-def pairs(count: int, prompt: int, reply: int, vocab: int, seed: int) -> list[dict]:
+def pairs(count: int, prompt: int, reply: int, vocab: int, seed: int, vary: bool = False) -> list[dict]:
+    """Random pairs; with vary, each length is drawn from [n/4, n] as real preference sets vary (padding then
+    costs a padded batch what it would cost on real data)."""
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()  # noqa: E731
+    size = lambda n: int(torch.randint(max(1, n // 4), n + 1, (1,), generator=g)) if vary else n  # noqa: E731
     out = []
     for _ in range(count):
-        p, c, r = ids(prompt), ids(reply), ids(reply - reply // 4)
+        p, c, r = ids(size(prompt)), ids(size(reply)), ids(size(reply - reply // 4))
         out.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
     return out
 
@@ -83,15 +98,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--liger", action="store_true", help="TRL: use_liger_kernel=True")
+    ap.add_argument("--vary", action="store_true", help="lengths drawn from [n/4, n] per pair instead of fixed")
     ap.add_argument("--only", choices=("chatlora", "trl"), default=None)
     a = ap.parse_args()
     from peft import LoraConfig, get_peft_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    base, vocab = build(a.model_config, device, dtype)
+    base, vocab = build(a.model_config, device, dtype, chatlora=a.only == "chatlora")
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    steps = [pairs(a.pairs, a.prompt, a.reply, vocab, seed) for seed in range(a.steps + a.warmup)]
+    steps = [pairs(a.pairs, a.prompt, a.reply, vocab, seed, a.vary) for seed in range(a.steps + a.warmup)]
     tokens = sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"]) for s in steps[a.warmup:] for p in s)
     results = {}
 
@@ -155,7 +171,7 @@ def main() -> None:
     if len(results) == 2:
         print(f"speed-up: {results['chatlora']['tokens_per_s'] / results['trl']['tokens_per_s']:.2f}x")
     print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "pairs": a.pairs,
-                      "prompt": a.prompt, "reply": a.reply, "steps": a.steps, **results}))
+                      "prompt": a.prompt, "reply": a.reply, "vary": a.vary, "steps": a.steps, **results}))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,15 @@ def build_byte_tokenizer(pad: str | None = "<|endoftext|>", template: str = CHAT
 def _isolated_cache(tmp_path_factory):
     """Tokenized-data cache in a temporary folder, never the user's ~/.cache."""
     old = os.environ.get("CHATLORA_CACHE")
-    os.environ["CHATLORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["CHATLORA_CACHE"] = str(cache)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # The embedded GGUF, unpacked (model/gguf_cache.py), is shared by the workers of this run: each
+        # unpacking it again costs a minute on 2 cores. Its folders are renamed into place whole, so
+        # two workers writing at once is safe.
+        shared = tmp_path_factory.getbasetemp().parent / "gguf-cache"
+        shared.mkdir(exist_ok=True)
+        (cache / "gguf").symlink_to(shared, target_is_directory=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub; fail fast instead of retrying
     yield
     if old is None:

@@ -92,6 +92,7 @@ class Renderer:
         vocab = tokenizer.get_vocab()
         self.end_ids |= {vocab[t] for t in KNOWN_END_OF_TURN if t in vocab}
         self.markers = bool(_MARKERS.search(str(tokenizer.chat_template)))
+        self._after: dict[str, str | None] = {}
         self.fold_system = self._folds_system()
 
     # -- what the template does, probed once -------------------------------------------------------
@@ -160,7 +161,17 @@ class Renderer:
     def encode(self, text: str) -> list[int]:
         # The rendered text carries the template's own special tokens (BOS included), as transformers
         # does in apply_chat_template(tokenize=True).
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.encode_many([text])[0]
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, as `tokenizer(text, add_special_tokens=False)` gives them. A fast
+        tokenizer whose encoding transformers does not customize is asked directly, in one batch:
+        transformers' per-call work cost as much as the encoding itself (bench/LOG.md)."""
+        backend = _plain_backend(self.tokenizer)
+        if backend is None:
+            return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        # One at a time: encode_batch hands a few short texts to a thread pool, which costs more than it saves.
+        return [backend.encode(text, add_special_tokens=False).ids for text in texts]
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Tokens of a conversation ending with a user turn, with the generation prompt (for chat)."""
@@ -273,17 +284,22 @@ class Renderer:
         return found
 
     def _through_stop(self, text: str) -> str | None:
-        ids = self.encode(text)
-        stop = next((k for k, t in enumerate(ids) if t in self.end_ids), None)
-        return None if stop is None else self.tokenizer.decode(ids[: stop + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        # The text after a reply is the template's own (`<|im_end|>\n`), the same for nearly every row.
+        if text not in self._after:
+            ids = self.encode(text)
+            stop = next((k for k, t in enumerate(ids) if t in self.end_ids), None)
+            found = None if stop is None else self.tokenizer.decode(ids[: stop + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            if len(self._after) > 256:
+                self._after.clear()
+            self._after[text] = found
+        return self._after[text]
 
     def _tokens(self, text: str, trained_from: int, reply_end: int, i: int) -> Tokenized:
-        ids = self.encode(text)
-        head = self.encode(text[:trained_from])
+        ids, head, upto_reply = self.encode_many([text, text[:trained_from], text[:reply_end]])
         if ids[: len(head)] != head:
             raise RenderError(f"turn {i}: the tokens before the reply change when the reply follows")
         start = len(head)
-        end = max(start, len(self.encode(text[:reply_end])))
+        end = max(start, len(upto_reply))
         stop = next((k for k in range(end, len(ids)) if ids[k] in self.end_ids), len(ids) - 1)
         labels = [IGNORE] * start + ids[start : stop + 1]
         return Tokenized(ids[: stop + 1], labels)
@@ -346,6 +362,25 @@ def _fold(messages: list[dict]) -> list[dict]:
             rest[k] = {**m, "content": messages[0]["content"] + "\n\n" + m["content"]}
             return rest
     return rest
+
+
+def _plain_backend(tokenizer):
+    """The Rust tokenizer behind a fast tokenizer, when `tokenizer(text, add_special_tokens=False)` is
+    exactly its `encode`: transformers' own encoding (not overridden by a model's tokenizer class), no
+    truncation or padding set, special tokens matched as transformers would. Else None."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not isinstance(tokenizer, PreTrainedTokenizerFast):
+        return None
+    cls = type(tokenizer)
+    if cls._encode_plus is not PreTrainedTokenizerFast._encode_plus or cls.__call__ is not PreTrainedTokenizerFast.__call__:
+        return None
+    if backend.truncation is not None or backend.padding is not None:
+        return None
+    if backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False)):
+        return None
+    return backend
 
 
 def _before_open_think(text: str, at: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatlora.data.render import IGNORE, Renderer, RenderError
+from chatlora.data.render import IGNORE, Renderer, RenderError, _plain_backend
 from conftest import CHATML, build_byte_tokenizer
 
 EOT = 256  # <|im_end|> in the byte tokenizer
@@ -129,3 +129,30 @@ def test_a_template_that_refuses_a_system_role_gets_it_before_the_first_user_mes
     assert r.tokenizer.decode(sample.input_ids).startswith("<|im_start|>user\nBe kind.\n\nHi<|im_end|>")
     assert trained_text(r.tokenizer, sample) == ["Hello!<|im_end|>", "See you.<|im_end|>"]
     assert r.tokenizer.decode(r.prompt_ids(MULTI[:2])).startswith("<|im_start|>user\nBe kind.\n\nHi")
+
+
+ENCODE_TEXTS = ["", "Hi", "<|im_start|>user\n你好，皇上<|im_end|>\n", "  leading and trailing  \n\n", "a<|im_end|>b<|endoftext|>",
+                "emoji 🙂 and tabs\t\tend", "<|im_start|>assistant\n" + "臣妾" * 200]
+
+
+@pytest.mark.parametrize("which", ["byte", "qwen"])
+def test_encode_is_the_tokenizers_own_encoding(which):
+    """encode_many asks the Rust tokenizer directly (bench/LOG.md): the ids must be exactly what
+    tokenizer(text, add_special_tokens=False) gives, special tokens, whitespace and CJK included."""
+    if which == "qwen":
+        from transformers import AutoTokenizer
+
+        from conftest import SHARED_DATA
+
+        if not (SHARED_DATA / "qwen-tokenizer").is_dir():
+            pytest.skip("../shared/data/qwen-tokenizer not present")
+        tok = AutoTokenizer.from_pretrained(str(SHARED_DATA / "qwen-tokenizer"))
+    else:
+        tok = build_byte_tokenizer()
+    r = Renderer(tok, {tok.convert_tokens_to_ids("<|im_end|>")})
+    assert r.encode_many(ENCODE_TEXTS) == [tok(t, add_special_tokens=False)["input_ids"] for t in ENCODE_TEXTS]
+    assert _plain_backend(tok) is tok._tokenizer
+    # Set to truncate (as a collator may leave it), it is not asked directly: transformers' call resets that.
+    tok._tokenizer.enable_truncation(max_length=4)
+    assert _plain_backend(tok) is None
+    assert r.encode_many(ENCODE_TEXTS) == [tok(t, add_special_tokens=False)["input_ids"] for t in ENCODE_TEXTS]
