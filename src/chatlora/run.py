@@ -179,3 +179,15 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 def latest_checkpoint(folder: Path) -> Path | None:
     found = complete_checkpoints(folder)
     return found[-1] if found else None
+
+
+def adapter_folder(path: str):
+    """The adapter folder of `model.adapter` (a run folder or an adapter folder). Raises ConfigError
+    when there is none, before any data or weight loads."""
+    folder = Path(path).expanduser()
+    folder = folder / "adapter" if (folder / "adapter").is_dir() else folder
+    if not (folder / "adapter_config.json").is_file():
+        raise ConfigError(f"model.adapter: {path} is neither a run folder with an adapter nor an adapter folder; "
+                          "train the SFT run first (the dpo-demo preset: chatlora train demo output_dir=runs/demo), "
+                          "or give its path with model.adapter=RUN")
+    return folder

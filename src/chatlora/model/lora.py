@@ -12,6 +12,7 @@ import torch
 
 from chatlora.config.lora import LoraSettings
 from chatlora.errors import ConfigError
+from chatlora.run import adapter_folder
 
 
 def linear_names(model) -> list[str]:
@@ -149,17 +150,3 @@ def start_from_adapter(model, path: str, reference: bool, gradient_checkpointing
     if reference:
         model.load_adapter(folder, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
     return model
-
-
-def adapter_folder(path: str):
-    """The adapter folder of `model.adapter` (a run folder or an adapter folder). Raises ConfigError
-    when there is none, before any data or weight loads."""
-    from pathlib import Path
-
-    folder = Path(path).expanduser()
-    folder = folder / "adapter" if (folder / "adapter").is_dir() else folder
-    if not (folder / "adapter_config.json").is_file():
-        raise ConfigError(f"model.adapter: {path} is neither a run folder with an adapter nor an adapter folder; "
-                          "train the SFT run first (the dpo-demo preset: chatlora train demo output_dir=runs/demo), "
-                          "or give its path with model.adapter=RUN")
-    return folder

@@ -8,36 +8,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-import torch
-
 from chatlora.config.load import to_dict
 from chatlora.config.schema import Config
-from chatlora.data.collate import PackCollator, PadCollator, PreferenceCollator
-from chatlora.generate.replies import generate_replies
-from chatlora.generate.sampling import Sampling
-from chatlora.model.kernels import use_liger
-from chatlora.model.layers import compile_layers
-from chatlora.model import quant
-from chatlora.model.load import load_model, model_config
 from chatlora.errors import ConfigError
-from chatlora.model.lora import (adapter_folder, add_lora, count_parameters, linear_names, save_adapter, save_initial_adapter,
-                                start_from_adapter, unmatched_targets)
-from chatlora.model.loss import packing_is_exact
-from chatlora.model.preference import REFERENCE_ADAPTER, WITH_REFERENCE
 from chatlora.model.tokenized import check_data, load_data
-from chatlora.plan.entry import plan_for, samples_of
-from chatlora.run import RunDir, replace_dir
-from chatlora.trainer.arguments import TRAINING_DEFAULTS, loraplus_optimizer, training_arguments
-from chatlora.trainer.callbacks import GenerationMonitor, MetricsLog, Progress, log_tensorboard_to
+from chatlora.run import RunDir, adapter_folder, replace_dir
 from chatlora.trainer.distributed import split
-from chatlora.trainer.distributed.fsdp import full_adapter_state
 from chatlora.trainer.distributed.world import start as start_world
 from chatlora.trainer.lifecycle.folder import RunLifecycle
-from chatlora.trainer.overrides import attention_implementation, undo_evaluation_prepare
-from chatlora.trainer.plot import plot_losses
-from chatlora.trainer.trackers import Trackers, wanted
-from chatlora.trainer.speed.graphs import GRAPH_PAD, PassGraphs
-from chatlora.trainer.trainer import ChatTrainer
+
+# torch, transformers and what imports them (seconds on a small CPU) come in `_train` after the data
+# is checked: a bad row, a missing adapter or a bad config is refused in a fraction of a second.
 
 
 def _builds_on_gpu(cfg: Config, fsdp, plan) -> bool:
@@ -46,6 +27,8 @@ def _builds_on_gpu(cfg: Config, fsdp, plan) -> bool:
     even then when they fit in its free memory: drawing 7 B of them on the CPU takes each process over
     a minute, and fully_shard keeps each GPU's shard where it is. `plan`: the memory plan (its
     architecture's size), None for an architecture it does not know (the CPU then, as for loaded weights)."""
+    import torch
+
     if not torch.cuda.is_available():
         return False
     if not fsdp:
@@ -72,6 +55,8 @@ def train(cfg: Config, echo: Callable[[str], None] = print, callbacks: list | No
 
 def _trains_on_gpu(args) -> bool:
     """Whether training runs on a CUDA GPU (the GPU-only settings: model.cuda_graphs, model.kernels)."""
+    import torch
+
     return torch.cuda.is_available() and not args.use_cpu
 
 
@@ -79,6 +64,8 @@ def _graphs_possible(cfg: Config, args, processes: int, collator, echo: Callable
     """Whether model.cuda_graphs can be used here. `true` that cannot prints a note saying why
     (training goes on without); `auto` stays quiet where graphs never apply (the CPU) and says why
     on a GPU."""
+    from chatlora.data.collate import PackCollator
+
     asked = cfg.model.cuda_graphs
     if asked is False:
         return False
@@ -98,8 +85,6 @@ def _graphs_possible(cfg: Config, args, processes: int, collator, echo: Callable
 
 
 def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, life: RunLifecycle) -> RunDir:
-    from transformers import PrinterCallback, ProgressCallback, set_seed
-
     if cfg.model.adapter:
         adapter_folder(cfg.model.adapter)  # a missing SFT run is named before the data and the weights load
     # Several processes (torchrun, accelerate launch, --gpus): rank 0 prints and writes for all.
@@ -114,6 +99,28 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     # into the cache, the other processes then load it from there.
     checked = world.in_turn(lambda: check_data(cfg, echo) if world.main else load_data(cfg, echo))
     tokenizer, data = checked.tokenizer, checked.data
+    import torch
+    from transformers import PrinterCallback, ProgressCallback, set_seed
+
+    from chatlora.data.collate import PackCollator, PadCollator, PreferenceCollator
+    from chatlora.model import quant
+    from chatlora.model.kernels import use_liger
+    from chatlora.model.layers import compile_layers
+    from chatlora.model.load import load_model, model_config
+    from chatlora.model.lora import (add_lora, count_parameters, linear_names, save_adapter, save_initial_adapter,
+                                     start_from_adapter, unmatched_targets)
+    from chatlora.model.loss import packing_is_exact
+    from chatlora.model.preference import REFERENCE_ADAPTER, WITH_REFERENCE
+    from chatlora.plan.entry import plan_for, samples_of
+    from chatlora.trainer.arguments import TRAINING_DEFAULTS, loraplus_optimizer, training_arguments
+    from chatlora.trainer.callbacks import GenerationMonitor, MetricsLog, Progress, log_tensorboard_to
+    from chatlora.trainer.distributed.fsdp import full_adapter_state
+    from chatlora.trainer.overrides import attention_implementation, undo_evaluation_prepare
+    from chatlora.trainer.plot import plot_losses
+    from chatlora.trainer.speed.graphs import GRAPH_PAD, PassGraphs
+    from chatlora.trainer.trackers import Trackers, wanted
+    from chatlora.trainer.trainer import ChatTrainer
+
     # The memory plan, before any weight loads: an out-of-memory found now costs seconds, not minutes.
     # data.batch_tokens=auto / training.gradient_checkpointing=auto are decided here.
     samples = samples_of(data)  # token counts, also for splitting each step's samples over several processes
@@ -299,6 +306,9 @@ def compare(model, renderer, conversations, max_new_tokens: int, echo: Callable[
     """Greedy replies of the base model and the adapter to held-out prompts, one under the other.
     `initial`: a PiSSA/OLoRA start (model/lora.py: save_initial_adapter), whose base weights lack the
     adapter's starting components; the starting adapter on them is the base model again."""
+    from chatlora.generate.replies import generate_replies
+    from chatlora.generate.sampling import Sampling
+
     prompts = [c.messages[:-1] for c in conversations]
     tuned = generate_replies(model, renderer, prompts, Sampling(max_new_tokens=max_new_tokens))
     if initial is not None:

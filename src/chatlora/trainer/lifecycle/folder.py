@@ -15,15 +15,18 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chatlora.config.schema import Config
 from chatlora.errors import ChatloraError, Preempted, ResumeError, StorageError, refuse_file_in_the_way
 from chatlora.run import RunDir, step_of
-from chatlora.trainer.guard import NonFiniteGuard
 from chatlora.trainer.lifecycle import checkpoint as ckpt
 from chatlora.trainer.plot import read_metrics
 from chatlora.trainer.lifecycle.resume import Plan, check_unchanged, fingerprint, plan
 from chatlora.trainer.lifecycle.stop import StopOnSignal
+
+if TYPE_CHECKING:
+    from chatlora.trainer.guard import NonFiniteGuard
 
 # Files a run writes while training, removed when an unfinished run with no checkpoint starts over.
 RESTART_REMOVES = ("metrics.jsonl", "loss.png", "compare.txt", "tensorboard", ".adapter.tmp")
@@ -102,6 +105,8 @@ class RunLifecycle:
 
     def guard(self) -> NonFiniteGuard:
         """The non-finite guard for the trainer (which calls it at each step), as the config asks."""
+        from chatlora.trainer.guard import NonFiniteGuard  # torch: not before the data is checked
+
         write = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
         return NonFiniteGuard(self.cfg.on_nonfinite, write)
 

@@ -18,7 +18,6 @@ from typing import Any
 from chatlora.config.load import to_dict
 from chatlora.config.schema import Config
 from chatlora.errors import ResumeError
-from chatlora.model.load import unreadable
 from chatlora.run import STAMP, RunDir, complete_checkpoints, latest_checkpoint, step_of
 from chatlora.trainer.lifecycle.checkpoint import read_stamp
 
@@ -135,6 +134,8 @@ def check_readable(checkpoint: Path) -> None:
     """Raise ResumeError naming the first file of a complete checkpoint that cannot be read: cut short,
     emptied or overwritten after it was saved (a copy or a disk gone wrong). Trainer would otherwise
     fail half way into loading it, with torch's or json's error naming neither the file nor what to do."""
+    from chatlora.model.load import unreadable  # imports torch
+
     for file in sorted(p for p in checkpoint.iterdir() if p.is_file()):
         why = unreadable(file)
         if why is None:

@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 
-from chatlora.trainer.distributed.ranks import any_rank
 
 # What a process of `chatlora train --gpus N` receives when its launcher dies (recipes.launch). The
 # kernel sends it again each time a thread of the dying launcher exits: repeats are one request.
@@ -56,6 +55,8 @@ class StopOnSignal:
 
     def step_ends(self, args, state, control) -> None:
         """At the end of each optimizer step (the trainer calls it): stop there, saving, when asked."""
+        from chatlora.trainer.distributed.ranks import any_rank  # torch.distributed
+
         if any_rank(self.requested is not None, args.device):
             # Every rank stops at the same step: a signal may reach the ranks of a torchrun job at
             # slightly different moments, and a rank left training alone would wait forever.
