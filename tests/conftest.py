@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from families import FAMILIES, save_family
+# Under pytest-xdist every worker shares the cores with the others: torch's default of one thread per
+# core in each worker (and in each process a test starts) oversubscribes them, and threads spinning for
+# a busy core made the suite's slowest tests 2-4x slower on CI's 2 cores. One thread each, set before
+# torch is imported here or in any child process (which inherit the environment).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+from families import FAMILIES, save_family  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
