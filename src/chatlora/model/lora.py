@@ -112,7 +112,8 @@ def save_initial_adapter(model, settings: LoraSettings) -> tempfile.TemporaryDir
 
 
 def save_adapter(model, folder: Path, initial: tempfile.TemporaryDirectory | None, state=None) -> None:
-    """Save the trained adapter to `folder`. After a PiSSA/OLoRA start it is converted (peft's
+    """Save the trained (active) adapter to `folder`, and no other the model holds (a preference run's
+    frozen reference). After a PiSSA/OLoRA start it is converted (peft's
     `path_initial_model_for_weight_conversion`) into a plain LoRA of rank 2r over the original base
     weights, so every later command loads it over the unchanged base model."""
     # save_embedding_layers=False: only LoRA weights (and modules_to_save, which peft saves anyway) are
@@ -122,7 +123,8 @@ def save_adapter(model, folder: Path, initial: tempfile.TemporaryDirectory | Non
         # The conversion loads the starting adapter beside the trained one, which peft warns about in
         # general ("changes the base weights ... should not be used with other adapters"); here it is its own step.
         warnings.filterwarnings("ignore", message=".*changes the base weights of the model.*")
-        model.save_pretrained(folder, save_embedding_layers=False, state_dict=state, **extra)
+        model.save_pretrained(folder, save_embedding_layers=False, state_dict=state, selected_adapters=[model.active_adapter],
+                              **extra)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -110,7 +110,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     from chatlora.model.lora import (add_lora, count_parameters, linear_names, save_adapter, save_initial_adapter,
                                      start_from_adapter, unmatched_targets)
     from chatlora.model.loss import packing_is_exact
-    from chatlora.model.preference import REFERENCE_ADAPTER, WITH_REFERENCE
+    from chatlora.model.preference import WITH_REFERENCE
     from chatlora.plan.entry import plan_for, samples_of
     from chatlora.trainer.arguments import TRAINING_DEFAULTS, loraplus_optimizer, training_arguments
     from chatlora.trainer.callbacks import GenerationMonitor, MetricsLog, Progress, log_tensorboard_to
@@ -279,8 +279,8 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
             # finds its base (`chatlora chat RUN/adapter` with no --model).
             for settings in model.peft_config.values():
                 settings.base_model_name_or_path = cfg.model.name
-        if REFERENCE_ADAPTER in model.peft_config:  # the frozen reference is not part of the result
-            model.delete_adapter(REFERENCE_ADAPTER)
+        # The trained adapter alone: a frozen reference (REFERENCE_ADAPTER) is not part of the result, and
+        # stays loaded for the evaluation below, which would otherwise measure against the base model.
         save_adapter(model, tmp, initial, state)
         replace_dir(tmp, run.adapter)
     if data.validation:

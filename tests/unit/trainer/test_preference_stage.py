@@ -22,6 +22,11 @@ def test_dpo_from_an_sft_run(tiny_run, tiny_model_dir, tmp_path):
     assert abs(train[0]["loss"] - 0.6931) < 1e-3 and train[0]["rewards/chosen"] == 0
     assert train[-1]["rewards/margins"] > 0
     assert len(evals) >= 3  # before training, at steps 2 and 4, after
+    # The evaluation after training sees the model of step 4, against the same reference (the frozen
+    # SFT adapter, not the base model: the saved adapter must not take the reference with it).
+    last_step, after = [r for r in rows if "eval_loss" in r][-2:]
+    assert last_step["step"] == after["step"] == 4
+    assert abs(last_step["eval_loss"] - after["eval_loss"]) < 1e-5, (last_step, after)
     saved = json.loads((run.adapter / "adapter_config.json").read_text())
     assert not (run.adapter / "ref").exists() and saved["r"] == 4
     # The same commands afterwards: eval's held-out prompts (the pairs' prompts, answered by the
