@@ -46,11 +46,15 @@ class RunDir:
         """Where a config's run goes (nothing is created yet)."""
         return cls(cfg.output_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
-    def create(self) -> "RunDir":
-        """Make the folder. Refuses an existing non-empty one, so no earlier run is overwritten."""
+    def refuse_taken(self) -> None:
+        """Raise ChatloraError when the folder exists and is not empty: a new run never writes over one."""
         if self.path.exists() and any(self.path.iterdir()):
             raise ChatloraError(f"the run folder {self.path} already exists and is not empty; continue the run in it with "
                                 "resume=auto, or choose another folder with output_dir=...")
+
+    def create(self) -> "RunDir":
+        """Make the folder. Refuses an existing non-empty one, so no earlier run is overwritten."""
+        self.refuse_taken()
         self.path.mkdir(parents=True, exist_ok=True)
         return self
 
