@@ -44,11 +44,10 @@ def build(path: str, device: str, dtype, chatlora: bool = False):
     config = AutoConfig.from_pretrained(folder.parent if folder.name == "config.json" else folder)
     config._attn_implementation = "sdpa"
     if chatlora and device == "cuda":
-        from chatlora.model import attention
         from chatlora.model.kernels import use_liger
+        from chatlora.model.load import attention_for
 
-        if attention.available() and attention.unsupported(config) is None:
-            config._attn_implementation = attention.register()
+        config._attn_implementation = attention_for(config, dtype) or "sdpa"
         line = use_liger(config.model_type, True, False, "auto")
         print(f"chatlora: attention {config._attn_implementation}; {line}", flush=True)
     with torch.device(device):

@@ -19,6 +19,7 @@ and TRL's completion masks assume a prefix-consistent template.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -92,7 +93,8 @@ class Renderer:
         vocab = tokenizer.get_vocab()
         self.end_ids |= {vocab[t] for t in KNOWN_END_OF_TURN if t in vocab}
         self.markers = bool(_MARKERS.search(str(tokenizer.chat_template)))
-        self._after: dict[str, str | None] = {}
+        # The text after a reply is the template's own (`<|im_end|>\n`), the same for nearly every row.
+        self._through_stop = functools.lru_cache(maxsize=256)(self._find_through_stop)
         self.fold_system = self._folds_system()
 
     # -- what the template does, probed once -------------------------------------------------------
@@ -165,8 +167,8 @@ class Renderer:
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, as `tokenizer(text, add_special_tokens=False)` gives them. A fast
-        tokenizer whose encoding transformers does not customize is asked directly, in one batch:
-        transformers' per-call work cost as much as the encoding itself (bench/LOG.md)."""
+        tokenizer whose encoding transformers does not customize is asked directly: transformers'
+        per-call work cost as much as the encoding itself (bench/LOG.md)."""
         backend = _plain_backend(self.tokenizer)
         if backend is None:
             return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
@@ -283,16 +285,11 @@ class Renderer:
             raise RenderError(f"turn {i}: the chat template {NO_END}; {fix}")
         return found
 
-    def _through_stop(self, text: str) -> str | None:
-        # The text after a reply is the template's own (`<|im_end|>\n`), the same for nearly every row.
-        if text not in self._after:
-            ids = self.encode(text)
-            stop = next((k for k, t in enumerate(ids) if t in self.end_ids), None)
-            found = None if stop is None else self.tokenizer.decode(ids[: stop + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            if len(self._after) > 256:
-                self._after.clear()
-            self._after[text] = found
-        return self._after[text]
+    def _find_through_stop(self, text: str) -> str | None:
+        """`text` through its first stop token, or None (cached per renderer as `_through_stop`)."""
+        ids = self.encode(text)
+        stop = next((k for k, t in enumerate(ids) if t in self.end_ids), None)
+        return None if stop is None else self.tokenizer.decode(ids[: stop + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _tokens(self, text: str, trained_from: int, reply_end: int, i: int) -> Tokenized:
         ids, head, upto_reply = self.encode_many([text, text[:trained_from], text[:reply_end]])

@@ -156,6 +156,18 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def attention_for(config, dtype: torch.dtype, asked: str | None = None) -> str | None:
+    """The attention implementation a model is built with: `asked` (model.attn_implementation) when set;
+    else varlen attention where it runs (packed rows at flash speed; padded batches fall back to sdpa),
+    eager for soft-capped attention logits (Gemma 2: sdpa and flash kernels would skip the cap), or
+    None (transformers' default)."""
+    if asked is None and attention.available() and dtype in (torch.bfloat16, torch.float16) and attention.unsupported(config) is None:
+        return attention.register()
+    if asked is None and attention.packing_problem(config):
+        return "eager"
+    return asked
+
+
 def load_model(source: Source, cfg: ModelConfig, tokenizer, generation_config, device: str | None = None):
     """The base causal LM, in `cfg.dtype`, with the tokenizer's pad token and the checked stop tokens."""
     from safetensors import SafetensorError
@@ -167,12 +179,7 @@ def load_model(source: Source, cfg: ModelConfig, tokenizer, generation_config, d
         dtype = torch.bfloat16  # QLoRA computes in bf16; the unquantized parts stay in it too
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     try:
-        attn = cfg.attn_implementation
-        if (attn is None and attention.available() and dtype in (torch.bfloat16, torch.float16)
-                and attention.unsupported(model_config(source, cfg)) is None):
-            attn = attention.register()  # packed rows at flash speed; padded batches fall back to sdpa
-        elif attn is None and attention.packing_problem(model_config(source, cfg)):
-            attn = "eager"  # soft-capped attention logits (Gemma 2): sdpa and flash kernels would skip the cap
+        attn = attention_for(model_config(source, cfg), dtype, cfg.attn_implementation)
         if attn:
             kwargs["attn_implementation"] = attn
         if cfg.random_init:

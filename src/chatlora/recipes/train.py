@@ -94,7 +94,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
                           "run it without --gpus, data.batch_tokens and data.streaming")
     if not world.main:
         echo = lambda _line: None  # noqa: E731
-    elif cfg.output_dir or cfg.resume not in (None, "auto"):  # a folder named: refused now if start() would refuse it
+    else:  # a wrong output_dir or resume target: refused now, as start() would refuse it after the data
         life.refuse_early(RunDir.for_config(cfg))
 
     # 1. Data: every row checked and rendered before any weight is loaded; rank 0 tokenizes first

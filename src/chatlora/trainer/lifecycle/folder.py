@@ -52,19 +52,23 @@ class RunLifecycle:
 
     # -- before training ---------------------------------------------------------------------------
 
-    def refuse_early(self, run: RunDir) -> None:
-        """The refusals of start() that need no data: output_dir a file or under one, a resume target
-        that is not there or is damaged, a new run aimed at a folder that holds another. Reads only;
-        called before the data is read, so a wrong folder is named in a second, not after tokenizing."""
+    def _plan(self, run: RunDir) -> Plan:
+        """What start() will do with `run` (reads only): raises for output_dir a file or under one, or a
+        resume target that is not there or is damaged."""
         refuse_file_in_the_way(run.path, "output_dir", "unset: runs/<name>-<date>-<time>")
-        if plan(self.cfg, run).kind == "new":
+        return plan(self.cfg, run)
+
+    def refuse_early(self, run: RunDir) -> None:
+        """The refusals of start() that need no data, also a new run aimed at a folder that holds
+        another. Called before the data is read, so a wrong folder is named in a second, not after
+        tokenizing; start() plans again (checkpoint headers only, cheap)."""
+        if self._plan(run).kind == "new":
             run.refuse_taken()
 
     def start(self, run: RunDir, args, data_key: str) -> str | None:
         """Plan the run (reads only, so a refusal changes nothing), then make or reuse its folder.
         Returns the checkpoint to resume from, or None. Replaces `run.create()`."""
-        refuse_file_in_the_way(run.path, "output_dir", "unset: runs/<name>-<date>-<time>")
-        self.plan = plan(self.cfg, run)
+        self.plan = self._plan(run)
         run = self.plan.run
         if str(run.checkpoints) != args.output_dir:
             args.output_dir = str(run.checkpoints)  # resume=PATH names the run folder
