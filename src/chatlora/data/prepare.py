@@ -23,9 +23,9 @@ from chatlora.data.formats import Conversation, detect_format, map_columns, to_c
 from chatlora.data.identity import SOURCE as IDENTITY, identity_conversations
 from chatlora.data.mix import SourceCount, dedup, mix
 from chatlora.data.pairs import Preference, as_conversation, read_preferences, render_preference
+from chatlora.data.fitting import fit_each
 from chatlora.data.read import MalformedLines, read_rows, source_files
 from chatlora.data.render import Renderer, RenderError
-from chatlora.data.truncate import REPLY_TOO_LONG, fit
 from chatlora.errors import DataError, Problem, refuse_file_in_the_way
 
 # Bump when the rendering or masking logic changes, so old caches are not reused.
@@ -215,21 +215,18 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
     columns: dict[str, list] = {"input_ids": [], "labels": [], "row": [], "cut": []}
     counts: Counter[str] = Counter()
     problems, unrendered = [], 0
-    renderers = {renderer.train_on: renderer}
-    for index, conv in enumerate(tqdm(conversations, desc=f"tokenizing {name}", unit="row", leave=False)):
-        before = counts[REPLY_TOO_LONG]
-        want = conv.train_on or renderer.train_on
-        if want not in renderers:
-            renderers[want] = trains_on(renderer, want)
-        try:
-            samples = fit(conv.messages, renderers[want], cfg.max_length, cfg.overlong, counts)
-        except RenderError as e:
-            problems.append(Problem(conv.source, conv.where, "", str(e)))
+    items = ((index, conv.messages, conv.train_on) for index, conv in enumerate(conversations))
+    fitted_rows = fit_each(items, renderer, cfg.max_length, cfg.overlong, cfg.num_proc)
+    for index, fitted in tqdm(fitted_rows, total=len(conversations), desc=f"tokenizing {name}", unit="row", leave=False):
+        conv = conversations[index]
+        counts.update(fitted.rules)
+        if fitted.error is not None:
+            problems.append(Problem(conv.source, conv.where, "", fitted.error))
             unrendered += 1
             continue
-        if counts[REPLY_TOO_LONG] > before:
+        if fitted.too_long:
             problems.append(Problem(conv.source, conv.where, "", f"the reply alone is longer than data.max_length={cfg.max_length}"))
-        for sample, cut in samples:  # several when the template renders earlier turns differently (render.py)
+        for sample, cut in fitted.samples:  # several when the template renders earlier turns differently (render.py)
             columns["input_ids"].append(sample.input_ids)
             columns["labels"].append(sample.labels)
             columns["row"].append(index)
@@ -255,13 +252,11 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
 
 def load_split(folder: Path, name: str, key: str) -> Split | None:
     """The split cached in `folder`, memory-mapped, or None (a damaged entry is removed, to be made again)."""
-    import datasets
-
     if not (folder / "split.json").is_file():
         return None
     try:
         meta = json.loads((folder / "split.json").read_text())
-        return Split(name, datasets.load_from_disk(str(folder / "data")), meta["rows"], meta["rules"], cached=True, key=key)
+        return Split(name, _load(folder, meta), meta["rows"], meta["rules"], cached=True, key=key)
     except (OSError, ValueError, KeyError):  # pyarrow's errors are ValueErrors
         shutil.rmtree(folder, ignore_errors=True)
         return None
@@ -283,21 +278,37 @@ def _with_origin(dataset, conversations: list[Conversation]):
     return dataset.add_column("source", [conversations[i].group or conversations[i].source for i in rows])
 
 
-def save_split(folder: Path, dataset, split: Split) -> None:
-    """Write to a temporary folder and rename, so a killed run never leaves a half cache entry."""
+def save_split(folder: Path, dataset, split: Split, arrow_files: list[str] | None = None) -> None:
+    """Write to a temporary folder and rename, so a killed run never leaves a half cache entry.
+    `arrow_files`: Arrow files that already hold the dataset (a streamed split, written as it was
+    read): moved in, not copied, since such a split may be larger than memory and than a second copy."""
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dataset.save_to_disk(str(tmp / "data"))
-    (tmp / "split.json").write_text(json.dumps({"rows": split.rows, "rules": split.rules}))
+    meta = {"rows": split.rows, "rules": split.rules}
+    if arrow_files:
+        (tmp / "arrow").mkdir()
+        meta["arrow"] = [f"{i:05d}.arrow" for i in range(len(arrow_files))]
+        for source, name in zip(arrow_files, meta["arrow"]):
+            shutil.move(source, tmp / "arrow" / name)
+    else:
+        dataset.save_to_disk(str(tmp / "data"))
+    (tmp / "split.json").write_text(json.dumps(meta))
     try:
         tmp.rename(folder)
     except OSError:  # another process wrote the same entry first: theirs is as good
         shutil.rmtree(tmp, ignore_errors=True)
     # Reload from disk so the split is memory-mapped like a cache hit.
+    split.dataset = _load(folder, json.loads((folder / "split.json").read_text()))
+
+
+def _load(folder: Path, meta: dict):
     import datasets
 
-    split.dataset = datasets.load_from_disk(str(folder / "data"))
+    if "arrow" not in meta:
+        return datasets.load_from_disk(str(folder / "data"))
+    parts = [datasets.Dataset.from_file(str(folder / "arrow" / name)) for name in meta["arrow"]]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 def prepare(cfg: DataConfig, tokenizer, renderer: Renderer, train: list[Conversation], val: list[Conversation], use_cache: bool = True) -> Prepared:

@@ -97,6 +97,13 @@ class Renderer:
         self._through_stop = functools.lru_cache(maxsize=256)(self._find_through_stop)
         self.fold_system = self._folds_system()
 
+    def __getstate__(self) -> dict:  # data.num_proc's workers get a copy; the cache is rebuilt there
+        return {k: v for k, v in self.__dict__.items() if k != "_through_stop"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._through_stop = functools.lru_cache(maxsize=256)(self._find_through_stop)
+
     # -- what the template does, probed once -------------------------------------------------------
 
     def _folds_system(self) -> bool:

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from chatlora.config.schema import DataConfig
 from chatlora.config.sources import as_source
 from chatlora.data.formats import detect_format, map_columns, to_conversations
-from chatlora.data.prepare import PIPELINE_VERSION, Split, cache_root, load_split, save_split, trains_on
+from chatlora.data.prepare import PIPELINE_VERSION, Split, cache_root, load_split, save_split
 from chatlora.data.read import RawRow, iter_rows, resolve_path, source_files
-from chatlora.data.render import Renderer, RenderError
-from chatlora.data.truncate import REPLY_TOO_LONG, fit
+from chatlora.data.fitting import fit_each
+from chatlora.data.render import Renderer
 from chatlora.errors import DataError, Problem
 
 LIMIT = 20
@@ -92,7 +92,7 @@ def stream_split(cfg: DataConfig, renderer: Renderer, fingerprint: str) -> Split
                                                   cache_dir=str(build), fingerprint=key)
         _raise(tally, cfg)
         split = Split("train", dataset, tally.rows, dict(tally.rules), key=key)
-        save_split(folder, dataset, split)
+        save_split(folder, dataset, split, [f["filename"] for f in dataset.cache_files])
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return split
@@ -109,13 +109,31 @@ def _raise(tally: Tally, cfg: DataConfig) -> None:
 
 
 def _samples(cfg: DataConfig, renderer: Renderer, tally: Tally) -> Iterator[dict]:
-    renderers = {renderer.train_on: renderer}
+    """The samples of every source, in order, fitted in data.num_proc processes (data/fitting.py)."""
+    for (row, source), fitted in fit_each(_conversations(cfg, tally), renderer, cfg.max_length, cfg.overlong, cfg.num_proc):
+        if fitted is None:  # a problem found while reading, in its place in the file
+            tally.add(row)
+            continue
+        tally.rules.update(fitted.rules)
+        if fitted.error is not None:
+            tally.add(Problem(row.source, row.where, "", fitted.error))
+            tally.unrendered += 1
+            continue
+        if fitted.too_long:
+            tally.add(Problem(row.source, row.where, "", f"the reply alone is longer than data.max_length={cfg.max_length}"))
+        index = tally.rows
+        tally.rows += 1
+        for sample, cut in fitted.samples:
+            yield {"input_ids": sample.input_ids, "labels": sample.labels, "row": index, "cut": cut,
+                   "origin": f"{row.source}:{row.where}", "source": source.path}
+
+
+def _conversations(cfg: DataConfig, tally: Tally) -> Iterator[tuple]:
+    """((row, source), messages, train_on) for each row of the sources, as data/fitting.py takes them;
+    ((problem, None), None, None) for a row that cannot be read or converted, in its place."""
     for entry in cfg.train:
         source = as_source(entry)
         system_prompt = source.system_prompt if source.system_prompt is not None else cfg.system_prompt
-        want = source.train_on or renderer.train_on
-        if want not in renderers:
-            renderers[want] = trains_on(renderer, want)
         try:
             files = source_files(source.path)
         except DataError as e:
@@ -134,36 +152,19 @@ def _samples(cfg: DataConfig, renderer: Renderer, tally: Tally) -> Iterator[dict
                 continue
             for item in itertools.chain(head, items):
                 if isinstance(item, Problem):
-                    tally.add(item)
+                    yield (item, None), None, None
                     continue
                 (row,) = map_columns([item], source.columns, source.roles)
                 if not fmt:  # no row of the head parsed: the first one that does decides
                     try:
                         fmt = detect_format([row], path)
                     except DataError as e:
-                        tally.add(e.problems[0])
+                        yield (e.problems[0], None), None, None
                         break
-                yield from _tokenized(row, fmt, system_prompt, source, renderers[want], cfg, tally)
-
-
-def _tokenized(row: RawRow, fmt: str, system_prompt, source, renderer: Renderer, cfg: DataConfig, tally: Tally) -> Iterator[dict]:
-    try:
-        (conv,) = to_conversations([row], fmt, system_prompt, source.columns)
-    except DataError as e:
-        for p in e.problems:
-            tally.add(p)
-        return
-    before = tally.rules[REPLY_TOO_LONG]
-    try:
-        samples = fit(conv.messages, renderer, cfg.max_length, cfg.overlong, tally.rules)
-    except RenderError as e:
-        tally.add(Problem(row.source, row.where, "", str(e)))
-        tally.unrendered += 1
-        return
-    if tally.rules[REPLY_TOO_LONG] > before:
-        tally.add(Problem(row.source, row.where, "", f"the reply alone is longer than data.max_length={cfg.max_length}"))
-    index = tally.rows
-    tally.rows += 1
-    for sample, cut in samples:
-        yield {"input_ids": sample.input_ids, "labels": sample.labels, "row": index, "cut": cut,
-               "origin": f"{row.source}:{row.where}", "source": source.path}
+                try:
+                    (conv,) = to_conversations([row], fmt, system_prompt, source.columns)
+                except DataError as e:
+                    for p in e.problems:
+                        yield (p, None), None, None
+                    continue
+                yield (row, source), conv.messages, source.train_on

@@ -54,6 +54,41 @@ def test_streamed_data_gives_the_in_memory_samples_and_bounded_problems(tiny_mod
         DataConfig(train=[SourceConfig(path=data, weight=0.5), data], streaming=True)
 
 
+def test_worker_processes_give_the_same_samples_and_problems_in_order(tiny_model_dir, tmp_path):
+    """data.num_proc=2 (data/fitting.py): the same samples, report and problems, in file order, as one
+    process, streamed and in memory; problems found while reading and while fitting interleave."""
+    good = write(tmp_path / "good.jsonl", qa("g", 300) + [{"instruction": "long " * 300, "output": "a " * 200}])
+    for streaming in ("false", "true"):
+        got = [check_data(tiny_config(tiny_model_dir, tmp_path, f"data.streaming={streaming}", f"data.num_proc={n}",
+                                      "data.max_length=128", data=good), lambda _line: None) for n in (1, 2)]
+        for column in ("input_ids", "labels", "row", "origin"):
+            assert got[0].data.train.dataset[column] == got[1].data.train.dataset[column]
+        assert got[0].report["train"] == got[1].report["train"] and got[0].report["train"]["rows"] == 301
+    rows = [json.dumps(r) for r in qa("b", 600)]
+    for i in range(3, 600, 50):
+        rows[i] = '{"instruction": "x", "output": }'  # unreadable: found by the reader
+        rows[i + 1] = json.dumps({"instruction": "x", "output": "y " * 300})  # too long: found by fitting
+    (tmp_path / "bad.jsonl").write_text("\n".join(rows))
+    # In memory every line is read before any is fitted: that file stops at its unreadable lines, so
+    # the in-memory path gets a file of too-long rows only.
+    (tmp_path / "long.jsonl").write_text("\n".join(r for r in rows if not r.endswith(": }")))
+    for streaming, data in (("true", "bad.jsonl"), ("false", "long.jsonl")):
+        found = []
+        for n in (1, 2):
+            cfg = tiny_config(tiny_model_dir, tmp_path, f"data.streaming={streaming}", f"data.num_proc={n}",
+                              "data.max_length=128", "data.overlong=error", data=str(tmp_path / data))
+            with pytest.raises(DataError) as e:
+                check_data(cfg, lambda _line: None)
+            found.append([(p.where, p.reason) for p in e.value.problems])
+        assert found[0] == found[1]
+        if streaming == "true":  # both kinds, in the file's order: the first 20 named
+            assert len(found[0]) == 20 and found[0][0] == ("line 4", "malformed JSON at column 32: Expecting value")
+            assert found[0][1][0] == "line 5" and "max_length" in found[0][1][1]
+        else:
+            assert len(found[0]) == 12 and all("max_length" in reason for _, reason in found[0])
+    with pytest.raises(ConfigError, match="data.num_proc"):
+        DataConfig(train=[good], num_proc=0)
+
 
 def test_sample_sizes_by_chunks_equal_python_counts():
     import datasets
