@@ -2,9 +2,8 @@
 `data.num_proc` worker processes, always in the conversations' order.
 
 Both the in-memory path (data/prepare.py) and the streamed one (data/stream.py) call `fit_each`, so
-a row gives the same samples, counts and errors either way. Rendering runs the chat template and the
-tokenizer per row in Python (the template's Jinja and transformers' tokenizer call hold the GIL), so
-threads do not help; worker processes do. `datasets.map(num_proc=...)` would do the same for the
+a row gives the same samples, counts and errors either way. A row's time goes to the chat template
+(Jinja, in Python under the GIL) and the tokenizer, so threads do not help; worker processes do. `datasets.map(num_proc=...)` would do the same for the
 in-memory path, but it shards a finished dataset, and the streamed path has none: its rows arrive
 one by one and must keep their order and line numbers for the error report, so the pool is fed
 in chunks from an iterator here.
@@ -13,6 +12,7 @@ in chunks from an iterator here.
 from __future__ import annotations
 
 import collections
+import copy
 import itertools
 import multiprocessing
 from collections import Counter
@@ -50,10 +50,9 @@ class Fitter:
     def __call__(self, messages: list[dict], train_on: str | None) -> Fitted:
         base = next(iter(self.renderers.values()))
         want = train_on or base.train_on
-        if want not in self.renderers:
-            from chatlora.data.prepare import trains_on
-
-            self.renderers[want] = trains_on(base, want)
+        if want not in self.renderers:  # the same probed template, other turns trained
+            self.renderers[want] = copy.copy(base)
+            self.renderers[want].train_on = want
         out = Fitted()
         try:
             out.samples = fit(messages, self.renderers[want], self.max_length, self.overlong, out.rules)

@@ -5,7 +5,6 @@ Validation reads every file before any model is loaded, so a bad row costs secon
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -260,13 +259,6 @@ def load_split(folder: Path, name: str, key: str) -> Split | None:
     except (OSError, ValueError, KeyError):  # pyarrow's errors are ValueErrors
         shutil.rmtree(folder, ignore_errors=True)
         return None
-
-
-def trains_on(renderer: Renderer, train_on: str) -> Renderer:
-    """The renderer for a source with its own train_on: the same probed template, other turns trained."""
-    other = copy.copy(renderer)
-    other.train_on = train_on
-    return other
 
 
 def _with_origin(dataset, conversations: list[Conversation]):
