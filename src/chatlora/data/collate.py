@@ -106,8 +106,7 @@ class PreferenceCollator:
     through one varlen forward pass: the chosen samples first, then the rejected ones in the same
     order (KTO: the replies, then the mismatched "KL" samples, each prompt with the previous row's
     reply, as TRL's KTOTrainer builds them). `sequence` holds, for each trained position, the index
-    of its sample, so that model/preference.py sums each sample's log-probabilities; `ref_logps` the
-    reference log-probabilities cached for the rows, where the dataset holds them."""
+    of its sample, so that model/preference.py sums each sample's log-probabilities."""
 
     def __call__(self, features: list[dict]) -> dict:
         samples = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
@@ -122,8 +121,6 @@ class PreferenceCollator:
         row["pairs"] = torch.tensor(len(features))
         if "label" in features[0]:
             row["preference_label"] = torch.tensor([bool(f["label"]) for f in features])
-        if "ref_logps" in features[0]:
-            row["ref_logps"] = torch.tensor([x for f in features for x in f["ref_logps"]], dtype=torch.float32).view(len(features), 2).T.flatten()
         return row
 
 
@@ -132,7 +129,7 @@ def _untrained(labels: list[int]) -> int:
 
 
 # Keys of a batch that are not the model's inputs.
-NOT_MODEL_INPUTS = ("labels", "trained_positions", "sequence", "pairs", "preference_label", "ref_logps")
+NOT_MODEL_INPUTS = ("labels", "trained_positions", "sequence", "pairs", "preference_label")
 
 
 def model_inputs(batch: dict) -> dict:

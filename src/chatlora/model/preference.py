@@ -4,8 +4,7 @@ The samples of a step (data/collate.py PreferenceCollator: chosen then rejected,
 their mismatched "KL" samples) are one packed row; the output layer runs only on the trained positions,
 in chunks (as the SFT loss in model/loss.py), and each sample's log-probability is the sum over its
 trained reply tokens (end-of-turn included). The reference is the same weights with the adapter
-disabled (peft's `disable_adapter()`), or log-probabilities cached in the batch (`ref_logps`, computed
-once from the starting adapter): never a second copy of the model.
+disabled (peft's `disable_adapter()`) or the frozen starting adapter: never a second copy of the model.
 
 The formulas are TRL 1.16's (trl/trainer/dpo_trainer.py for sigmoid and ipo,
 trl/experimental/cpo for simpo, trl/experimental/orpo for orpo's odds ratio, trl/trainer/kto_trainer.py
@@ -85,9 +84,9 @@ def as_reference(model):
 
 @torch.no_grad()
 def reference_logps(model, batch: dict) -> torch.Tensor:
-    """The samples' log-probabilities under the reference: cached in the batch, else `as_reference`."""
-    if "ref_logps" in batch:
-        return batch["ref_logps"]
+    """The samples' log-probabilities under the reference (`as_reference`), computed at each step: the
+    reference pass is a forward without gradients (about a third of a LoRA step's work), and
+    caching it would cost a pass over the data before training and a column kept in step with it."""
     was = model.training
     model.eval()  # the reference is deterministic: no LoRA dropout in its pass
     try:
