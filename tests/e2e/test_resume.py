@@ -48,6 +48,17 @@ def test_three_steps_then_resume_then_three_equal_six(reference, tiny_model_dir,
     assert not (run / "checkpoints" / STAGING).exists()
 
 
+def test_streamed_data_stops_and_resumes_onto_the_same_samples(reference, tiny_model_dir, tmp_path):
+    """data.streaming, stopped at step 3 and resumed: the same losses and adapter as the uninterrupted
+    run of the same rows read into memory (the streamed samples are those samples, in that order)."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, *SETTINGS, "data.streaming=true")
+    with pytest.raises(Preempted):
+        quiet_train(cfg, callbacks=[SignalAt(3)])
+    assert losses(tmp_path / "run") == reference["losses"][:3]
+    quiet_train(tiny_config(tiny_model_dir, tmp_path, *SETTINGS, "data.streaming=true", "resume=auto"))
+    assert_same_as(reference, tmp_path / "run")
+
+
 def test_a_first_ctrl_c_saves_and_a_finished_run_is_not_trained_again(reference, tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, tmp_path, *SETTINGS)
     with pytest.raises(Preempted, match="SIGINT at step 1 of 6"):
