@@ -110,8 +110,8 @@ def _raise(tally: Tally, cfg: DataConfig) -> None:
 
 def _samples(cfg: DataConfig, renderer: Renderer, tally: Tally) -> Iterator[dict]:
     """The samples of every source, in order, fitted in data.num_proc processes (data/fitting.py)."""
-    for (row, source), fitted in fit_each(_conversations(cfg, tally), renderer, cfg.max_length, cfg.overlong, cfg.num_proc):
-        if fitted is None:  # a problem found while reading, in its place in the file
+    for (row, source), fitted in fit_each(_conversations(cfg), renderer, cfg.max_length, cfg.overlong, cfg.num_proc):
+        if fitted is None:  # `row` is a problem found while reading, in its place in the file
             tally.add(row)
             continue
         tally.rules.update(fitted.rules)
@@ -128,9 +128,10 @@ def _samples(cfg: DataConfig, renderer: Renderer, tally: Tally) -> Iterator[dict
                    "origin": f"{row.source}:{row.where}", "source": source.path}
 
 
-def _conversations(cfg: DataConfig, tally: Tally) -> Iterator[tuple]:
+def _conversations(cfg: DataConfig) -> Iterator[tuple]:
     """((row, source), messages, train_on) for each row of the sources, as data/fitting.py takes them;
-    ((problem, None), None, None) for a row that cannot be read or converted, in its place."""
+    ((problem, None), None, None) for a file or row that cannot be read or converted, in its place (the
+    problems reach the tally as the fitted rows do, so their order is the files' whatever num_proc)."""
     for entry in cfg.train:
         source = as_source(entry)
         system_prompt = source.system_prompt if source.system_prompt is not None else cfg.system_prompt
@@ -138,7 +139,7 @@ def _conversations(cfg: DataConfig, tally: Tally) -> Iterator[tuple]:
             files = source_files(source.path)
         except DataError as e:
             for p in e.problems:
-                tally.add(p)
+                yield (p, None), None, None
             continue
         for path in files:
             items = iter_rows(path)
@@ -148,7 +149,7 @@ def _conversations(cfg: DataConfig, tally: Tally) -> Iterator[tuple]:
                 fmt = cfg.format if cfg.format != "auto" else detect_format(rows, path) if rows else ""
             except DataError as e:
                 for p in e.problems:
-                    tally.add(p)
+                    yield (p, None), None, None
                 continue
             for item in itertools.chain(head, items):
                 if isinstance(item, Problem):
