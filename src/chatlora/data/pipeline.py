@@ -18,7 +18,7 @@ from chatlora.data import preflight
 from chatlora.data.formats import Conversation
 from chatlora.data.pairs import as_conversation
 from chatlora.data.prepare import Prepared, load_conversations, read_conversations
-from chatlora.data.render import IGNORE, Renderer, RenderError
+from chatlora.data.render import Renderer, RenderError
 from chatlora.errors import ChatloraError, PreflightError
 from chatlora.run import target_config
 
