@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     if command.launches:
         from chatlora.recipes.launch import launched
 
-        code = launched(args.gpus, [args.command, args.config, *args.overrides])
+        code = launched(args.gpus, [args.command, args.config, *args.overrides], kwargs.get("cfg"))
         if code is not None:
             return code
     module, function = command.recipe.split(":")

@@ -186,6 +186,7 @@ def test_bad_data_on_two_processes_is_reported_once(tiny_model_dir, tmp_path):
     assert result.stderr.count(f"{bad}:line 2: malformed JSON") == 1
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+    assert "CPU processes" not in result.stdout, "refused by the launcher, before any process started"
 
 
 # ---------------------------------------------------------------- stops and failures of a launched job

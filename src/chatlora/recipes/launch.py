@@ -78,10 +78,29 @@ def launch(processes: int, argv: list[str]) -> int:
     return 0
 
 
-def launched(gpus: int | None, argv: list[str]) -> int | None:
+def refuse_before_launch(cfg) -> None:
+    """What every process would refuse before loading weights (a bad row, a missing `model.adapter`, an
+    output_dir or resume target that cannot be used), refused here, once, before N processes start.
+    The data is tokenized into the cache as rank 0 would do first; rank 0 then reads it from there
+    and prints the report."""
+    from chatlora.model.tokenized import check_data
+    from chatlora.run import RunDir, adapter_folder
+    from chatlora.trainer.lifecycle.folder import RunLifecycle
+
+    quiet = lambda _line: None  # noqa: E731
+    if cfg.model.adapter:
+        adapter_folder(cfg.model.adapter)
+    RunLifecycle(cfg, quiet).refuse_early(RunDir.for_config(cfg))
+    check_data(cfg, quiet, samples=0)
+
+
+def launched(gpus: int | None, argv: list[str], cfg=None) -> int | None:
     """`--gpus N`, N > 1: run `chatlora ARGV` on N processes and return the first failure's exit code
-    (or 0). Otherwise None: this process trains itself, stopping when a launcher it came from dies."""
+    (or 0); `cfg`, ARGV's config, is checked first (refuse_before_launch). Otherwise None: this process
+    trains itself, stopping when a launcher it came from dies."""
     if (gpus or 1) > 1:
+        if cfg is not None:
+            refuse_before_launch(cfg)
         return launch(gpus, argv)
     die_with_launcher()  # a process of `--gpus N`: stop (with a checkpoint) when the launcher dies
     return None
