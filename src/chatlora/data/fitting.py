@@ -3,10 +3,10 @@
 
 Both the in-memory path (data/prepare.py) and the streamed one (data/stream.py) call `fit_each`, so
 a row gives the same samples, counts and errors either way. A row's time goes to the chat template
-(Jinja, in Python under the GIL) and the tokenizer, so threads do not help; worker processes do. `datasets.map(num_proc=...)` would do the same for the
-in-memory path, but it shards a finished dataset, and the streamed path has none: its rows arrive
-one by one and must keep their order and line numbers for the error report, so the pool is fed
-in chunks from an iterator here.
+(Jinja, in Python under the GIL) and the tokenizer, so threads do not help; worker processes do.
+`datasets.map(num_proc=...)` would do the same for the in-memory path, but it shards a finished
+dataset, and the streamed path has none: its rows arrive one by one and must keep their order and
+line numbers for the error report, so the pool is fed in chunks from an iterator here.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 from chatlora.data.render import Renderer, RenderError, Tokenized
 from chatlora.data.truncate import REPLY_TOO_LONG, fit
+from chatlora.errors import Problem
 
 CHUNK = 256  # rows per message to a worker: large enough that pickling is a small share
 
@@ -29,15 +30,20 @@ CHUNK = 256  # rows per message to a worker: large enough that pickling is a sma
 @dataclass
 class Fitted:
     """What one conversation became: its samples as (sample, cut), the truncation rules used, and the
-    template's refusal (`error`) or whether the reply alone was too long under overlong='error'."""
+    template's refusal (`error`)."""
 
     samples: list[tuple[Tokenized, bool]] = field(default_factory=list)
     rules: Counter = field(default_factory=Counter)
     error: str | None = None
 
-    @property
-    def too_long(self) -> bool:
-        return self.rules[REPLY_TOO_LONG] > 0
+    def problem(self, source: str, where: str, max_length: int) -> Problem | None:
+        """The row's problem for the data report: the template's refusal, or a reply longer than
+        max_length under overlong='error'; None when it fitted."""
+        if self.error is not None:
+            return Problem(source, where, "", self.error)
+        if self.rules[REPLY_TOO_LONG]:
+            return Problem(source, where, "", f"the reply alone is longer than data.max_length={max_length}")
+        return None
 
 
 class Fitter:
@@ -45,13 +51,12 @@ class Fitter:
 
     def __init__(self, renderer: Renderer, max_length: int, overlong: str):
         self.renderers = {renderer.train_on: renderer}
-        self.max_length, self.overlong = max_length, overlong
+        self.train_on, self.max_length, self.overlong = renderer.train_on, max_length, overlong
 
     def __call__(self, messages: list[dict], train_on: str | None) -> Fitted:
-        base = next(iter(self.renderers.values()))
-        want = train_on or base.train_on
+        want = train_on or self.train_on
         if want not in self.renderers:  # the same probed template, other turns trained
-            self.renderers[want] = copy.copy(base)
+            self.renderers[want] = copy.copy(self.renderers[self.train_on])
             self.renderers[want].train_on = want
         out = Fitted()
         try:

@@ -219,12 +219,12 @@ def tokenize_split(name: str, conversations: list[Conversation], renderer: Rende
     for index, fitted in tqdm(fitted_rows, total=len(conversations), desc=f"tokenizing {name}", unit="row", leave=False):
         conv = conversations[index]
         counts.update(fitted.rules)
+        problem = fitted.problem(conv.source, conv.where, cfg.max_length)
+        if problem:
+            problems.append(problem)
         if fitted.error is not None:
-            problems.append(Problem(conv.source, conv.where, "", fitted.error))
             unrendered += 1
             continue
-        if fitted.too_long:
-            problems.append(Problem(conv.source, conv.where, "", f"the reply alone is longer than data.max_length={cfg.max_length}"))
         for sample, cut in fitted.samples:  # several when the template renders earlier turns differently (render.py)
             columns["input_ids"].append(sample.input_ids)
             columns["labels"].append(sample.labels)

@@ -115,12 +115,12 @@ def _samples(cfg: DataConfig, renderer: Renderer, tally: Tally) -> Iterator[dict
             tally.add(row)
             continue
         tally.rules.update(fitted.rules)
+        problem = fitted.problem(row.source, row.where, cfg.max_length)
+        if problem:
+            tally.add(problem)
         if fitted.error is not None:
-            tally.add(Problem(row.source, row.where, "", fitted.error))
             tally.unrendered += 1
             continue
-        if fitted.too_long:
-            tally.add(Problem(row.source, row.where, "", f"the reply alone is longer than data.max_length={cfg.max_length}"))
         index = tally.rows
         tally.rows += 1
         for sample, cut in fitted.samples:
