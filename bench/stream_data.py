@@ -39,10 +39,9 @@ SHARED = Path(os.environ.get("CHATLORA_SHARED_DATA", HERE.parents[1] / "shared" 
 ROWS = {"huanhuan": SHARED / "huanhuan.json", "general": HERE.parent / "src/chatlora/examples/general/train.jsonl"}
 
 
-def make_jsonl(path: Path, mb: int, bad_every: int = 0, join: int = 1, rows_of: str = "huanhuan") -> int:
+def make_jsonl(path: Path, mb: int, bad_every: int = 0, rows_of: str = "huanhuan") -> int:
     """A JSONL file of at least `mb` MB; returns its rows. Made once per size (kept under --dir). Its
-    rows are those of ROWS[rows_of] over and over, each numbered so no two are alike; with `join` > 1
-    each alpaca row's reply is `join` consecutive replies, one after another."""
+    rows are those of ROWS[rows_of] over and over, each numbered so no two are alike."""
     if path.is_file() and path.stat().st_size >= mb * 2**20:
         return sum(1 for _ in path.open("rb"))
     text = ROWS[rows_of].read_text("utf-8")
@@ -59,8 +58,7 @@ def make_jsonl(path: Path, mb: int, bad_every: int = 0, join: int = 1, rows_of: 
                 messages[-2]["content"] += f" ({rows})"
                 line = json.dumps({"messages": messages}, ensure_ascii=False)
             else:
-                reply = "".join(base[(rows + k) % len(base)]["output"] for k in range(join))
-                line = json.dumps({"instruction": f"{row['instruction']} ({rows})", "input": row["input"], "output": reply},
+                line = json.dumps({"instruction": f"{row['instruction']} ({rows})", "input": row["input"], "output": row["output"]},
                                   ensure_ascii=False)
             f.write(line + "\n")
             size += len(line.encode("utf-8")) + 1
@@ -116,8 +114,6 @@ def main() -> None:
     parser.add_argument("--rows", choices=sorted(ROWS), default="huanhuan",
                         help="huanhuan: the tutorial's rows (Chinese, alpaca); general: the package's everyday-question "
                         "conversations (English, messages with a system prompt)")
-    parser.add_argument("--join", type=int, default=1, help="replies of K tutorial rows joined into each row's reply "
-                        "(default 1: the tutorial's rows; 8 gives general-instruction-sized rows, about 300 tokens)")
     parser.add_argument("--bad-every", type=int, default=0, help="a malformed line every K rows (a file of its own)")
     parser.add_argument("--child", choices=("memory", "stream"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -125,10 +121,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.data, args.num_proc)))
         return
-    data = Path(args.dir) / "stream_bench_{}mb{}{}{}.jsonl".format(
-        args.mb, f"_bad{args.bad_every}" if args.bad_every else "", f"_join{args.join}" if args.join > 1 else "",
-        "" if args.rows == "huanhuan" else f"_{args.rows}")
-    rows = make_jsonl(data, args.mb, args.bad_every, args.join, args.rows)
+    data = Path(args.dir) / "stream_bench_{}mb{}{}.jsonl".format(
+        args.mb, f"_bad{args.bad_every}" if args.bad_every else "", "" if args.rows == "huanhuan" else f"_{args.rows}")
+    rows = make_jsonl(data, args.mb, args.bad_every, args.rows)
     print(f"data: {data} ({data.stat().st_size / 2**20:.0f} MiB, {rows:,} rows)", flush=True)
     results = {}
     for mode in (args.only,) if args.only else ("memory", "stream"):
