@@ -60,7 +60,10 @@ def build(args):
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = Qwen2Config(**(QWEN2_TINY if args.tiny else QWEN15_7B), eos_token_id=im_end, pad_token_id=tokenizer.pad_token_id)
+    shape = dict(QWEN2_TINY if args.tiny else QWEN15_7B)
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    config = Qwen2Config(**shape, eos_token_id=im_end, pad_token_id=tokenizer.pad_token_id)
     dtype = getattr(torch, args.dtype) if args.dtype else torch.float32 if args.device == "cpu" else torch.bfloat16
     torch.manual_seed(0)
     with torch.device(args.device):
@@ -70,6 +73,10 @@ def build(args):
     if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):
         prompt = prompt["input_ids"]
     return model, tokenizer, list(prompt)
+
+
+def config_layers(args) -> int:
+    return args.layers or (QWEN2_TINY if args.tiny else QWEN15_7B)["num_hidden_layers"]
 
 
 def with_lora(model):
@@ -159,6 +166,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="folder of the Qwen1.5 tokenizer")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: a smoke check of the script")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's; --tiny --layers 32 "
+                   "gives the 7B's depth at the tiny width: dynamo's trace, the cost of a compiled start, grows with depth)")
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--tokens", type=int, default=256, help="new tokens per reply (default 256)")
     p.add_argument("--variants", default=None, help="comma-separated (default: tutorial,eager,graphs,compile on CUDA; "
@@ -184,7 +193,7 @@ def main() -> None:
     weight_bytes = None
     records, reference = [], None
     common = {"gpu": gpu, "batch": 1, "new_tokens": args.tokens, "prompt_tokens": len(prompt),
-              "model": "qwen2-tiny" if args.tiny else f"qwen1.5-7b-architecture (random {args.dtype or 'bfloat16'})",
+              "model": f"qwen2-tiny, {config_layers(args)} layers" if args.tiny else f"qwen1.5-7b-architecture (random {args.dtype or 'bfloat16'})",
               "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "transformers": __import__("transformers").__version__}
 

@@ -27,4 +27,8 @@ def test_compiled_layers_train_as_eager(tiny_model_dir, tmp_path):
     # (whole-model compiling made one per length), and none for the packing check, which runs before
     # the layers compile.
     assert counters["stats"]["unique_graphs"] == 1
+    # ... traced once: no trace thrown away and redone (model/layers.py, `compile_settings`).
+    from torch._dynamo.utils import get_compilation_metrics
+
+    assert all(not m.restart_reasons for m in get_compilation_metrics()), [m.restart_reasons for m in get_compilation_metrics()]
     dynamo.reset()

@@ -1,6 +1,7 @@
-"""`--decode compile` (the default on CUDA): each decoder layer compiled once for decoding, its steps
+"""`--decode compile` (the default on CUDA): the decode step compiled once (sizes symbolic), its steps
 replayed from CUDA graphs, gives the model's own logits; the kernels go to chatlora's cache folder,
-and a second start in a new process compiles nothing (every graph read from that cache)."""
+a second start in a new process compiles nothing (every graph read from that cache), and no start
+traces the step twice (a restart was most of a warm start's time: model/layers.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 # difference from the model's own forward, the lines it printed, and inductor's cache misses and hits.
 START = textwrap.dedent("""
     import sys, time, torch
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters, get_compilation_metrics
     from transformers import AutoModelForCausalLM
     from chatlora.generate.decode import fast_decoder, parity, reference
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).cuda().eval()
@@ -31,6 +32,7 @@ START = textwrap.dedent("""
     print("parity", parity(decoder, expected))
     print("lines", lines)
     print("misses", counters["inductor"]["fxgraph_cache_miss"], "hits", counters["inductor"]["fxgraph_cache_hit"])
+    print("restarts", sum(len(m.restart_reasons or ()) for m in get_compilation_metrics()))
 """)
 
 
@@ -41,7 +43,7 @@ def start(model_dir, cache) -> dict:
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     return {"parity": float(out.split("parity ")[1].split()[0]), "misses": int(out.split("misses ")[1].split()[0]),
-            "hits": int(out.split("hits ")[1].split()[0]), "text": out}
+            "hits": int(out.split("hits ")[1].split()[0]), "restarts": int(out.split("restarts ")[1].split()[0]), "text": out}
 
 
 def test_compiled_decode_matches_the_model_and_a_second_start_compiles_nothing(tiny_model_dir, tmp_path):
@@ -51,3 +53,4 @@ def test_compiled_decode_matches_the_model_and_a_second_start_compiles_nothing(t
     second = start(tiny_model_dir, tmp_path / "cache")
     assert second["parity"] < 1e-3, second["text"]
     assert second["misses"] == 0 and second["hits"] >= 1, second["text"]
+    assert first["restarts"] == second["restarts"] == 0, (first["text"], second["text"])

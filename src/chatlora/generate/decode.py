@@ -34,7 +34,7 @@ from chatlora.errors import ChatloraError
 from chatlora.generate.kv_cache import SlotCache, base, buckets, cache_keyword, plan_columns, text_config, unsupported, window
 from chatlora.model.decode_modes import resolve_mode
 from chatlora.model.fuse import fuse_projections
-from chatlora.model.layers import inductor_cache
+from chatlora.model.layers import compile_settings, inductor_cache
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +90,11 @@ class StaticDecoder:
         self._pool = None
         self._forward = self._eager_forward
         if mode == "compile":
-            import torch._dynamo as dynamo
-
             # The whole step compiled, sizes symbolic: one compile (the slow part of a start) serves
             # every length bucket and batch size above 1; batch 1 is compiled on its own (dynamo
             # specialises sizes of 1). Compiling each decoder layer alone instead was measured slower
             # to start and to run: dynamo recompiles per layer (docs/benchmarks.md, bench/LOG.md).
-            inductor_cache()
-            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+            compile_settings()
             self._forward = torch.compile(self._eager_forward, dynamic=True)
         self.add([0])  # a first prefill gives each layer's cache its shape (kv_cache.SlotCache)
         self.reset()
