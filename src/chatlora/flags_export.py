@@ -36,7 +36,9 @@ examples:
     p.add_argument("--model", metavar="BASE", help="load the base model from here instead (a local copy, a .gguf file, a hub id)")
     p.add_argument("--device", type=device, help="where the merge runs: cpu, cuda, ... (the check runs on CPU)")
     p.add_argument("--data", metavar="FILE", help="conversations for the checks (default: the run's held-out rows)")
-    p.add_argument("--prompts", type=positive, default=8, help="conversations in the checks (default 8)")
+    p.add_argument("--prompts", type=positive, default=8, help="conversations replied to greedily in the checks, and in "
+                   "the merge's logit check (default 8); the GGUF's token agreement reads whole conversations, "
+                   "as many as fit in 2048 tokens")
     p.add_argument("--max-new-tokens", type=positive, default=64, help="greedy reply length in the check (default 64)")
     p.add_argument("--min-top1", type=fraction, help="least top-1 agreement allowed, 0-1 (default by --quant, see below)")
     p.add_argument("--llama-cpp", metavar="DIR", dest="llama_cpp_dir",

@@ -67,10 +67,11 @@ def export(target: str | None, out: str | None, *, fmt: str = "gguf", quant: str
         found = metadata(llama_cpp().Llama(model_path=str(gguf_file), n_ctx=32, verbose=False, vocab_only=True))
         check_metadata(found, end_of_turn, pad, template)
 
-        conversations, kind = parity_texts(target, data, prompts, echo)
+        # Every conversation there is: the check reads whole ones up to its position budget.
+        conversations, kind = parity_texts(target, data, 10**9, echo)
         from chatlora.export.check import check_gguf
 
-        check = check_gguf(gguf_file, merged_dir, conversations, quant, max_new_tokens=max_new_tokens,
+        check = check_gguf(gguf_file, merged_dir, conversations, quant, prompts=prompts, max_new_tokens=max_new_tokens,
                            min_top1=min_top1, echo=echo)
         check["conversations"] = kind
         echo(f"check ({quant}): top-1 agreement {check['top1_agreement']:.2%} (required {check['min_top1_allowed']:.0%}), "
@@ -85,7 +86,7 @@ def export(target: str | None, out: str | None, *, fmt: str = "gguf", quant: str
         if not check["passed"]:
             raise ChatloraError(f"the GGUF does not match the merged model: {'; '.join(check['failures'])}; nothing "
                                 f"was written to {final}. Figures: top-1 {check['top1_agreement']:.2%}, mean KL "
-                                f"{check['mean_kl']:.4g}. A less lossy --quant (q8_0, f16) keeps closer.")
+                                f"{check['mean_kl']:.4g}. {LESS_LOSSY.get(quant, FAILED_UNQUANTIZED)}")
         system = system_prompt(target)
         stops = merged["stop_tokens"]
         write_ollama(tmp, gguf_name, merged_dir, stops, system, echo)
@@ -96,6 +97,14 @@ def export(target: str | None, out: str | None, *, fmt: str = "gguf", quant: str
     echo(f"exported: {final / gguf_name} ({result['bytes'] / 2**20:.1f} MiB), Modelfile, README.md, export.json")
     echo(f"  ollama create {name} -f {final / 'Modelfile'} && ollama run {name}")
     return result
+
+
+# What to try when the check fails, by type: a less lossy type, or (for f16/bf16, which only round the
+# weights once more) what a failure there means.
+LESS_LOSSY = {"q4_k_m": "A less lossy --quant (q8_0, f16) keeps closer, or --min-top1 accepts these figures.",
+              "q8_0": "--quant f16 keeps closer, or --min-top1 accepts these figures."}
+FAILED_UNQUANTIZED = ("An unquantized file should match closely: the conversion itself went wrong (an architecture or "
+                      "tokenizer llama.cpp reads differently). Please report it with these figures.")
 
 
 def architecture(target: str, model: str | None) -> str:
