@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--liger", action="store_true", help="TRL: use_liger_kernel=True")
     ap.add_argument("--vary", action="store_true", help="lengths drawn from [n/4, n] per pair instead of fixed")
     ap.add_argument("--only", choices=("chatlora", "trl"), default=None)
+    ap.add_argument("--share-prompt", action="store_true", help="chatlora: preference.share_prompt (each pair's prompt "
+                    "through the model once); tokens/s still counts the prompt twice, the work both sides are given")
     a = ap.parse_args()
     from peft import LoraConfig, get_peft_model
 
@@ -114,7 +116,13 @@ def main() -> None:
         model = get_peft_model(base, lora)
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        collate, settings = PreferenceCollator(), PreferenceConfig(loss="sigmoid", beta=0.1)
+        share = None
+        if a.share_prompt:  # the form recipes/train.py picks for the model's attention
+            from chatlora.model import attention
+
+            share = "varlen" if base.config._attn_implementation == attention.NAME else "mask"
+            print(f"chatlora: prompts shared ({share})", flush=True)
+        collate, settings = PreferenceCollator(share), PreferenceConfig(loss="sigmoid", beta=0.1)
 
         def features(step):
             return [{"input_ids": p["prompt_ids"] + p["chosen_ids"], "labels": [IGNORE] * len(p["prompt_ids"]) + p["chosen_ids"],

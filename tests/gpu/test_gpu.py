@@ -68,6 +68,29 @@ def test_varlen_packed_loss_and_grads_equal_padded_sdpa(tiny_model_dir):
         assert (a - b).norm() <= 0.05 * b.norm() + 1e-6
 
 
+def test_shared_prompt_pairs_on_the_varlen_kernel_equal_the_prompt_twice(tiny_model_dir):
+    """data/collate.py pack_shared on the real kernel: each reply sees its prompt and itself only
+    (causal from the bottom right), so its log-probabilities and their gradients are those of the
+    row that holds the prompt twice. tests/unit/model/test_shared_prompt.py checks the rest on a CPU."""
+    from chatlora.data.collate import PreferenceCollator
+    from chatlora.model.preference import sequence_logps
+
+    pairs = [{"input_ids": f["input_ids"], "labels": f["labels"], "rejected_input_ids": f["input_ids"][:h] + list(range(150, 150 + n)),
+              "rejected_labels": [-100] * h + list(range(150, 150 + n))} for f, h, n in zip(FEATURES, (40, 10, 30), (25, 60, 7))]
+    results = []
+    for share in (None, "varlen"):
+        model = tiny_bf16(tiny_model_dir, attention.NAME)
+        batch = to_cuda(PreferenceCollator(share)(pairs))
+        logps = sequence_logps(model, batch)[0]
+        logps.sum().backward()
+        results.append((logps.float(), [p.grad.float() for p in model.parameters() if p.requires_grad], batch["input_ids"].shape[1]))
+    (a, a_grads, a_len), (b, b_grads, b_len) = results
+    assert b_len == a_len - (40 + 10 + 30)
+    torch.testing.assert_close(b, a, rtol=2e-2, atol=0.5)
+    for x, y in zip(b_grads, a_grads):
+        assert (x - y).norm() <= 0.05 * y.norm() + 1e-6
+
+
 def test_training_on_gpu_with_a_token_budget(tiny_model_dir, tmp_path):
     from chatlora.recipes.train import train
     from conftest import tiny_config

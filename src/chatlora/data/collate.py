@@ -106,9 +106,19 @@ class PreferenceCollator:
     through one varlen forward pass: the chosen samples first, then the rejected ones in the same
     order (KTO: the replies, then the mismatched "KL" samples, each prompt with the previous row's
     reply, as TRL's KTOTrainer builds them). `sequence` holds, for each trained position, the index
-    of its sample, so that model/preference.py sums each sample's log-probabilities."""
+    of its sample, so that model/preference.py sums each sample's log-probabilities.
+
+    With `share_prompt` (pairs only) each pair's prompt is in the row once (`pack_shared`), its
+    attention described for the model's kernel: "varlen" (model/attention.py) or "mask" (any other)."""
+
+    def __init__(self, share_prompt: str | None = None):
+        if share_prompt not in (None, "varlen", "mask"):
+            raise ValueError(f"share_prompt {share_prompt!r}")
+        self.share_prompt = share_prompt
 
     def __call__(self, features: list[dict]) -> dict:
+        if self.share_prompt and "label" not in features[0]:
+            return pack_shared(features, varlen=self.share_prompt == "varlen")
         samples = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
         if "label" in features[0]:  # KTO
             heads = [_untrained(f["labels"]) for f in features]
@@ -128,8 +138,67 @@ def _untrained(labels: list[int]) -> int:
     return next(k for k, label in enumerate(labels) if label != IGNORE)
 
 
+def pack_shared(features: list[dict], varlen: bool = False) -> dict:
+    """Pairs packed with each prompt once: [prompt, chosen reply, rejected reply] per pair, where
+    PreferenceCollator's row holds the prompt twice (a quarter to a third of a DPO step's tokens).
+
+    The rejected reply must see the prompt but not the chosen reply before it, which neither
+    position_ids nor the sample boundaries of PackCollator can say. The row says it in the form the
+    model's attention takes:
+    - `varlen`: segments for model/attention.py's kernel. Queries in segments [prompt], [chosen],
+      [rejected]; keys gathered by `kv_index` into [prompt], [prompt + chosen], [prompt + rejected]
+      (`cu_seq_lens_k`), causal from the bottom right.
+    - else `segment_pair` / `segment_kind` (0 prompt, 1 chosen, 2 rejected) per token, from which
+      model/preference.py builds a dense mask (sdpa, eager: the CPU).
+    Position ids count on from the prompt in both replies. The first token of each reply is predicted
+    from the prompt's last position, so that position is trained twice and the targets are explicit
+    (`targets`), not the next token of the row. The shared prompt is the longest common prefix of the
+    two token sequences before either's first trained token (data/pairs.py refuses pairs whose
+    prompts render differently, so that is the whole prompt)."""
+    n = len(features)
+    ids, labels, positions, pair_of, kind = [], [], [], [], []
+    q_lens, k_lens, kv_index = [], [], []
+    chosen, rejected = [], []  # (row position, target, sample) per trained token
+    for i, f in enumerate(features):
+        c_ids, c_lab, r_ids, r_lab = f["input_ids"], f["labels"], f["rejected_input_ids"], f["rejected_labels"]
+        limit = min(_untrained(c_lab), _untrained(r_lab))
+        shared = next((k for k in range(limit) if c_ids[k] != r_ids[k]), limit)
+        base, c_len, r_len = len(ids), len(c_ids) - shared, len(r_ids) - shared
+        prompt = list(range(base, base + shared))
+        c_start, r_start = base + shared, base + shared + c_len
+        ids += c_ids + r_ids[shared:]
+        labels += [IGNORE] * shared + list(c_lab[shared:]) + list(r_lab[shared:])
+        positions += list(range(len(c_ids))) + list(range(shared, len(r_ids)))
+        pair_of += [i] * (shared + c_len + r_len)
+        kind += [0] * shared + [1] * c_len + [2] * r_len
+        for seq, lab, start, out, sample in ((c_ids, c_lab, c_start, chosen, i), (r_ids, r_lab, r_start, rejected, n + i)):
+            for q in range(len(seq) - 1):
+                if lab[q + 1] != IGNORE:
+                    out.append((base + q if q < shared else start + q - shared, lab[q + 1], sample))
+        for length, keys in ((shared, prompt), (c_len, prompt + list(range(c_start, r_start))),
+                             (r_len, prompt + list(range(r_start, r_start + r_len)))):
+            if length:
+                q_lens.append(length)
+                k_lens.append(len(keys))
+                kv_index += keys
+    trained = chosen + rejected
+    as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
+    cumulative = lambda xs: torch.tensor([0] + xs, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # noqa: E731
+    row = {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions),
+           "trained_positions": torch.tensor([t[0] for t in trained], dtype=torch.long),
+           "targets": torch.tensor([t[1] for t in trained], dtype=torch.long),
+           "sequence": torch.tensor([t[2] for t in trained], dtype=torch.long), "pairs": torch.tensor(n)}
+    if varlen:
+        row.update(cu_seq_lens_q=cumulative(q_lens), cu_seq_lens_k=cumulative(k_lens), max_length_q=max(q_lens),
+                   max_length_k=max(k_lens), kv_index=torch.tensor(kv_index, dtype=torch.long))
+    else:
+        row.update(segment_pair=torch.tensor(pair_of, dtype=torch.long), segment_kind=torch.tensor(kind, dtype=torch.long))
+    return row
+
+
 # Keys of a batch that are not the model's inputs.
-NOT_MODEL_INPUTS = ("labels", "trained_positions", "sequence", "pairs", "preference_label")
+NOT_MODEL_INPUTS = ("labels", "trained_positions", "sequence", "pairs", "preference_label", "targets",
+                    "segment_pair", "segment_kind")
 
 
 def model_inputs(batch: dict) -> dict:

@@ -80,19 +80,29 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
                      sliding_window: int | None = None, softcap: float | None = None, **kwargs):
     """transformers attention function: query [B, Hq, T, D], key/value [B, Hkv, T, D] → [B, T, Hq, D].
 
-    Packed rows come with `cu_seq_lens_q` (from chatlora's PackCollator). Anything else (a padded
-    batch, decoding with a cache) goes to sdpa, which handles masks (sliding windows included) and caches.
+    Packed rows come with `cu_seq_lens_q` (from chatlora's PackCollator). Rows whose pairs share
+    their prompt (data/collate.py pack_shared) also bring `kv_index`, which gathers each segment's keys
+    (the prompt's, then its own), and `cu_seq_lens_k` / `max_length_k` for them. Anything else (a
+    padded batch, decoding with a cache) goes to sdpa, which handles masks (sliding windows included)
+    and caches.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if softcap:  # load_model never picks this attention for such a model (unsupported())
         raise ValueError("varlen attention cannot soft-cap attention logits")
     cu = kwargs.get("cu_seq_lens_q")
+    kv_index = kwargs.get("kv_index")
     if cu is None or attention_mask is not None or query.shape[2] != key.shape[2] or query.dtype == torch.float32:
+        if kv_index is not None:  # sdpa would let every token of the row see the prompts' and replies' keys alike
+            raise ValueError("a row of shared prompts needs the varlen kernel (16-bit weights, packed row, no mask)")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if sliding_window is not None and not _windowed():
         raise ValueError("this torch's varlen attention has no sliding window")
     batch, heads, length, dim = query.shape
+    cu_k, max_k = cu, kwargs["max_length_q"]
+    if kv_index is not None:
+        key, value = key[:, :, kv_index], value[:, :, kv_index]
+        cu_k, max_k = kwargs["cu_seq_lens_k"], kwargs["max_length_k"]
     groups = heads // key.shape[1]
     if groups > 1:  # grouped-query attention: share each kv head across its query heads
         key = key.repeat_interleave(groups, dim=1)
@@ -104,13 +114,13 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     width = max(dim, value_dim)
     q, k, v = (t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]))
                for t in (query, key, value))
-    q, k, v = (t.transpose(1, 2).reshape(batch * length, heads, width) for t in (q, k, v))
+    q, k, v = (t.transpose(1, 2).reshape(-1, heads, width) for t in (q, k, v))
     max_len = kwargs["max_length_q"]
-    if torch.is_tensor(max_len):
-        max_len = int(max_len)
+    max_len, max_k = (int(m) if torch.is_tensor(m) else m for m in (max_len, max_k))
     # (A plain int is passed on as it is: under torch.compile it is a symbolic size, where int() would
-    # make every new longest sample a recompile.)
-    out = _varlen()(q, k, v, cu.to(torch.int32), cu.to(torch.int32), max_len, max_len, scale=scaling,
+    # make every new longest sample a recompile.) Causal from the bottom right: a query segment
+    # shorter than its keys (a reply after its shared prompt) sees all the keys before its own.
+    out = _varlen()(q, k, v, cu.to(torch.int32), cu_k.to(torch.int32), max_len, max_k, scale=scaling,
                     **_causal_kwargs(sliding_window))
     return out.reshape(batch, length, heads, width)[..., :value_dim], None
 

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from chatlora.config.preference import PreferenceConfig
 from chatlora.data.collate import model_inputs
-from chatlora.model.loss import chunk_rows, hidden_states_out, separable_head
+from chatlora.model.loss import causal_lm, chunk_rows, hidden_states_out, separable_head
 
 # Losses that compare against a reference model; orpo and simpo are reference-free.
 WITH_REFERENCE = ("sigmoid", "ipo", "kto")
@@ -33,11 +33,24 @@ def _chunk_logps(hidden, weight, bias, targets):
     return -F.cross_entropy(logits, targets, reduction="none")
 
 
+def shared_prompt_mask(pair: torch.Tensor, kind: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive [1, 1, T, T] mask of a row packed with shared prompts (data/collate.py pack_shared):
+    a token sees the earlier tokens of its own pair that are prompt or of its own kind."""
+    at = torch.arange(pair.shape[0], device=pair.device)
+    sees = (pair[:, None] == pair[None, :]) & (at[None, :] <= at[:, None]) & ((kind[None, :] == 0) | (kind[None, :] == kind[:, None]))
+    mask = torch.zeros(sees.shape, dtype=dtype, device=pair.device).masked_fill_(~sees, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
 def token_logps(model, batch: dict) -> torch.Tensor:
-    """Log-probability of each trained token of a packed row (PackCollator), in trained-position order."""
+    """Log-probability of each trained token of a packed row (PackCollator, or pack_shared with its
+    explicit targets), in trained-position order."""
     keep = batch["trained_positions"]
-    targets = batch["labels"][0, 1:][keep]
+    targets = batch["targets"] if "targets" in batch else batch["labels"][0, 1:][keep]
     inputs = model_inputs(batch)
+    if "segment_pair" in batch:
+        dtype = causal_lm(model).get_input_embeddings().weight.dtype
+        inputs["attention_mask"] = shared_prompt_mask(batch["segment_pair"], batch["segment_kind"], dtype)
     head = separable_head(model)
     if head is None:
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits[0].float()

@@ -105,7 +105,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
     from chatlora.data.collate import PackCollator, PadCollator, PreferenceCollator
-    from chatlora.model import quant
+    from chatlora.model import attention, quant
     from chatlora.model.kernels import use_liger
     from chatlora.model.layers import compile_layers
     from chatlora.model.load import load_model, model_config
@@ -193,7 +193,10 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         if not packing_is_exact(model):
             raise ConfigError(f"stage: dpo packs each step's replies into one row, and this {model.config.model_type} model lets "
                               "packed samples attend to each other")
-        collator = PreferenceCollator()
+        share = None
+        if cfg.preference.share_prompt:  # the attention of a shared-prompt row, in the form the model's kernel takes
+            share = "varlen" if attention_implementation(model) == attention.NAME else "mask"
+        collator = PreferenceCollator(share)
     elif cfg.data.packing:
         if args.fsdp or packing_is_exact(model):  # FSDP2: checked on the sharded model (ChatTrainer.train_begins)
             collator = PackCollator(cfg.data.batch_tokens)

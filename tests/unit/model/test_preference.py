@@ -68,7 +68,7 @@ def grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def ours(model, rows, knobs, labels=None):
+def ours(model, rows, knobs, labels=None, share=None):
     from chatlora.data.collate import PreferenceCollator
     from chatlora.model.preference import preference_loss
 
@@ -78,7 +78,7 @@ def ours(model, rows, knobs, labels=None):
     else:
         features = [{"input_ids": s.input_ids, "labels": s.labels, "label": lab} for s, lab in zip(rows, labels)]
     model.zero_grad(set_to_none=True)
-    loss, metrics = preference_loss(model, PreferenceCollator()(features), knobs)
+    loss, metrics = preference_loss(model, PreferenceCollator(share)(features), knobs)
     loss.backward()
     return loss.detach(), metrics, grads(model)
 
@@ -95,8 +95,9 @@ def assert_grads(mine, theirs):
     assert any(g.abs().sum() > 0 for g in mine.values())
 
 
+@pytest.mark.parametrize("share", [None, "mask"], ids=["prompt-twice", "prompt-shared"])
 @pytest.mark.parametrize("loss_type,beta,sft", [("sigmoid", 0.1, 0.0), ("ipo", 0.5, 0.0), ("sigmoid", 0.1, 0.5)])
-def test_dpo_matches_trl(setup, tmp_path, loss_type, beta, sft):
+def test_dpo_matches_trl(setup, tmp_path, loss_type, beta, sft, share):
     import datasets
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -114,7 +115,7 @@ def test_dpo_matches_trl(setup, tmp_path, loss_type, beta, sft):
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     assert "ref" in model.peft_config
     move_adapter(model)
-    loss, metrics, mine = ours(model, rows, Knobs(loss=loss_type, beta=beta, sft_weight=sft))
+    loss, metrics, mine = ours(model, rows, Knobs(loss=loss_type, beta=beta, sft_weight=sft), share=share)
     batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id)(
         [{"prompt_ids": c.input_ids[: head(c)], "chosen_ids": c.input_ids[head(c):], "rejected_ids": r.input_ids[head(r):]} for c, r in rows])
     model.train()
@@ -145,8 +146,9 @@ def padded_logps(model, rows, average: bool):
     return logps[: len(rows)], logps[len(rows):], nll
 
 
+@pytest.mark.parametrize("share", [None, "mask"], ids=["prompt-twice", "prompt-shared"])
 @pytest.mark.parametrize("loss_type,beta", [("simpo", 2.0), ("orpo", 0.1)])
-def test_reference_free_losses_match_trl(setup, loss_type, beta):
+def test_reference_free_losses_match_trl(setup, loss_type, beta, share):
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
@@ -154,7 +156,7 @@ def test_reference_free_losses_match_trl(setup, loss_type, beta):
 
     tok, model, rows = setup
     model.train()
-    loss, metrics, mine = ours(model, rows, Knobs(loss=loss_type, beta=beta, simpo_gamma=0.5))
+    loss, metrics, mine = ours(model, rows, Knobs(loss=loss_type, beta=beta, simpo_gamma=0.5), share=share)
     chosen, rejected, nll = padded_logps(model, rows, average=True)
     trl_self = SimpleNamespace(beta=beta, alpha=0.0, loss_type="sigmoid" if loss_type == "orpo" else loss_type,
                                simpo_gamma=0.5, label_smoothing=0.0, accelerator=SimpleNamespace(device=torch.device("cpu")))
