@@ -220,7 +220,8 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     token_passes = bool(cfg.data.batch_tokens) and isinstance(collator, PackCollator)
     echo(f"batches: {split.describe(args, world.size, token_passes)}, "
          + (f"packed into forward passes of at most {cfg.data.batch_tokens} tokens" if token_passes
-            else f"{args.per_device_train_batch_size} per forward pass, " + ("packed" if isinstance(collator, PackCollator) else "padded"))
+            else f"{args.per_device_train_batch_size} per forward pass, " + ("packed" if isinstance(collator, (PackCollator, PreferenceCollator)) else "padded"))
+         + (f", each pair's prompt once ({collator.share_prompt})" if getattr(collator, "share_prompt", None) else "")
          + f"; attention: {attention_implementation(model)}")
     progress = Progress()
     metrics_log = MetricsLog(run.metrics, run.plot, progress)

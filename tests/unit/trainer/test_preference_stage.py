@@ -65,3 +65,24 @@ def test_kto_from_an_sft_run_and_orpo_from_a_new_adapter(tiny_run, tiny_model_di
         assert "rewards/chosen" in train[0] and "rewards/rejected" in train[0], name
         if name == "kto":
             assert "kl" in train[0]
+
+
+def test_a_shared_prompt_trains_as_the_prompt_twice(tiny_run, tiny_model_dir, tmp_path):
+    """preference.share_prompt through `chatlora train`: the same logged losses and rewards, step by
+    step, and a clear refusal where it cannot apply (kto's single replies)."""
+    import pytest
+
+    from chatlora.errors import ConfigError
+
+    from chatlora.recipes.train import train
+
+    runs, lines = [], []
+    for share in ("false", "true"):
+        cfg = tiny_config(tiny_model_dir, tmp_path / share, "stage=dpo", f"model.adapter={tiny_run}", "training.max_steps=3",
+                          f"preference.share_prompt={share}", data=str(FIXTURES / "pairs.jsonl"))
+        rows = [json.loads(line) for line in train(cfg, echo=lines.append).metrics.read_text().splitlines()]
+        runs.append([v for r in rows if "loss" in r for v in (r["loss"], r["rewards/margins"])])
+    assert len(runs[0]) == 6 and runs[1] == pytest.approx(runs[0], rel=1e-4, abs=1e-6)
+    assert sum("each pair's prompt once (mask)" in line for line in lines) == 1, [x for x in lines if x.startswith("batches")]
+    with pytest.raises(ConfigError, match="share_prompt is for pairs"):
+        tiny_config(tiny_model_dir, tmp_path / "kto", "stage=dpo", "preference.loss=kto", "preference.share_prompt=true")
