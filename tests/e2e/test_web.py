@@ -165,6 +165,11 @@ def test_while_a_reply_streams_the_box_waits_stop_keeps_it_and_a_waiting_reply_s
 
     a.get_by_label("Max new tokens").fill("20")  # a short one now
     a.get_by_text("Chatting with").click()
+    # The click commits the value by a rerun of the page's script. A message sent before that rerun
+    # ends can go out with the old 900 tokens, which on a busy CPU outlast send()'s wait: the likely
+    # cause of one timeout here in a full suite run on 2 cores (2026-12-08).
+    a.wait_for_timeout(500)
+    a.wait_for_function("() => document.querySelector('[data-testid=stApp]').dataset.testScriptState === 'notRunning'")
     send(a, a_box, "Go on", 1)
     messages = a.get_by_test_id("stChatMessage")
     assert messages.count() == 4
