@@ -47,7 +47,8 @@ def check_gguf(gguf_file: Path, merged_dir: Path, conversations: list[list[dict]
                echo: Callable[[str], None] = print) -> dict:
     """The figures of the check (see the module's docstring), with `passed` and, when it did not pass,
     `failures` (sentences). Teacher-forced on whole conversations, in order, up to `positions` tokens
-    in all (the first alone is cut when it is longer); greedy replies to the first `prompts`.
+    in all (one that does not fit is left out; the first is cut when it alone is longer); greedy
+    replies to the first `prompts`.
     `min_top1`: the least top-1 agreement, instead of MIN_TOP1's. Runs on CPU, as the GGUF's users do.
 
     Whole conversations, not each one cut to an equal share of the budget: the figure must not depend
@@ -66,21 +67,31 @@ def check_gguf(gguf_file: Path, merged_dir: Path, conversations: list[list[dict]
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     stops = set(stop_ids(model.generation_config))
     renderer = Renderer(tokenizer, stops)
-    texts, samples, ids = [], [], []
+    texts, samples, ids, used, left_out = [], [], [], 0, 0
     for messages in conversations:
+        if used >= positions or left_out >= 64:  # full, or what is left is longer than the room
+            break
         text = renderer.text(messages)
         sample = renderer.tokenize(messages) if messages[-1]["role"] == "assistant" else None
         row = sample.input_ids if sample else renderer.encode(text)
-        if ids and sum(map(len, ids)) + len(row) > positions:
-            break
+        if used + len(row) > positions:
+            if ids:  # a long one left out does not end the sample: shorter ones after it may fit
+                left_out += 1
+                continue
+            row = row[:positions]
         texts.append(text)
         samples.append(sample)
-        ids.append(row[:positions])
+        ids.append(row)
+        used += len(row)
     # Positions whose next token is a trained reply token: what a GGUF's user sees generated.
     replying = [torch.tensor([t is not None and t.labels[i + 1] != -100 if i + 1 < len(t.labels) else False
                               for i in range(len(row))]) if t else torch.zeros(len(row), dtype=torch.bool)
                 for t, row in zip(samples, ids)]
-    n_ctx = max(len(i) for i in ids) + max_new_tokens * 2 + 64
+    asked = conversations[:prompts]
+    asked_prompts = [m[:-1] if m[-1]["role"] == "assistant" else m for m in asked]
+    # Room for the longest teacher-forced row, and for the longest asked prompt with its reply.
+    n_ctx = max(max(len(i) for i in ids),
+                max(len(renderer.prompt_ids(p)) for p in asked_prompts) + math.ceil(max_new_tokens * REPLY_SLACK)) + 64
 
     echo(f"check: llama.cpp reads {gguf_file.name}; teacher-forced on {sum(map(len, ids))} positions of "
          f"{len(ids)} conversations ...")
@@ -107,11 +118,9 @@ def check_gguf(gguf_file: Path, merged_dir: Path, conversations: list[list[dict]
               "all_positions": int(top1.numel()), "top1_agreement_all": float(top1.mean()), "mean_kl_all": float(kl.mean()),
               "tokenizer_agreement": f"{same_tokens} of {len(texts)} conversations tokenized identically"}
 
-    asked = conversations[:prompts]
     echo(f"check: greedy replies to {len(asked)} held-out prompts, transformers and llama.cpp ...")
     replies = []
-    for messages in asked:
-        prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+    for prompt in asked_prompts:
         prompt_ids = renderer.prompt_ids(prompt)
         with torch.no_grad():
             out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,

@@ -59,15 +59,20 @@ def packing_problem(config) -> str | None:
     return None
 
 
+def has_sliding_window(config) -> bool:
+    """Whether some of the model's layers attend through a sliding window (Gemma 2 and 3, Mistral v0.1,
+    Phi-3)."""
+    text = _text(config)
+    return bool(getattr(text, "sliding_window", None)) and ("sliding_attention" in (getattr(text, "layer_types", None) or ())
+                                                           or getattr(text, "use_sliding_window", True))
+
+
 def unsupported(config) -> str | None:
     """Why varlen attention would not compute this model's attention exactly (None: it would);
     such a model keeps transformers' own attention."""
     why = packing_problem(config)
-    if why is None and _varlen() is not None and not _windowed():
-        text = _text(config)
-        if getattr(text, "sliding_window", None) and ("sliding_attention" in (getattr(text, "layer_types", None) or ())
-                                                     or getattr(text, "use_sliding_window", True)):
-            why = "this torch's varlen attention has no sliding window (torch 2.11 or later has)"
+    if why is None and _varlen() is not None and not _windowed() and has_sliding_window(config):
+        why = "this torch's varlen attention has no sliding window (torch 2.11 or later has)"
     return why
 
 

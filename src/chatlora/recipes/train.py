@@ -60,6 +60,29 @@ def _trains_on_gpu(args) -> bool:
     return torch.cuda.is_available() and not args.use_cpu
 
 
+def shared_prompt_form(cfg, model) -> str | None:
+    """How a row of shared prompts tells the model's attention who sees whom (data/collate.py
+    pack_shared): "varlen" for chatlora's varlen kernel, "mask" (a dense 4D mask) for sdpa and eager;
+    None without preference.share_prompt. Refuses what neither form computes exactly."""
+    from chatlora.model import attention
+    from chatlora.trainer.overrides import attention_implementation
+
+    if not cfg.preference.share_prompt:
+        return None
+    kernel = attention_implementation(model)
+    if kernel == attention.NAME:
+        return "varlen"
+    if kernel not in ("sdpa", "eager"):
+        raise ConfigError(f"preference.share_prompt: the {kernel} attention takes no mask that shares a prompt; "
+                          "use sdpa or eager (model.attn_implementation), or preference.share_prompt=false")
+    if attention.has_sliding_window(model.config):
+        # The dense mask replaces transformers' own, sliding windows included.
+        raise ConfigError(f"preference.share_prompt: this {model.config.model_type} model has sliding-window layers, which "
+                          "the shared-prompt mask does not close; it needs varlen attention (a CUDA GPU, torch 2.11 or "
+                          "later), or preference.share_prompt=false")
+    return "mask"
+
+
 def _graphs_possible(cfg: Config, args, processes: int, collator, echo: Callable[[str], None]) -> bool:
     """Whether model.cuda_graphs can be used here. `true` that cannot prints a note saying why
     (training goes on without); `auto` stays quiet where graphs never apply (the CPU) and says why
@@ -105,7 +128,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
     from chatlora.data.collate import PackCollator, PadCollator, PreferenceCollator
-    from chatlora.model import attention, quant
+    from chatlora.model import quant
     from chatlora.model.kernels import use_liger
     from chatlora.model.layers import compile_layers
     from chatlora.model.load import load_model, model_config
@@ -193,10 +216,7 @@ def _train(cfg: Config, echo: Callable[[str], None], callbacks: list | None, lif
         if not packing_is_exact(model):
             raise ConfigError(f"stage: dpo packs each step's replies into one row, and this {model.config.model_type} model lets "
                               "packed samples attend to each other")
-        share = None
-        if cfg.preference.share_prompt:  # the attention of a shared-prompt row, in the form the model's kernel takes
-            share = "varlen" if attention_implementation(model) == attention.NAME else "mask"
-        collator = PreferenceCollator(share)
+        collator = PreferenceCollator(shared_prompt_form(cfg, model))
     elif cfg.data.packing:
         if args.fsdp or packing_is_exact(model):  # FSDP2: checked on the sharded model (ChatTrainer.train_begins)
             collator = PackCollator(cfg.data.batch_tokens)

@@ -6,6 +6,8 @@ per-segment reference (float64), so everything but the kernel is checked here; t
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -42,7 +44,7 @@ def test_each_prompt_is_in_the_row_once(setup):  # noqa: F811
 
 
 @pytest.mark.parametrize("share", ["mask", "varlen"])
-def test_shared_prompt_log_probs_equal_the_prompt_twice(setup, monkeypatch, share):  # noqa: F811
+def test_shared_prompt_log_probs_equal_the_prompt_twice(setup, monkeypatch, request, share):  # noqa: F811
     from chatlora.data.collate import PreferenceCollator
     from chatlora.model import attention
     from chatlora.model.preference import sequence_logps
@@ -57,9 +59,33 @@ def test_shared_prompt_log_probs_equal_the_prompt_twice(setup, monkeypatch, shar
         return reference_varlen(*args, window_size=window_size, **kwargs)
 
     if share == "varlen":
+        # _windowed() remembers the kernel's signature: forget the stand-in's when the test ends.
+        attention._windowed.cache_clear()
+        request.addfinalizer(attention._windowed.cache_clear)
         monkeypatch.setattr(attention, "_varlen", lambda: counted)
         model.get_base_model().config._attn_implementation = attention.register()
     got = sequence_logps(model, PreferenceCollator(share)(features(rows)))[0]
     assert torch.allclose(got, expected, atol=1e-10, rtol=1e-10), (got, expected)
     assert len(calls) == (2 if share == "varlen" else 0)  # the kernel ran in both layers
     assert len(got) == 2 * len(PAIRS)
+
+
+def test_a_shared_prompt_is_refused_where_its_mask_would_be_wrong():
+    """Sliding-window layers (the dense mask replaces transformers' windows) and attention kernels that
+    take no 4D mask: refused before training, with what to do instead."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from chatlora.config.preference import PreferenceConfig
+    from chatlora.errors import ConfigError
+    from chatlora.recipes.train import shared_prompt_form
+
+    cfg = SimpleNamespace(preference=PreferenceConfig(share_prompt=True))
+    tiny = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, attn_implementation="sdpa")
+    assert shared_prompt_form(cfg, LlamaForCausalLM(LlamaConfig(**tiny))) == "mask"
+    with pytest.raises(ConfigError, match="sliding-window layers"):
+        shared_prompt_form(cfg, MistralForCausalLM(MistralConfig(**tiny, sliding_window=4)))
+    flex = LlamaForCausalLM(LlamaConfig(**tiny))
+    flex.config._attn_implementation = "flex_attention"
+    with pytest.raises(ConfigError, match="the flex_attention attention takes no mask"):
+        shared_prompt_form(cfg, flex)
