@@ -87,11 +87,10 @@ def check_gguf(gguf_file: Path, merged_dir: Path, conversations: list[list[dict]
     replying = [torch.tensor([t is not None and t.labels[i + 1] != -100 if i + 1 < len(t.labels) else False
                               for i in range(len(row))]) if t else torch.zeros(len(row), dtype=torch.bool)
                 for t, row in zip(samples, ids)]
-    asked = conversations[:prompts]
-    asked_prompts = [m[:-1] if m[-1]["role"] == "assistant" else m for m in asked]
+    asked = [m[:-1] if m[-1]["role"] == "assistant" else m for m in conversations[:prompts]]
+    asked_ids = [renderer.prompt_ids(p) for p in asked]
     # Room for the longest teacher-forced row, and for the longest asked prompt with its reply.
-    n_ctx = max(max(len(i) for i in ids),
-                max(len(renderer.prompt_ids(p)) for p in asked_prompts) + math.ceil(max_new_tokens * REPLY_SLACK)) + 64
+    n_ctx = max(max(len(i) for i in ids), max(map(len, asked_ids)) + math.ceil(max_new_tokens * REPLY_SLACK)) + 64
 
     echo(f"check: llama.cpp reads {gguf_file.name}; teacher-forced on {sum(map(len, ids))} positions of "
          f"{len(ids)} conversations ...")
@@ -120,8 +119,7 @@ def check_gguf(gguf_file: Path, merged_dir: Path, conversations: list[list[dict]
 
     echo(f"check: greedy replies to {len(asked)} held-out prompts, transformers and llama.cpp ...")
     replies = []
-    for prompt in asked_prompts:
-        prompt_ids = renderer.prompt_ids(prompt)
+    for prompt, prompt_ids in zip(asked, asked_ids):
         with torch.no_grad():
             out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_token_id)[0, len(prompt_ids):]

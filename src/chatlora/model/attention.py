@@ -104,7 +104,8 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     if sliding_window is not None and not _windowed():
         raise ValueError("this torch's varlen attention has no sliding window")
     batch, heads, length, dim = query.shape
-    cu_k, max_k = cu, kwargs["max_length_q"]
+    max_len = kwargs["max_length_q"]
+    cu_k, max_k = cu, max_len
     if kv_index is not None:
         key, value = key[:, :, kv_index], value[:, :, kv_index]
         cu_k, max_k = kwargs["cu_seq_lens_k"], kwargs["max_length_k"]
@@ -120,7 +121,6 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     q, k, v = (t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]))
                for t in (query, key, value))
     q, k, v = (t.transpose(1, 2).reshape(-1, heads, width) for t in (q, k, v))
-    max_len = kwargs["max_length_q"]
     max_len, max_k = (int(m) if torch.is_tensor(m) else m for m in (max_len, max_k))
     # (A plain int is passed on as it is: under torch.compile it is a symbolic size, where int() would
     # make every new longest sample a recompile.) Causal from the bottom right: a query segment
